@@ -1,0 +1,66 @@
+"""The ``deepemd`` command: a thin dispatcher.
+
+The core knows no job. Each job registers its subcommands through the entry-point group
+``deepemd.commands``: the value is a function ``register(subparsers)`` that adds parsers and sets
+``func=callable(args) -> int | None`` on them. User errors (:class:`DeepEMDError`) print one
+message and exit 2; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import entry_points
+from typing import Sequence
+
+from deepemd.errors import DeepEMDError
+
+ENTRY_POINT_GROUP = "deepemd.commands"
+
+
+def _register_bench(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="speed tables (EMD solvers)")
+    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{emd}")
+    emd = sub.add_parser("emd", help="per-problem time of each EMD solver, ratios to cv2.EMD and qpth")
+    from deepemd.emd.bench import add_arguments, run  # local: keeps `deepemd --help` fast
+
+    add_arguments(emd)
+    emd.set_defaults(func=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepemd",
+        description="DeepEMD: Earth Mover's Distance over local CNN features, for retrieval "
+        "reranking and few-shot classification.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _register_bench(subparsers)
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        ep.load()(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0 if not argv else 2
+        result = args.func(args)
+        return int(result or 0)
+    except DeepEMDError as exc:
+        if debug:
+            raise
+        print(f"deepemd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deepemd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
