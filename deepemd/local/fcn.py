@@ -1,0 +1,31 @@
+"""DeepEMD-FCN: every cell of the feature map is a node; optionally a feature pyramid on top.
+
+With ``pyramid=(3, 2, 1)`` the map is also average-pooled (``adaptive_avg_pool2d``) to 3x3, 2x2
+and 1x1 and those cells join the raw ones: N = 9 + 4 + 1 + h*w (paper 4.4; the authors put the
+pooled levels first, then the raw cells, and so do we).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deepemd.backbones import feature_map_size
+
+
+class FCN(nn.Module):
+    def __init__(self, backbone: nn.Module, pyramid: tuple[int, ...] = ()):
+        super().__init__()
+        self.backbone = backbone
+        self.pyramid = tuple(int(s) for s in pyramid)
+        h, w = feature_map_size(backbone)
+        self.num_nodes = sum(s * s for s in self.pyramid) + h * w  # at the backbone's input size
+
+    def from_feature_map(self, fmap: Tensor) -> Tensor:
+        """``(B, C, h, w) -> (B, sum s^2 + h*w, C)``: no second backbone pass for callers that
+        already computed the map (e.g. for the global FAISS vector)."""
+        levels = [F.adaptive_avg_pool2d(fmap, s).flatten(2) for s in self.pyramid]
+        return torch.cat(levels + [fmap.flatten(2)], dim=2).transpose(1, 2)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.from_feature_map(self.backbone(images))
