@@ -1,0 +1,101 @@
+"""Retrieval metrics, computed by pytorch-metric-learning's own ``AccuracyCalculator``.
+
+P@1, R-Precision and MAP@R (powerful-benchmarker protocol): leave-one-out, every image a query
+against all the others. The raw row uses pml's default FAISS k-NN; a reranked row passes a
+``knn_func`` (:class:`ShortlistKNN`) that takes a shortlist from any index and reorders its head,
+so the metric code stays pml's and only the neighbour order differs between rows.
+This module knows no job: the retrieval job hands in the shortlist and reorder functions.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from pytorch_metric_learning.utils.inference import FaissKNN, return_results
+
+from deepemd.errors import DeepEMDError
+
+METRICS = {"precision_at_1": "P@1", "r_precision": "RP", "mean_average_precision_at_r": "MAP@R"}
+
+#: ``shortlist(query (Q,d), reference (N,d), n) -> (scores (Q,n), ids (Q,n))``, best first.
+Shortlist = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+#: ``reorder(scores, ids, skip_ids or None) -> (scores, ids)``: rescores the head of each row.
+Reorder = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray]], tuple[np.ndarray, np.ndarray]]
+
+
+class TimedKNN:
+    """Wraps any pml ``knn_func`` and counts the seconds spent finding neighbours."""
+
+    def __init__(self, knn_func: Callable) -> None:
+        self.knn_func = knn_func
+        self.seconds = 0.0
+        self.queries = 0
+
+    def __call__(self, query, k, reference, ref_includes_query):
+        start = time.perf_counter()
+        result = self.knn_func(query, k, reference, ref_includes_query)
+        self.seconds += time.perf_counter() - start
+        self.queries += len(query)
+        return result
+
+    @property
+    def queries_per_second(self) -> float:
+        return self.queries / self.seconds if self.seconds > 0 else float("nan")
+
+
+class ShortlistKNN:
+    """A pml ``knn_func``: shortlist ``max(k, depth)`` ids, reorder the head, return the top k.
+
+    With ``ref_includes_query`` (leave-one-out) the query's own id is passed to ``reorder`` as
+    ``skip_ids`` and removed by pml's ``return_results``, exactly as pml's FaissKNN does.
+    """
+
+    def __init__(self, shortlist: Shortlist, reorder: Reorder, depth: int) -> None:
+        self.shortlist, self.reorder, self.depth = shortlist, reorder, depth
+
+    def __call__(self, query, k, reference, ref_includes_query):
+        self_count = int(bool(ref_includes_query))
+        n = min(len(reference), max(k, self.depth) + self_count)
+        q = query.detach().cpu().numpy().astype(np.float32)
+        r = reference.detach().cpu().numpy().astype(np.float32)
+        scores, ids = self.shortlist(q, r, n)
+        skip = np.arange(len(q), dtype=np.int64) if ref_includes_query else None
+        scores, ids = self.reorder(scores, ids, skip)
+        distances = torch.from_numpy(np.ascontiguousarray(scores[:, : k + self_count]))
+        indices = torch.from_numpy(np.ascontiguousarray(ids[:, : k + self_count]))
+        return return_results(distances.to(query.device), indices.to(query.device), ref_includes_query)
+
+
+def retrieval_metrics(embeddings: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                      knn_func: Callable | None = None) -> dict[str, float]:
+    """Leave-one-out P@1, RP, MAP@R (in percent) and ``queries/s`` of the k-NN step.
+
+    ``knn_func=None`` is pml's default FAISS k-NN on the embeddings (the "raw" row).
+    """
+    emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+    lab = torch.as_tensor(np.asarray(labels)).long()
+    if emb.ndim != 2 or len(emb) == 0:
+        raise DeepEMDError(f"no query embeddings to evaluate (got shape {tuple(emb.shape)})",
+                           fix="check the data root and split: the eval classes hold no images")
+    if len(emb) != len(lab):
+        raise DeepEMDError(f"{len(emb)} embeddings but {len(lab)} labels")
+    timed = TimedKNN(knn_func if knn_func is not None else FaissKNN())
+    calc = AccuracyCalculator(include=tuple(METRICS), k="max_bin_count", knn_func=timed,
+                              device=torch.device("cpu"))
+    raw = calc.get_accuracy(emb, lab)
+    row = {name: 100.0 * float(raw[key]) for key, name in METRICS.items()}
+    row["queries/s"] = timed.queries_per_second
+    return row
+
+
+def depth_note(labels: np.ndarray, depth: int) -> str | None:
+    """Say when a rerank of depth ``depth`` cannot reach R (the largest class size - 1)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    r_max = int(counts.max()) - 1 if counts.size else 0
+    if depth < r_max:
+        return (f"rerank depth K={depth} is below R={r_max} (largest class size - 1): the rerank "
+                f"changes RP and MAP@R only within the first {depth} results.")
+    return None

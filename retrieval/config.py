@@ -1,0 +1,124 @@
+"""Options of every `deepemd retrieval` command, one dataclass each.
+
+Every field is also a command-line flag (``--field-name``) and a YAML key (``--config``); an
+unknown key is an error (``deepemd.config``). Shared groups are plain base classes so that a
+flag means the same thing in every command.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+LOSSES = ("normsoftmax", "contrastive", "softtriple", "arcface", "multisimilarity", "snr")
+LOCAL_KINDS = ("fcn", "grid", "sampling")
+
+
+@dataclass
+class ModelOptions:
+    """Which network turns images into a global vector and a local set."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    checkpoint: Optional[str] = None
+    embed_dim: Optional[int] = None
+    image_size: Optional[int] = None
+    device: Optional[str] = None
+    batch_size: int = 32
+    workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class LocalOptions:
+    """How local sets are cut (paper 4.4) and scored (paper 4.2-4.3)."""
+
+    pyramid: tuple[int, ...] = (3, 2, 1)
+    grid_levels: tuple[int, ...] = (3, 2)
+    grid_enlarge: float = 1.0
+    num_patches: int = 25
+    patch_size: Optional[int] = None
+    node_weights: str = "cross"
+    solver: str = "exact"
+    rerank_k: int = 100
+    alpha: float = 0.0
+
+
+@dataclass
+class DataOptions:
+    layout: str = "folder"
+    data_root: Optional[str] = None
+    split: str = "test"
+    max_classes: Optional[int] = None
+    per_class: Optional[int] = None
+
+
+@dataclass
+class EvalConfig(ModelOptions, LocalOptions, DataOptions):
+    """`deepemd retrieval eval`: leave-one-out P@1 / RP / MAP@R, raw vs +DeepEMD."""
+
+    methods: tuple[str, ...] = ("fcn", "grid", "sampling")
+    flow_queries: int = 3
+    out: str = "runs/retrieval-eval"
+
+
+@dataclass
+class TrainConfig(ModelOptions, DataOptions):
+    """`deepemd retrieval train`: a pml loss on the train classes, checkpoint every epoch."""
+
+    backbone: str = "resnet50"
+    embed_dim: Optional[int] = 128
+    split: str = "train"
+    loss: str = "normsoftmax"
+    distance: str = "cosine"
+    pyramid: tuple[int, ...] = ()
+    node_weights: str = "cross"
+    solver: str = "exact"
+    m_per_class: int = 4
+    epochs: int = 10
+    steps_per_epoch: Optional[int] = None
+    lr: float = 1e-5
+    loss_lr: float = 1e-3
+    weight_decay: float = 1e-4
+    augment: bool = True
+    out: str = "runs/retrieval-train"
+    resume: bool = True
+
+
+@dataclass
+class IndexConfig(ModelOptions, DataOptions):
+    """`deepemd retrieval index`: FAISS index of global vectors + aligned local-feature store."""
+
+    split: str = "all"
+    local: str = "fcn"
+    pyramid: tuple[int, ...] = (3, 2, 1)
+    grid_levels: tuple[int, ...] = (3, 2)
+    grid_enlarge: float = 1.0
+    num_patches: int = 25
+    patch_size: Optional[int] = None
+    index_spec: str = "Flat"
+    index: Optional[str] = None
+    id_map: Optional[str] = None
+    out: str = "runs/retrieval-index"
+
+
+@dataclass
+class SearchConfig(IndexConfig, LocalOptions):
+    """`deepemd retrieval search`: FAISS top-K for query images, reranked by DeepEMD."""
+
+    queries: Optional[str] = None
+    query_vectors: Optional[str] = None
+    top: int = 10
+    out: str = "runs/retrieval-search"
+
+
+@dataclass
+class DemoConfig:
+    """`deepemd demo`: the bundled set, pretrained efficientnet_lite0, raw vs +DeepEMD."""
+
+    out: str = "demo-out"
+    max_classes: int = 40
+    per_class: int = 20
+    image_size: int = 96
+    methods: tuple[str, ...] = ("fcn", "sampling")
+    rerank_k: int = 20
+    seed: int = 0

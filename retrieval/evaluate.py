@@ -1,0 +1,145 @@
+"""`deepemd retrieval eval`: leave-one-out retrieval on the eval classes, raw vs +DeepEMD.
+
+Every eval image is a query against all the others (powerful-benchmarker protocol). The raw row
+is pml's AccuracyCalculator with its default FAISS k-NN on the global vectors; each +DeepEMD row
+is the same calculator with a ``knn_func`` that takes a FAISS shortlist (``retrieval.index``) and
+reranks its first ``rerank_k`` with DeepEMD between local sets.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepemd.data import ImageDataset, ImageList, build_transform, read_layout
+from deepemd.device import default_device
+from deepemd.errors import DeepEMDError
+from deepemd.eval import write_results
+from deepemd.eval.retrieval import ShortlistKNN, depth_note, retrieval_metrics
+from deepemd.io import atomic_path
+from deepemd.retrieval import index as faiss_index
+from deepemd.retrieval.config import EvalConfig
+from deepemd.retrieval.model import Embedder, LocalSpec, build_backbone, embed_loader, load_trained
+from deepemd.retrieval.rerank import RerankSettings, rerank
+
+METHOD_NAMES = {"fcn": "FCN", "grid": "Grid", "sampling": "Sampling"}
+
+
+def parse_method(method: str, default_weights: str) -> tuple[str, str, str]:
+    """``"fcn"`` or ``"fcn:uniform"`` -> (kind, node weights, row label)."""
+    kind, _, weights = method.partition(":")
+    weights = weights or default_weights
+    if kind not in METHOD_NAMES:
+        raise DeepEMDError(f"unknown method '{method}'", fix="methods are fcn, grid, sampling (optionally ':uniform' or ':cross')")
+    label = f"+DeepEMD-{METHOD_NAMES[kind]}" + ("" if weights == default_weights else f" ({weights})")
+    return kind, weights, label
+
+
+def subsample(images: ImageList, max_classes: int | None, per_class: int | None, seed: int) -> ImageList:
+    """At most ``max_classes`` classes and ``per_class`` images each, drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(images.labels)
+    if max_classes is not None and max_classes < len(classes):
+        classes = np.sort(rng.choice(classes, size=max_classes, replace=False))
+    keep = []
+    for c in classes:
+        idx = np.flatnonzero(images.labels == c)
+        if per_class is not None and per_class < len(idx):
+            idx = np.sort(rng.choice(idx, size=per_class, replace=False))
+        keep.append(idx)
+    return images.subset(np.concatenate(keep)) if keep else images.subset([])
+
+
+def make_embedder(cfg, specs: tuple[LocalSpec, ...]) -> Embedder:
+    """The network named by ``--checkpoint`` (a trained model) or ``--backbone/--weights``."""
+    if cfg.checkpoint:
+        net, info = load_trained(cfg.checkpoint)
+        if cfg.image_size:
+            info.image_size = int(cfg.image_size)
+    else:
+        net, info = build_backbone(cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size)
+    return Embedder(net, info, specs)
+
+
+def local_specs(cfg, kinds) -> tuple[LocalSpec, ...]:
+    return tuple(LocalSpec(kind, tuple(cfg.pyramid), tuple(cfg.grid_levels), cfg.grid_enlarge, cfg.num_patches,
+                           cfg.patch_size, cfg.seed) for kind in dict.fromkeys(kinds))
+
+
+def make_loader(images: ImageList, model: Embedder, batch_size: int, workers: int, train: bool = False):
+    """Images at the model's size with its backbone's mean/std (test: resize + centre crop)."""
+    cfg = {**model.backbone.default_cfg, "input_size": model.info.image_size}
+    dataset = ImageDataset(images, build_transform(cfg, train=train))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+def flat_shortlist(query: np.ndarray, reference: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-n over the reference (L2-normalised vectors: cosine order)."""
+    index = faiss_index.build_index(reference, spec="Flat", metric="ip")
+    return faiss_index.search(index, query, n)
+
+
+def rerank_knn(sets: np.ndarray, settings: RerankSettings) -> ShortlistKNN:
+    """A pml knn_func over in-memory local sets aligned with the evaluated embeddings."""
+    def reorder(scores, ids, skip):
+        return rerank(scores, ids, lambda i: sets[i], lambda rows: sets[rows], settings, skip_ids=skip, progress=True)
+    return ShortlistKNN(flat_shortlist, reorder, settings.depth)
+
+
+def evaluate_arrays(glob: np.ndarray, labels: np.ndarray, sets: dict[str, np.ndarray],
+                    methods: list[tuple[str, str, str]], settings: RerankSettings) -> list[dict[str, Any]]:
+    """Rows ``method, P@1, RP, MAP@R, queries/s``: raw first, then each +DeepEMD method."""
+    rows = [{"method": "raw", **retrieval_metrics(glob, labels)}]
+    for kind, weights, label in methods:
+        knn = rerank_knn(sets[kind], RerankSettings(settings.depth, weights, settings.solver, settings.alpha))
+        rows.append({"method": label, **retrieval_metrics(glob, labels, knn)})
+    return rows
+
+
+def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """The whole job; returns rows, notes and paths (also written to ``cfg.out``)."""
+    if not cfg.data_root:
+        raise DeepEMDError("no --data-root given", fix="point --data-root at <root>/<class>/<image> (or a CUB folder)")
+    torch.manual_seed(cfg.seed)
+    images = subsample(read_layout(cfg.layout, cfg.data_root, cfg.split), cfg.max_classes, cfg.per_class, cfg.seed)
+    if len(images) == 0:
+        raise DeepEMDError(f"split '{cfg.split}' holds no images after subsampling", cfg.data_root,
+                           "check --split, --max-classes and --per-class")
+    methods = [parse_method(m, cfg.node_weights) for m in cfg.methods]
+    kinds = [k for k, _, _ in methods] + (["fcn"] if cfg.flow_queries > 0 else [])
+    model = make_embedder(cfg, local_specs(cfg, kinds))
+    device = default_device(cfg.device)
+    start = time.perf_counter()
+    loader = make_loader(images, model, cfg.batch_size, cfg.workers)
+    glob, sets, labels = embed_loader(model, loader, device, progress=progress)
+    embed_seconds = time.perf_counter() - start
+    settings = RerankSettings(cfg.rerank_k, cfg.node_weights, cfg.solver, cfg.alpha)
+    rows = evaluate_arrays(glob, labels, sets, methods, settings)
+    notes = [f"{len(images)} images in {len(np.unique(labels))} classes ({cfg.layout} layout, split "
+             f"'{cfg.split}'), leave-one-out; backbone {model.info.backbone} ({model.info.source}), "
+             f"{model.info.image_size} px; features took {embed_seconds:.1f} s; queries/s counts the "
+             f"FAISS search + rerank only; local sets: " +
+             ", ".join(f"{k} {v.shape[1]} nodes x {v.shape[2]}-d" for k, v in sets.items())]
+    note = depth_note(labels, cfg.rerank_k)
+    if note:
+        notes.append(note)
+    out = Path(cfg.out)
+    frame = write_results(rows, out)
+    write_notes(out / "results.md", notes)
+    picture = None
+    if cfg.flow_queries > 0:
+        from deepemd.retrieval.figures import save_rerank_figure
+
+        picture = save_rerank_figure(out / "flows.png", images, glob, sets["fcn"], model, settings, cfg.flow_queries, cfg.seed)
+    return {"rows": rows, "frame": frame, "notes": notes, "out": out, "figure": picture, "config": asdict(cfg)}
+
+
+def write_notes(md_path: Path, notes: list[str]) -> None:
+    """Append notes under the table in ``results.md`` (rewritten atomically)."""
+    text = md_path.read_text().rstrip("\n") + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(text)

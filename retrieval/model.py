@@ -1,0 +1,158 @@
+"""The retrieval network: a backbone whose map gives a global vector and local sets.
+
+``images -> backbone -> feature map -> (global vector for FAISS, local set for DeepEMD)``.
+A trained checkpoint records how to rebuild its backbone, so ``index``/``search``/``eval`` need
+only ``--checkpoint``. The fingerprint ties an index and a feature store to the exact network
+and local settings that produced them, so a mismatch is caught at load time, not as bad results.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepemd import backbones, local
+from deepemd.errors import DeepEMDError
+from deepemd.io import load_checkpoint, load_state_dict_checked
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """One way to cut an image into a local set (paper 4.4)."""
+
+    kind: str
+    pyramid: tuple[int, ...] = (3, 2, 1)
+    grid_levels: tuple[int, ...] = (3, 2)
+    grid_enlarge: float = 1.0
+    num_patches: int = 25
+    patch_size: int | None = None
+    seed: int = 0
+
+    def kwargs(self) -> dict[str, Any]:
+        if self.kind == "fcn":
+            return {"pyramid": tuple(self.pyramid)}
+        if self.kind == "grid":
+            return {"levels": tuple(self.grid_levels), "ratio": float(self.grid_enlarge),
+                    "patch_size": self.patch_size}
+        if self.kind == "sampling":
+            return {"num_patches": int(self.num_patches), "patch_size": self.patch_size, "seed": int(self.seed)}
+        raise DeepEMDError(f"unknown local feature kind '{self.kind}'", fix="use fcn, grid or sampling")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs().items()}}
+
+
+@dataclass
+class ModelInfo:
+    """How to rebuild the backbone (saved in checkpoints, part of every fingerprint)."""
+
+    backbone: str
+    embed_dim: int | None
+    image_size: int
+    source: str  # "imagenet", "random", a weights path, or a deepemd checkpoint path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_pretrained(backbone: str, weights: str) -> bool | str:
+    """``imagenet`` -> packaged weights, ``none`` -> random init, anything else -> a file path."""
+    if weights in ("imagenet", "auto"):
+        return True
+    if weights in ("none", "random", ""):
+        return False
+    return weights
+
+
+def build_backbone(name: str, weights: str, embed_dim: int | None, image_size: int | None) -> tuple[nn.Module, ModelInfo]:
+    """Create the backbone (``weights="auto"`` falls back to random init where no packaged
+    ImageNet weights exist, e.g. ResNet-50 here) and record how it was made."""
+    pretrained = resolve_pretrained(name, weights)
+    source = weights
+    try:
+        net = backbones.create(name, pretrained=pretrained, embed_dim=embed_dim)
+    except DeepEMDError:
+        if weights != "auto":
+            raise
+        net, source = backbones.create(name, pretrained=False, embed_dim=embed_dim), "random"
+    size = int(image_size or net.default_cfg["input_size"])
+    return net, ModelInfo(name, embed_dim, size, str(source))
+
+
+def load_trained(path: str) -> tuple[nn.Module, ModelInfo]:
+    """Rebuild a network from a ``deepemd retrieval train`` checkpoint."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt.get("model_info")
+    if not isinstance(meta, dict) or "model" not in ckpt:
+        raise DeepEMDError("not a deepemd retrieval checkpoint (no model_info / model)", path,
+                           "give a checkpoint written by `deepemd retrieval train`")
+    net, _ = build_backbone(meta["backbone"], "none", meta.get("embed_dim"), meta.get("image_size"))
+    load_state_dict_checked(net, ckpt["model"], path)
+    info = ModelInfo(meta["backbone"], meta.get("embed_dim"), int(meta["image_size"]), str(path))
+    return net, info
+
+
+def weights_hash(net: nn.Module) -> str:
+    """sha256 over all parameters and buffers: two indexes match only if made by equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class Embedder(nn.Module):
+    """Backbone + local extractors. ``forward(images) -> (global (B,C) L2-normalised, {kind: (B,m,C)})``.
+
+    FCN sets reuse the one feature map; grid/sampling run the backbone on their crops.
+    """
+
+    def __init__(self, backbone: nn.Module, info: ModelInfo, specs: tuple[LocalSpec, ...] = ()):
+        super().__init__()
+        self.backbone, self.info = backbone, info
+        self.specs = {spec.kind: spec for spec in specs}
+        self.extractors = nn.ModuleDict({s.kind: local.create(s.kind, backbone, **s.kwargs()) for s in specs})
+
+    @property
+    def dim(self) -> int:
+        return int(self.backbone.out_channels)
+
+    def num_nodes(self, kind: str) -> int:
+        return int(self.extractors[kind].num_nodes)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        fmap = self.backbone(images)
+        glob = F.normalize(local.global_features(fmap), dim=1)
+        sets = {}
+        for kind, extractor in self.extractors.items():
+            sets[kind] = extractor.from_feature_map(fmap) if kind == "fcn" else extractor(images)
+        return glob, sets
+
+    def fingerprint(self, kind: str | None) -> dict[str, Any]:
+        fp = {"backbone": self.info.backbone, "embed_dim": self.dim, "image_size": self.info.image_size,
+              "weights": weights_hash(self.backbone)}
+        if kind is not None:
+            fp["local"] = self.specs[kind].describe()
+        return fp
+
+
+@torch.no_grad()
+def embed_loader(model: Embedder, loader, device: torch.device, progress: bool = True,
+                 desc: str = "features") -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Run ``model`` over a loader: global vectors (float32), local sets (float16), labels."""
+    from tqdm.auto import tqdm
+
+    model.eval().to(device)
+    globs, labels, sets = [], [], {k: [] for k in model.extractors}
+    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        g, s = model(images.to(device))
+        globs.append(g.float().cpu().numpy())
+        labels.append(np.asarray(targets))
+        for k, v in s.items():
+            sets[k].append(v.cpu().numpy().astype(np.float16))
+    if not globs:
+        raise DeepEMDError("no images to embed", fix="check --data-root, --layout and --split")
+    return (np.concatenate(globs), {k: np.concatenate(v) for k, v in sets.items()}, np.concatenate(labels))
