@@ -43,8 +43,8 @@ def sample_boxes(b: int, m: int, height: int, width: int, scale: tuple[float, fl
     cw = torch.where(first >= 0, cw.gather(-1, pick)[..., 0], torch.tensor(float(fw)))
     ch = torch.where(first >= 0, ch.gather(-1, pick)[..., 0], torch.tensor(float(fh)))
     u = torch.rand((b, m, 2), generator=generator)
-    x0 = torch.where(first >= 0, (u[..., 0] * (width - cw + 1)).floor(), torch.tensor((width - fw) / 2))
-    y0 = torch.where(first >= 0, (u[..., 1] * (height - ch + 1)).floor(), torch.tensor((height - fh) / 2))
+    x0 = torch.where(first >= 0, (u[..., 0] * (width - cw + 1)).floor(), torch.tensor(float((width - fw) // 2)))
+    y0 = torch.where(first >= 0, (u[..., 1] * (height - ch + 1)).floor(), torch.tensor(float((height - fh) // 2)))
     return torch.stack([x0, y0, x0 + cw, y0 + ch], dim=-1)
 
 
