@@ -85,26 +85,28 @@ class TrainConfig(ModelOptions, DataOptions):
 
 
 @dataclass
-class IndexConfig(ModelOptions, DataOptions):
-    """`deepemd retrieval index`: FAISS index of global vectors + aligned local-feature store."""
+class IndexConfig(ModelOptions, LocalOptions, DataOptions):
+    """`deepemd retrieval index`: FAISS index of global vectors + aligned local-feature store.
+
+    With ``index`` + ``id_map`` (a user's own FAISS index and the image behind each id) only the
+    local-feature store is built, for those images."""
 
     split: str = "all"
     local: str = "fcn"
-    pyramid: tuple[int, ...] = (3, 2, 1)
-    grid_levels: tuple[int, ...] = (3, 2)
-    grid_enlarge: float = 1.0
-    num_patches: int = 25
-    patch_size: Optional[int] = None
     index_spec: str = "Flat"
     index: Optional[str] = None
     id_map: Optional[str] = None
-    out: str = "runs/retrieval-index"
+    out: str = "runs/retrieval-gallery"
 
 
 @dataclass
-class SearchConfig(IndexConfig, LocalOptions):
+class SearchConfig(ModelOptions, LocalOptions):
     """`deepemd retrieval search`: FAISS top-K for query images, reranked by DeepEMD."""
 
+    gallery: str = "runs/retrieval-gallery"
+    local: str = "fcn"
+    index: Optional[str] = None
+    id_map: Optional[str] = None
     queries: Optional[str] = None
     query_vectors: Optional[str] = None
     top: int = 10

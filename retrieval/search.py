@@ -1,0 +1,99 @@
+"""`deepemd retrieval index` and `deepemd retrieval search`: build a gallery, query it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepemd.data import ImageList, read_layout
+from deepemd.data.layouts import IMAGE_SUFFIXES
+from deepemd.device import default_device
+from deepemd.errors import DeepEMDError
+from deepemd.eval import write_results
+from deepemd.retrieval.config import IndexConfig, SearchConfig
+from deepemd.retrieval.evaluate import local_specs, make_embedder, make_loader, subsample
+from deepemd.retrieval.gallery import (STORE_DIR, build_foreign_store, build_gallery, open_gallery,
+                                       search_gallery)
+from deepemd.retrieval.model import embed_loader
+from deepemd.retrieval.rerank import RerankSettings
+
+
+def _foreign(cfg) -> bool:
+    if bool(cfg.index) != bool(cfg.id_map):
+        raise DeepEMDError("--index and --id-map go together",
+                           fix="give your FAISS index file and the text file naming the image of each id")
+    return bool(cfg.index)
+
+
+def run_index(cfg: IndexConfig, progress: bool = True) -> dict[str, Any]:
+    """Build ``cfg.out``: index + store for a dataset, or only the store for a user's index."""
+    model = make_embedder(cfg, local_specs(cfg, [cfg.local]))
+    device = default_device(cfg.device)
+    out = Path(cfg.out)
+    if _foreign(cfg):
+        gallery = build_foreign_store(model, cfg.local, Path(cfg.index), Path(cfg.id_map), out, cfg.batch_size,
+                                      cfg.workers, device, progress)
+    else:
+        if not cfg.data_root:
+            raise DeepEMDError("no --data-root given", fix="point --data-root at the gallery images")
+        images = subsample(read_layout(cfg.layout, cfg.data_root, cfg.split), cfg.max_classes, cfg.per_class, cfg.seed)
+        if len(images) == 0:
+            raise DeepEMDError(f"split '{cfg.split}' holds no images", cfg.data_root, "check --split / --layout")
+        gallery = build_gallery(model, cfg.local, images.paths, out, cfg.index_spec, cfg.batch_size, cfg.workers,
+                                device, progress)
+    return {"gallery": gallery, "out": out}
+
+
+def list_queries(path: str | Path) -> list[Path]:
+    """A query image, a folder of them (searched recursively) or a text file of paths."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        found = [path]
+    elif path.is_file():
+        found = [Path(line.strip()) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        raise DeepEMDError("queries not found", path, "give an image, a folder of images or a text file of paths")
+    if not found:
+        raise DeepEMDError("no query images found", path, "give an image, a folder of images or a text file of paths")
+    return found
+
+
+def run_search(cfg: SearchConfig, progress: bool = True) -> dict[str, Any]:
+    """Top ``cfg.top`` gallery images per query after the DeepEMD rerank -> ``out/search.csv``."""
+    if not cfg.queries:
+        raise DeepEMDError("no --queries given", fix="give a query image, a folder of images or a list file")
+    model = make_embedder(cfg, local_specs(cfg, [cfg.local]))
+    device = default_device(cfg.device)
+    gallery_dir = Path(cfg.gallery)
+    index_path = None
+    if _foreign(cfg):
+        index_path = Path(cfg.index)
+        if not (gallery_dir / STORE_DIR).exists():
+            build_foreign_store(model, cfg.local, index_path, Path(cfg.id_map), gallery_dir, cfg.batch_size,
+                                cfg.workers, device, progress)
+    gallery = open_gallery(gallery_dir, model, cfg.local, index_path)
+    paths = list_queries(cfg.queries)
+    images = ImageList(paths, np.zeros(len(paths), dtype=np.int64), ["query"], Path("."))
+    glob, sets, _ = embed_loader(model, make_loader(images, model, cfg.batch_size, cfg.workers), device,
+                                 progress=progress, desc="queries")
+    if cfg.query_vectors:
+        glob = np.load(cfg.query_vectors).astype(np.float32)
+        if glob.ndim != 2 or len(glob) != len(paths):
+            raise DeepEMDError(f"query vectors have shape {glob.shape}, expected ({len(paths)}, dim)", cfg.query_vectors,
+                               "save one row per query image, in the order the queries are listed")
+    settings = RerankSettings(cfg.rerank_k, cfg.node_weights, cfg.solver, cfg.alpha)
+    scores, ids, raw = search_gallery(gallery, glob, sets[cfg.local], cfg.top, settings, progress)
+    rows = []
+    for q, path in enumerate(paths):
+        raw_rank = {int(i): r + 1 for r, i in enumerate(raw[q])}
+        for rank, (fid, score) in enumerate(zip(ids[q], scores[q])):
+            if fid < 0:
+                continue
+            row = int(gallery.rows(np.array([fid]))[0])
+            rows.append({"query": str(path), "rank": rank + 1, "id": int(fid), "path": str(gallery.paths[row]),
+                         "score": float(score), "raw_rank": raw_rank.get(int(fid), "")})
+    frame = write_results(rows, cfg.out, name="search", float_format="%.4f")
+    return {"rows": rows, "frame": frame, "scores": scores, "ids": ids, "raw_ids": raw}
