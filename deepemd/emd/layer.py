@@ -30,7 +30,7 @@ def center_duals(alpha: np.ndarray, beta: np.ndarray, a: np.ndarray, b: np.ndarr
 def exact_numpy(cost: np.ndarray, a: np.ndarray, b: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """float64 arrays in, ``(distance, flow, alpha, beta)`` out, duals centred."""
-    flow, alpha, beta = solve_batch(cost, a, b)
+    flow, alpha, beta, _ = solve_batch(cost, a, b)
     alpha, beta = center_duals(alpha, beta, a, b)
     dist = (cost * flow).sum(axis=(1, 2))
     return dist, flow, alpha, beta
