@@ -92,3 +92,11 @@ def average_loss_gradients(module: torch.nn.Module, world: int) -> None:
         if param.grad is not None:
             dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
             param.grad /= world * world
+
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DDP does this before
+    each forward; doing it at the end of an epoch makes the saved model the one every rank holds."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)

@@ -34,7 +34,7 @@ from deepemd.local import FCN, global_features
 from deepemd.retrieval.config import TrainConfig
 from deepemd.retrieval.distance import DeepEMDSimilarity, flatten_sets
 from deepemd.retrieval.distributed import (DistributedMPerClassSampler, average_loss_gradients, barrier,
-                                           is_distributed, setup_distributed)
+                                           is_distributed, setup_distributed, sync_buffers)
 from deepemd.retrieval.evaluate import subsample
 from deepemd.retrieval.losses import build_loss
 from deepemd.retrieval.model import build_backbone
@@ -170,6 +170,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             value = float(loss.detach()) / world
             total, count = total + value, count + 1
             bar.set_postfix(loss=f"{value:.4f}")
+        sync_buffers(net)
         row = {"epoch": epoch + 1, "loss": total / max(count, 1), "seconds": round(time.perf_counter() - start, 2)}
         history.append(row)
         if rank == 0:
