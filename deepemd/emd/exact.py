@@ -27,6 +27,8 @@ import numpy as np
 from numba import njit, prange
 
 MAX_PIVOTS_PER_CELL = 50
+#: Smaller batches run on the calling thread.
+PARALLEL_MIN_BATCH = 16
 
 
 @njit(cache=True, inline="always")
@@ -285,27 +287,35 @@ def _rehang(c, alpha, beta, radj, rdeg, cadj, cdeg, parent, depth, order, top, n
                     tail += 1
 
 
+@njit(cache=True)
+def _solve_range(c, a, b, x, alpha, beta, pivots, max_pivots, start, stop):
+    """Problems ``start..stop-1`` with one workspace (allocated once, reused per problem)."""
+    m, n = c.shape[1], c.shape[2]
+    radj = np.empty((m, n), np.int64)
+    cadj = np.empty((n, m), np.int64)
+    rdeg = np.empty(m, np.int64)
+    cdeg = np.empty(n, np.int64)
+    parent = np.empty(m + n, np.int64)
+    depth = np.empty(m + n, np.int64)
+    order = np.empty(m + n, np.int64)
+    ra = np.empty(m, np.float64)
+    rb = np.empty(n, np.float64)
+    col_active = np.empty(n, np.bool_)
+    path_r = np.empty(m + n, np.int64)
+    path_c = np.empty(m + n, np.int64)
+    path_minus = np.empty(m + n, np.bool_)
+    for k in range(start, stop):
+        pivots[k] = _solve_one(c[k], a[k], b[k], x[k], alpha[k], beta[k], radj, rdeg, cadj,
+                               cdeg, parent, depth, order, ra, rb, col_active, path_r, path_c,
+                               path_minus, max_pivots)
+
+
 @njit(parallel=True, cache=True)
-def _solve_batch(c, a, b, x, alpha, beta, pivots, max_pivots, n_chunks):
-    bsz, m, n = c.shape
+def _solve_parallel(c, a, b, x, alpha, beta, pivots, max_pivots, n_chunks):
+    bsz = c.shape[0]
     for chunk in prange(n_chunks):
-        radj = np.empty((m, n), np.int64)
-        cadj = np.empty((n, m), np.int64)
-        rdeg = np.empty(m, np.int64)
-        cdeg = np.empty(n, np.int64)
-        parent = np.empty(m + n, np.int64)
-        depth = np.empty(m + n, np.int64)
-        order = np.empty(m + n, np.int64)
-        ra = np.empty(m, np.float64)
-        rb = np.empty(n, np.float64)
-        col_active = np.empty(n, np.bool_)
-        path_r = np.empty(m + n, np.int64)
-        path_c = np.empty(m + n, np.int64)
-        path_minus = np.empty(m + n, np.bool_)
-        for k in range(chunk * bsz // n_chunks, (chunk + 1) * bsz // n_chunks):
-            pivots[k] = _solve_one(c[k], a[k], b[k], x[k], alpha[k], beta[k], radj, rdeg, cadj,
-                                   cdeg, parent, depth, order, ra, rb, col_active, path_r, path_c,
-                                   path_minus, max_pivots)
+        _solve_range(c, a, b, x, alpha, beta, pivots, max_pivots, chunk * bsz // n_chunks,
+                     (chunk + 1) * bsz // n_chunks)
 
 
 class ExactSolution(NamedTuple):
@@ -329,9 +339,16 @@ def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray) -> ExactSolution
     alpha = np.empty((bsz, m))
     beta = np.empty((bsz, n))
     pivots = np.empty(bsz, np.int64)
-    if bsz:
-        _solve_batch(cost, a, b, flow, alpha, beta, pivots, MAX_PIVOTS_PER_CELL * m * n + 100,
-                     min(bsz, 4 * numba.get_num_threads()))
+    max_pivots = MAX_PIVOTS_PER_CELL * m * n + 100
+    threads = numba.get_num_threads()
+    if bsz >= PARALLEL_MIN_BATCH and threads > 1:
+        # Many small chunks handed out dynamically: a thread that the OS delays (the machine
+        # may be shared) does not hold the whole batch back.
+        n_chunks = min(bsz // 4, 32 * threads)
+        with numba.parallel_chunksize(1):
+            _solve_parallel(cost, a, b, flow, alpha, beta, pivots, max_pivots, n_chunks)
+    else:  # waking the thread pool costs more than a few small problems
+        _solve_range(cost, a, b, flow, alpha, beta, pivots, max_pivots, 0, bsz)
     for k in np.flatnonzero(pivots < 0):
         flow[k], alpha[k], beta[k] = _fallback(cost[k], a[k], b[k])
     return ExactSolution(flow, alpha, beta, pivots)

@@ -1,0 +1,182 @@
+"""``deepemd bench emd``: per-problem time of every EMD solver, with ratios measured in one run.
+
+Problems are built the way DeepEMD builds them (random features -> cosine cost and
+cross-reference weights), so their structure matches real use. Every row is the best of
+``--repeats`` runs; the ratio columns divide the cv2.EMD loop's and qpth's time (forward for
+forward rows, forward+backward for forward+backward rows) by the row's own time, all measured
+in this run on this machine. The load average is printed with the table because the machine
+may be shared.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from deepemd.emd.api import solve
+from deepemd.emd.features import cost_matrix, cross_reference_weights
+from deepemd.emd.reference import qpth_matrices
+from deepemd.errors import DeepEMDError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", default="5x5,25x25,50x50,25x50",
+                        help="problem sizes m x n, comma separated")
+    parser.add_argument("--batches", default="1,100,1000", help="batch sizes, comma separated")
+    parser.add_argument("--repeats", type=int, default=3, help="timing runs per cell (best kept)")
+    parser.add_argument("--qpth-count", type=int, default=3,
+                        help="problems timed for qpth (batch 1 each; it takes ~1 s per problem)")
+    parser.add_argument("--qpth-max-cells", type=int, default=625,
+                        help="skip qpth above this many variables m*n (its KKT solve is cubic)")
+    parser.add_argument("--sinkhorn-eps", type=float, default=1e-2)
+    parser.add_argument("--dim", type=int, default=64, help="feature channels of the problems")
+    parser.add_argument("--threads", type=int, default=None, help="numba/torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="sizes 5x5,25x25; batches 1,100; 1 repeat; 2 qpth problems")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA rows")
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+    try:
+        sizes = [tuple(int(s) for s in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise DeepEMDError(f"--sizes {text!r} is not a list like 5x5,25x50")
+    return sizes  # type: ignore[return-value]
+
+
+def make_problems(batch: int, m: int, n: int, dim: int, seed: int, device: str = "cpu"):
+    """Cosine costs and cross-reference weights of random non-negative (post-ReLU) features."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.relu(torch.randn(batch, m, dim, generator=gen, dtype=torch.float64))
+    v = torch.relu(torch.randn(batch, n, dim, generator=gen, dtype=torch.float64))
+    cost = cost_matrix(u, v)
+    wu, wv = cross_reference_weights(u, v)
+    return cost.to(device), wu.to(device), wv.to(device)
+
+
+def _best_time(fn: Callable[[], object], repeats: int, sync: bool = False) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _forward(solver: str, cost, wu, wv, **opts) -> Callable[[], object]:
+    def run():
+        with torch.no_grad():
+            solve(cost, wu, wv, solver=solver, **opts)
+    return run
+
+
+def _forward_backward(solver: str, cost, wu, wv, **opts) -> Callable[[], object]:
+    def run():
+        c, a, b = (t.detach().requires_grad_(True) for t in (cost, wu, wv))
+        dist, _ = solve(c, a, b, solver=solver, **opts)
+        dist.sum().backward()
+    return run
+
+
+def _pot_loop(cost, wu, wv) -> Callable[[], object]:
+    import ot
+
+    c, a, b = (t.detach().cpu().double().numpy() for t in (cost, wu, wv))
+
+    def run():
+        for k in range(c.shape[0]):
+            ot.emd2(a[k], b[k], c[k])
+    return run
+
+
+def probe_qpth_batch(m: int = 25, n: int = 25, batch: int = 2, seed: int = 0) -> str:
+    """What qpth does with a CPU batch >= 2 at DeepEMD size (the design notes say it fails)."""
+    from qpth.qp import QPFunction
+
+    cost, wu, wv = make_problems(batch, m, n, 64, seed)
+    A, eye = qpth_matrices(m, n, torch.float64)
+    rhs = torch.cat([wu, wv[:, :-1]], dim=1)
+    t0 = time.perf_counter()
+    try:
+        x = QPFunction(verbose=-1, eps=1e-12, maxIter=30, check_Q_spd=False)(
+            1e-6 * eye, cost.reshape(batch, -1), -eye, torch.zeros(m * n, dtype=torch.float64),
+            A, rhs)
+    except Exception as exc:  # qpth raises torch/LinAlg errors; report the first line
+        return f"fails after {time.perf_counter() - t0:.2f} s: {type(exc).__name__}: " \
+               f"{str(exc).splitlines()[0][:120]}"
+    ref, _ = solve(cost, wu, wv)
+    got = (cost.reshape(batch, -1) * x).sum(-1)
+    err = float(((got - ref).abs() / ref).max())
+    return f"runs in {time.perf_counter() - t0:.2f} s for {batch} problems; max rel. error {err:.1e}"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.sizes, args.batches, args.repeats, args.qpth_count = "5x5,25x25", "1,100", 1, 2
+    if args.threads:
+        import numba
+
+        numba.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
+    sizes = _parse_sizes(args.sizes)
+    batches = [int(b) for b in args.batches.split(",")]
+    cuda = torch.cuda.is_available() and not args.no_cuda
+    make_problems(2, 3, 3, 4, 0)  # warm up numba (cached compile) before timing
+    solve(*make_problems(2, 3, 3, 4, 0))
+
+    import numba
+
+    print(f"# deepemd bench emd: {' '.join(sys.argv[1:]) or '(defaults)'}")
+    print(f"loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}, cpus {os.cpu_count()}, "
+          f"numba threads {numba.get_num_threads()}, torch threads {torch.get_num_threads()}, "
+          f"cuda {'yes' if cuda else 'no'}\n")
+    print("| m x n | batch | solver | pass | us / problem | x cv2.EMD | x qpth (batch 1) |")
+    print("|---|---|---|---|---|---|---|")
+    sk = {"eps": args.sinkhorn_eps}
+    for m, n in sizes:
+        for batch in batches:
+            cost, wu, wv = make_problems(batch, m, n, args.dim, args.seed)
+            rows: list[tuple[str, str, float]] = []
+            timed = lambda fn, reps=args.repeats, sync=False, count=batch: _best_time(fn, reps, sync) / count
+            rows.append(("cv2.EMD loop", "fwd", timed(_forward("opencv", cost, wu, wv))))
+            rows.append(("POT ot.emd loop", "fwd", timed(_pot_loop(cost, wu, wv))))
+            rows.append(("exact (ours)", "fwd", timed(_forward("exact", cost, wu, wv))))
+            rows.append(("exact (ours)", "fwd+bwd", timed(_forward_backward("exact", cost, wu, wv))))
+            rows.append(("sinkhorn", "fwd", timed(_forward("sinkhorn", cost, wu, wv, **sk))))
+            rows.append(("sinkhorn", "fwd+bwd",
+                         timed(_forward_backward("sinkhorn", cost, wu, wv, **sk))))
+            if m * n <= args.qpth_max_cells and args.qpth_count > 0:
+                k = min(batch, args.qpth_count)
+                sub = (cost[:k], wu[:k], wv[:k])
+                rows.append(("qpth batch-1 loop", "fwd", timed(_forward("qpth", *sub), 1, False, k)))
+                rows.append(("qpth batch-1 loop", "fwd+bwd",
+                             timed(_forward_backward("qpth", *sub), 1, False, k)))
+            if cuda:
+                dev = [t.cuda() for t in (cost, wu, wv)]
+                rows.append(("exact (ours), cuda in/out", "fwd+bwd",
+                             timed(_forward_backward("exact", *dev), sync=True)))
+                rows.append(("sinkhorn, cuda", "fwd", timed(_forward("sinkhorn", *dev, **sk),
+                                                             sync=True)))
+                rows.append(("sinkhorn, cuda", "fwd+bwd",
+                             timed(_forward_backward("sinkhorn", *dev, **sk), sync=True)))
+            ref = {(s, p): t for s, p, t in rows}
+            cv2_t = ref[("cv2.EMD loop", "fwd")]
+            for solver, pass_, t in rows:
+                q = ref.get(("qpth batch-1 loop", pass_))
+                vs_cv2 = f"{cv2_t / t:.1f}" if pass_ == "fwd" else "-"
+                vs_qpth = f"{q / t:,.0f}" if q else "-"
+                print(f"| {m}x{n} | {batch} | {solver} | {pass_} | {t * 1e6:,.1f} | {vs_cv2} | "
+                      f"{vs_qpth} |")
+    print(f"\nqpth with a CPU batch of 2 at 25x25: {probe_qpth_batch()}")
+    print(f"loadavg at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0

@@ -1,0 +1,115 @@
+"""The exact solver against independent oracles: scipy's HiGHS LP solver and POT."""
+import numpy as np
+import ot
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy.optimize import linprog
+
+from deepemd.emd import cost_matrix, cross_reference_weights, solve
+from deepemd.emd.exact import solve_batch
+from deepemd.emd.layer import exact_numpy
+
+
+def highs_emd(cost: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """The transport LP written out for HiGHS (row sums = a, column sums = b, x >= 0)."""
+    m, n = cost.shape
+    rows = sp.kron(sp.eye(m), np.ones((1, n)))
+    cols = sp.kron(np.ones((1, m)), sp.eye(n))
+    res = linprog(cost.ravel(), A_eq=sp.vstack([rows, cols]).tocsr(), b_eq=np.concatenate([a, b]),
+                  bounds=(0, None), method="highs")
+    assert res.status == 0, res.message
+    return res.fun
+
+
+def random_problem(rng: np.random.Generator):
+    m, n = rng.integers(1, 65, size=2)
+    if rng.random() < 0.2:  # keep some square problems, including the degenerate uniform ones
+        n = m
+    cost = rng.random((m, n)) * rng.choice([1.0, 2.0, 10.0])
+    kind = rng.integers(0, 3)
+    if kind == 0:  # uniform weights: degenerate when m == n
+        a, b = np.ones(m), np.ones(n)
+    else:
+        a, b = rng.random(m), rng.random(n)
+        if kind == 2:  # sparse: about 30% zeros, but never an empty side
+            a[rng.random(m) < 0.3] = 0.0
+            b[rng.random(n) < 0.3] = 0.0
+            a[rng.integers(m)] += 0.5
+            b[rng.integers(n)] += 0.5
+    b = b * a.sum() / b.sum()
+    return cost, a, b
+
+
+def test_exact_matches_highs_and_pot_on_500_random_problems():
+    rng = np.random.default_rng(1234)
+    problems = [random_problem(rng) for _ in range(500)]
+    fallbacks = 0
+    for cost, a, b in problems:
+        sol = solve_batch(cost[None], a[None], b[None])
+        fallbacks += int((sol.pivots < 0).sum())
+        dist, flow, alpha, beta = exact_numpy(cost[None], a[None], b[None])
+        dist, flow, alpha, beta = dist[0], flow[0], alpha[0], beta[0]
+        ref = highs_emd(cost, a, b)
+        scale = max(abs(ref), 1e-12)
+        assert abs(dist - ref) <= 1e-6 * scale
+        assert abs(dist - ot.emd2(a, b, cost, numItermax=10**7)) <= 1e-6 * scale
+        mass = a.sum()
+        assert flow.min() >= 0.0
+        assert np.abs(flow.sum(1) - a).max() <= 1e-6 * mass
+        assert np.abs(flow.sum(0) - b).max() <= 1e-6 * mass
+        reduced = cost - alpha[:, None] - beta[None, :]
+        tol = 1e-9 * max(1.0, np.abs(cost).max())
+        assert reduced.min() >= -tol                                     # dual feasible
+        assert np.abs(reduced[flow > 1e-12 * mass]).max(initial=0) <= tol  # compl. slackness
+        assert abs(a @ alpha + b @ beta - dist) <= 1e-6 * scale           # strong duality
+        assert abs(a @ alpha - b @ beta) <= 1e-6 * scale                  # centred gauge
+    assert fallbacks == 0  # the simplex itself solved every problem (no POT fallback)
+
+
+def test_batched_call_equals_problem_by_problem():
+    rng = np.random.default_rng(7)
+    cost = rng.random((40, 9, 13))
+    a = rng.random((40, 9))
+    b = rng.random((40, 13))
+    b *= (a.sum(1) / b.sum(1))[:, None]
+    batched = exact_numpy(cost, a, b)
+    for k in range(40):
+        single = exact_numpy(cost[k:k + 1], a[k:k + 1], b[k:k + 1])
+        for got, want in zip(batched, single):
+            np.testing.assert_array_equal(got[k], want[0])
+
+
+def features(batch, m, n, d=16, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, m, d, generator=gen, dtype=dtype)
+    v = torch.randn(batch, n, d, generator=gen, dtype=dtype)
+    return u, v
+
+
+@pytest.mark.parametrize("m,n", [(4, 4), (5, 7)])
+def test_reference_solvers_agree_with_exact(m, n):
+    u, v = features(3, m, n, seed=m * n)
+    cost = cost_matrix(u, v)
+    wu, wv = cross_reference_weights(u, v)
+    exact, flow = solve(cost, wu, wv)
+    with torch.no_grad():
+        opencv, cv_flow = solve(cost, wu, wv, solver="opencv")
+    qpth, _ = solve(cost, wu, wv, solver="qpth")
+    sinkhorn, sk_flow = solve(cost, wu, wv, solver="sinkhorn", eps=1e-3, n_iter=5000, tol=1e-9)
+    torch.testing.assert_close(opencv, exact, rtol=1e-5, atol=1e-5)     # float32 inside
+    torch.testing.assert_close(qpth, exact, rtol=1e-4, atol=1e-5)       # L2 term 1e-6
+    torch.testing.assert_close(sinkhorn, exact, rtol=1e-2, atol=1e-2)   # entropic bias ~ eps
+    assert torch.allclose(cv_flow.sum(-1), wu, atol=1e-4)
+    assert torch.allclose(sk_flow.sum(-1), wu, atol=1e-3)  # slow to converge at small eps
+
+
+def test_sinkhorn_tends_to_exact_as_eps_shrinks():
+    u, v = features(4, 6, 6, seed=3)
+    cost = cost_matrix(u, v)
+    wu, wv = cross_reference_weights(u, v)
+    exact, _ = solve(cost, wu, wv)
+    errors = [float((solve(cost, wu, wv, solver="sinkhorn", eps=eps, n_iter=20000, tol=1e-10)[0]
+                     - exact).abs().max()) for eps in (1e-1, 1e-2, 1e-3)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-2
