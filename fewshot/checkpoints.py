@@ -1,0 +1,76 @@
+"""Training checkpoints that resume exactly and load with ``weights_only=True``.
+
+One dict of tensors and plain types: ``backbone`` (what ``test`` and ``train --init`` read),
+``heads`` (pre-training classifiers), ``optimizer``, ``scheduler``, ``epoch`` (last finished),
+``rng`` (torch/numpy/CUDA generator states), ``best`` (accuracy and epoch) and ``config``.
+Written each epoch through :func:`deepemd.io.save_checkpoint` (temp file + rename), so a run
+killed mid-write resumes from the previous epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from deepemd.errors import DeepEMDError
+from deepemd.io import load_checkpoint, save_checkpoint
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """Generator states as tensors and ints (numpy's tuple is split so weights_only can load it)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+                             "numpy_pos": int(pos), "numpy_gauss": (int(has_gauss), float(cached))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    has_gauss, cached = state["numpy_gauss"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(path: Path, *, backbone: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, epoch: int, best: dict[str, float], config: Any,
+                        heads: nn.Module | None = None) -> None:
+    state = {
+        "backbone": backbone.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": int(epoch),
+        "rng": rng_state(),
+        "best": dict(best),
+        "config": dataclasses.asdict(config),
+    }
+    if heads is not None:
+        state["heads"] = heads.state_dict()
+    save_checkpoint(state, path)
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    state = load_checkpoint(path)
+    missing = [k for k in ("backbone", "optimizer", "scheduler", "epoch", "best") if k not in state]
+    if missing:
+        raise DeepEMDError(f"not a fewshot training checkpoint (missing '{missing[0]}')", path,
+                           "delete it, or point --out to a fresh folder")
+    return state
+
+
+def merge_history(out: Path, new_rows: list[dict]) -> list[dict]:
+    """The per-epoch table across resumes: earlier epochs from ``out/history.csv``, then this run's."""
+    path = out / "history.csv"
+    first = new_rows[0]["epoch"]
+    old = pd.read_csv(path).to_dict("records") if path.is_file() else []
+    return [r for r in old if r["epoch"] < first] + new_rows

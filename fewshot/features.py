@@ -1,0 +1,75 @@
+"""Run the network over a split ONCE and keep every image's features, so that thousands of test
+episodes (and every method) are sampled over cached tensors instead of re-running the CNN.
+
+Each image keeps three views: the global vector (average-pooled map: ProtoNet, MatchingNet,
+FC classifiers), the raw map cells (KNN and prediction fusion on local features) and the local
+set the DeepEMD variant compares (FCN cells + pyramid, grid crops, or sampled patches).
+Sampling draws its random crops once per image here, under the job's seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from deepemd import local
+from deepemd.data import ImageDataset
+
+
+@dataclass
+class FeatureCache:
+    """Features of every image of a split, row ``i`` = image ``i`` (``labels[i]``)."""
+
+    global_: torch.Tensor  # (N, C)
+    cells: torch.Tensor  # (N, h*w, C)
+    local: torch.Tensor  # (N, m, d): the DeepEMD local set
+    labels: np.ndarray  # (N,) int64
+
+    def take(self, idx: np.ndarray | torch.Tensor) -> "FeatureCache":
+        idx_t = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return FeatureCache(self.global_[idx_t], self.cells[idx_t], self.local[idx_t],
+                            self.labels[np.asarray(idx)])
+
+
+def cells_of(feature_map: torch.Tensor) -> torch.Tensor:
+    """``(B,C,h,w) -> (B, h*w, C)``: every location of the map as one local vector."""
+    return feature_map.flatten(2).transpose(1, 2)
+
+
+@torch.no_grad()
+def extract(dataset: ImageDataset, backbone: nn.Module, extractor: nn.Module, kind: str,
+            batch_size: int = 64, workers: int = 0, device: torch.device | str = "cpu",
+            seed: int = 0, progress: bool = True) -> FeatureCache:
+    """Features of every image of ``dataset`` (eval mode, no gradients, in dataset order).
+
+    For ``kind == "fcn"`` the local set comes from the same backbone pass
+    (``from_feature_map``); grid and sampling need their own pass over the crops.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    extractor.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    globals_, cells, locals_, labels = [], [], [], []
+    local_is_cells = True  # plain FCN: the local set IS the cells; keep one copy in memory
+    if hasattr(extractor, "reseed"):  # sampling: the same crops for the same seed
+        extractor.reseed(seed)
+    try:
+        for images, targets in tqdm(loader, desc="features", disable=not progress, leave=False):
+            images = images.to(device)
+            fmap = backbone(images)
+            globals_.append(local.global_features(fmap).float().cpu())
+            cells.append(cells_of(fmap).float().cpu())
+            sets = (extractor.from_feature_map(fmap) if kind == "fcn" else extractor(images)).float().cpu()
+            local_is_cells = local_is_cells and sets.shape == cells[-1].shape and torch.equal(sets, cells[-1])
+            locals_.append(sets)
+            labels.append(np.asarray(targets, dtype=np.int64))
+    finally:
+        backbone.train(was_training)
+        extractor.train(was_training)
+    all_cells = torch.cat(cells)
+    sets = all_cells if local_is_cells else torch.cat(locals_)
+    return FeatureCache(torch.cat(globals_), all_cells, sets, np.concatenate(labels))

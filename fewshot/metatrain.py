@@ -1,0 +1,147 @@
+"""``deepemd fewshot train``: episodic meta-training through the differentiable EMD layer.
+
+Each step is one N-way K-shot episode: the backbone embeds support and query images as local
+sets (FCN cells, grid crops or sampled patches), every query is scored against every class by
+the EMD similarity with cross-reference weights (``temperature / N`` logits, as the authors),
+and cross-entropy flows back through the exact solver's flow and dual gradients into the
+backbone. For K > 1 a class is represented by the node-wise mean of its K support sets (the
+paper re-uses the 1-shot model for K-shot and fits an SFC at test time instead).
+
+Validation episodes (classes never trained on) pick ``best.pt``; the pre-trained start is
+validated first, so meta-training never hands back a model worse than where it started.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from deepemd.emd import pairwise_similarity
+from deepemd.eval import write_results
+from deepemd.fewshot import build, distributed
+from deepemd.fewshot.checkpoints import (BEST, LAST, load_training_state, merge_history, restore_rng,
+                                         save_training_state)
+from deepemd.fewshot.config import TrainConfig
+from deepemd.fewshot.episodes import check_episode_size, episode_indices, episode_labels, evaluate
+from deepemd.fewshot.features import extract
+from deepemd.fewshot.methods import MethodOptions, emd_fusion, emd_nn
+from deepemd.io import load_state_dict_checked
+
+
+class EpisodeNet(nn.Module):
+    """``forward(images) -> (way*query, way)`` logits; images = supports (class-major) + queries."""
+
+    def __init__(self, extractor: nn.Module, cfg: TrainConfig):
+        super().__init__()
+        self.extractor = extractor
+        self.way, self.shot = cfg.way, cfg.shot
+        self.weights, self.solver = cfg.weights, cfg.solver
+        self.temperature, self.center = cfg.temperature, cfg.center
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        sets = self.extractor(images)
+        n_support = self.way * self.shot
+        support = sets[:n_support].reshape(self.way, self.shot, *sets.shape[1:]).mean(dim=1)
+        return pairwise_similarity(sets[n_support:], support, weights=self.weights, solver=self.solver,
+                                   temperature=self.temperature, center=self.center)
+
+
+@torch.no_grad()
+def validate(cfg: TrainConfig, backbone: nn.Module, extractor: nn.Module, val_set, device: torch.device,
+             progress: bool) -> float:
+    """Mean accuracy (percent) of seeded val episodes with the variant being trained."""
+    cache = extract(val_set, backbone, extractor, cfg.local, batch_size=cfg.batch_size, workers=cfg.workers,
+                    device=device, seed=cfg.seed, progress=progress)
+    opts = MethodOptions(weights=cfg.weights, solver=cfg.solver, temperature=cfg.temperature, center=cfg.center)
+    method = emd_nn(opts) if cfg.shot == 1 else emd_fusion(opts)
+    accs = evaluate(cache, {"val": method}, cfg.way, cfg.shot, cfg.query, cfg.val_episodes, cfg.seed,
+                    progress=progress)
+    return 100.0 * float(accs["val"].mean())
+
+
+def meta_train(cfg: TrainConfig, progress: bool = True) -> nn.Module:
+    """Run (or resume) meta-training; returns the backbone (the best on validation)."""
+    rank, device = distributed.setup(cfg.device)
+    try:
+        return _meta_train(cfg, rank, device, progress and rank.main)
+    finally:
+        distributed.teardown(rank)
+
+
+def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, progress: bool) -> nn.Module:
+    build.seed_everything(cfg.seed)
+    train, val = build.train_val_splits(cfg, cfg.val_split, cfg.val_fraction, cfg.way)
+    check_episode_size(train.labels, cfg.way, cfg.shot, cfg.query, "train split")
+    check_episode_size(val.labels, cfg.way, cfg.shot, cfg.query, "validation split")
+    backbone = build.create_backbone(cfg, cfg.init).to(device)
+    extractor = build.create_extractor(cfg, backbone).to(device)
+    model = EpisodeNet(extractor, cfg).to(device)
+    # Episodes are not augmented (the authors' meta-training uses the test-time resize + crop).
+    train_set = build.dataset(train, cfg, backbone, train=False)
+    val_set = build.dataset(val, cfg, backbone, train=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    out = Path(cfg.out)
+    start_epoch, best = 0, {"accuracy": -1.0, "epoch": -1}
+    if cfg.resume and (out / LAST).is_file():
+        state = load_training_state(out / LAST)
+        load_state_dict_checked(backbone, state["backbone"], out / LAST)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        start_epoch, best = state["epoch"] + 1, dict(state["best"])
+    elif rank.main:  # epoch -1 = the starting point, a legitimate candidate for best.pt
+        start_acc = validate(cfg, backbone, extractor, val_set, device, progress)
+        best = {"accuracy": start_acc, "epoch": -1}
+        save_training_state(out / BEST, backbone=backbone, optimizer=optimizer, scheduler=scheduler,
+                            epoch=-1, best=best, config=cfg)
+        write_results([{"epoch": -1, "loss": float("nan"), "train_accuracy": float("nan"),
+                        "val_accuracy": start_acc, "lr": cfg.lr}], out, name="history", float_format="%.6g")
+        print(f"meta-train start: val acc {start_acc:.2f}%", flush=True)
+    ddp_model = distributed.wrap(model, rank, device)
+    per_step = rank.world
+    episodes = -(-cfg.episodes_per_epoch // per_step) * per_step  # equal steps on every rank
+    history = []
+    for epoch in range(start_epoch, cfg.epochs):
+        idx_stream = episode_indices(train.labels, cfg.way, cfg.shot, cfg.query, episodes,
+                                     seed=cfg.seed * 1000003 + epoch, rank=rank.rank, world=rank.world)
+        loader = DataLoader(train_set, batch_sampler=[list(i) for i in idx_stream], num_workers=cfg.workers)
+        model.train()
+        losses, accs = [], []
+        for images, labels in tqdm(loader, desc=f"meta-train epoch {epoch}", disable=not progress, leave=False):
+            _, query_labels = episode_labels(labels.numpy(), np.arange(len(labels)), cfg.way, cfg.shot)
+            logits = ddp_model(images.to(device))
+            loss = F.cross_entropy(logits, query_labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            accs.append(float((logits.argmax(1).cpu() == query_labels).float().mean()))
+        scheduler.step()
+        val_acc = validate(cfg, backbone, extractor, val_set, device, progress) if rank.main else 0.0
+        val_acc = distributed.broadcast_float(val_acc, rank)
+        improved = val_acc > best["accuracy"]
+        if improved:
+            best = {"accuracy": val_acc, "epoch": epoch}
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "train_accuracy": 100.0 * float(np.mean(accs)),
+                        "val_accuracy": val_acc, "lr": scheduler.get_last_lr()[0]})
+        if rank.main:
+            save = dict(backbone=backbone, optimizer=optimizer, scheduler=scheduler, epoch=epoch, best=best, config=cfg)
+            save_training_state(out / LAST, **save)
+            if improved:
+                save_training_state(out / BEST, **save)
+            write_results(merge_history(out, history), out, name="history", float_format="%.6g")
+            print(f"meta-train epoch {epoch}: loss {history[-1]['loss']:.3f} episode acc "
+                  f"{history[-1]['train_accuracy']:.1f}% val acc {val_acc:.2f}% "
+                  f"(best {best['accuracy']:.2f}% @ {best['epoch']})", flush=True)
+        distributed.barrier(rank)
+    if (out / BEST).is_file():  # every rank: all hold the same weights afterwards
+        load_state_dict_checked(backbone, load_training_state(out / BEST)["backbone"], out / BEST)
+    return backbone
+

@@ -1,0 +1,168 @@
+"""``deepemd fewshot pretrain``: a linear classifier over all train classes on the backbone
+(paper 5.1), optionally with the 4-way rotation self-supervision loss (paper 5.3, Table 4).
+
+Each epoch the backbone is validated by few-shot episodes on classes it never trained on
+(DeepEMD-FCN as the paper, or the cheaper prototype rule); ``best.pt`` keeps the best epoch and
+``last.pt`` every epoch, from which an interrupted run resumes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from deepemd import local
+from deepemd.errors import DeepEMDError
+from deepemd.eval import write_results
+from deepemd.fewshot import build, distributed
+from deepemd.fewshot.checkpoints import (BEST, LAST, load_training_state, merge_history, restore_rng,
+                                         save_training_state)
+from deepemd.fewshot.config import PretrainConfig
+from deepemd.fewshot.episodes import check_episode_size, evaluate
+from deepemd.fewshot.features import extract
+from deepemd.fewshot.methods import MethodOptions, emd_nn, protonet
+from deepemd.io import load_state_dict_checked
+
+#: Rotations (multiples of 90 degrees) the self-supervised head predicts.
+ROTATIONS = 4
+
+
+class ClassifierHeads(nn.Module):
+    """Linear class head and optional 4-way rotation head on the average-pooled feature."""
+
+    def __init__(self, channels: int, num_classes: int, rotation: bool):
+        super().__init__()
+        self.classifier = nn.Linear(channels, num_classes)
+        self.rotation = nn.Linear(channels, ROTATIONS) if rotation else None
+
+
+class PretrainNet(nn.Module):
+    def __init__(self, backbone: nn.Module, heads: ClassifierHeads):
+        super().__init__()
+        self.backbone, self.heads = backbone, heads
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pooled = local.global_features(self.backbone(images))
+        rot = self.heads.rotation(pooled) if self.heads.rotation is not None else None
+        return self.heads.classifier(pooled), rot
+
+
+def rotated_copies(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image turned by a random multiple of 90 degrees, and that multiple (the label)."""
+    turns = torch.randint(ROTATIONS, (images.shape[0],), generator=generator)
+    out = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(images, turns)])
+    return out, turns.to(images.device)
+
+
+def pretrain_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PretrainConfig,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class cross-entropy on the upright images (+ ``rotation_weight`` x rotation cross-entropy
+    on upright and turned copies, one forward pass). Returns ``(loss, class logits)``."""
+    if not cfg.rotation:
+        logits, _ = model(images)
+        return F.cross_entropy(logits, labels), logits
+    turned, turns = rotated_copies(images, generator)
+    logits, rot = model(torch.cat([images, turned]))
+    n = images.shape[0]
+    rot_labels = torch.cat([torch.zeros_like(turns), turns])
+    loss = F.cross_entropy(logits[:n], labels) + cfg.rotation_weight * F.cross_entropy(rot, rot_labels)
+    return loss, logits[:n]
+
+
+@torch.no_grad()
+def validate(cfg: PretrainConfig, backbone: nn.Module, val_set, device: torch.device, progress: bool) -> float:
+    """Mean accuracy (percent) of val episodes: DeepEMD-FCN (``val_method='fcn'``) or prototype."""
+    fcn = local.create("fcn", backbone)
+    cache = extract(val_set, backbone, fcn, "fcn", batch_size=cfg.batch_size, workers=cfg.workers,
+                    device=device, seed=cfg.seed, progress=progress)
+    opts = MethodOptions(weights=cfg.weights, solver=cfg.solver, temperature=cfg.temperature, center=cfg.center)
+    method = emd_nn(opts) if cfg.val_method == "fcn" else protonet(opts)
+    accs = evaluate(cache, {"val": method}, cfg.val_way, cfg.val_shot, cfg.val_query, cfg.val_episodes,
+                    cfg.seed, progress=progress)
+    return 100.0 * float(accs["val"].mean())
+
+
+def pretrain(cfg: PretrainConfig, progress: bool = True) -> nn.Module:
+    """Run (or resume) pre-training; returns the backbone with the best validation accuracy."""
+    rank, device = distributed.setup(cfg.device)
+    try:
+        return _pretrain(cfg, rank, device, progress and rank.main)
+    finally:
+        distributed.teardown(rank)
+
+
+def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device, progress: bool) -> nn.Module:
+    if cfg.val_method not in ("fcn", "proto"):
+        raise DeepEMDError(f"unknown val_method '{cfg.val_method}'", None, "use fcn or proto")
+    build.seed_everything(cfg.seed)  # same initial weights on every rank
+    train, val = build.train_val_splits(cfg, cfg.val_split, cfg.val_fraction, cfg.val_way)
+    check_episode_size(val.labels, cfg.val_way, cfg.val_shot, cfg.val_query, "validation split")
+    backbone = build.create_backbone(cfg)
+    heads = ClassifierHeads(backbone.out_channels, len(train.classes), cfg.rotation)
+    model = PretrainNet(backbone, heads).to(device)
+    train_set = build.dataset(train, cfg, backbone, train=True)
+    val_set = build.dataset(val, cfg, backbone, train=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    out = Path(cfg.out)
+    start_epoch, best = 0, {"accuracy": -1.0, "epoch": -1}
+    if cfg.resume and (out / LAST).is_file():
+        state = load_training_state(out / LAST)
+        load_state_dict_checked(backbone, state["backbone"], out / LAST)
+        load_state_dict_checked(heads, state["heads"], out / LAST)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        start_epoch, best = state["epoch"] + 1, dict(state["best"])
+    ddp_model = distributed.wrap(model, rank, device)
+    if rank.distributed:
+        sampler = DistributedSampler(train_set, rank.world, rank.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    history = []
+    for epoch in range(start_epoch, cfg.epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch * 1009 + rank.rank)
+        if rank.distributed:
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                            drop_last=len(train_set) > cfg.batch_size)
+        model.train()
+        losses, correct, seen = [], 0, 0
+        for images, labels in tqdm(loader, desc=f"pretrain epoch {epoch}", disable=not progress, leave=False):
+            images, labels = images.to(device), labels.to(device)
+            loss, logits = pretrain_loss(ddp_model, images, labels, cfg, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += labels.numel()
+        scheduler.step()
+        val_acc = validate(cfg, backbone, val_set, device, progress) if rank.main else 0.0
+        val_acc = distributed.broadcast_float(val_acc, rank)
+        improved = val_acc > best["accuracy"]
+        if improved:
+            best = {"accuracy": val_acc, "epoch": epoch}
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "train_accuracy": 100.0 * correct / max(seen, 1),
+                        "val_accuracy": val_acc, "lr": scheduler.get_last_lr()[0]})
+        if rank.main:
+            save = dict(backbone=backbone, optimizer=optimizer, scheduler=scheduler, epoch=epoch, best=best,
+                        config=cfg, heads=heads)
+            save_training_state(out / LAST, **save)
+            if improved:
+                save_training_state(out / BEST, **save)
+            write_results(merge_history(out, history), out, name="history", float_format="%.6g")
+            print(f"pretrain epoch {epoch}: loss {history[-1]['loss']:.3f} train acc {history[-1]['train_accuracy']:.1f}% "
+                  f"val acc {val_acc:.2f}% (best {best['accuracy']:.2f}% @ {best['epoch']})", flush=True)
+        distributed.barrier(rank)
+    if (out / BEST).is_file():
+        load_state_dict_checked(backbone, load_training_state(out / BEST)["backbone"], out / BEST)
+    return backbone
+
