@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from efficientnet_lite_pytorch import EfficientNet
+from efficientnet_lite_pytorch import EfficientNet, get_model_params
 from torch import Tensor
 
 from deepemd.backbones.weights import load_packaged_weights
@@ -21,8 +21,7 @@ class EfficientNetLite0Features(EfficientNet):
     TF-"same" padding, which is correct at any input size, not only 224."""
 
     def __init__(self, input_size: int = 224):
-        blocks = EfficientNet.from_name("efficientnet-lite0", image_size=None)
-        super().__init__(blocks._blocks_args, blocks._global_params)
+        super().__init__(*get_model_params("efficientnet-lite0", {"image_size": None}))
         del self._fc, self._dropout, self._avg_pooling
         self.out_channels = 1280
         self.default_cfg = {"input_size": input_size, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
