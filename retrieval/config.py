@@ -121,6 +121,56 @@ class DemoConfig:
     max_classes: int = 40
     per_class: int = 20
     image_size: int = 96
-    methods: tuple[str, ...] = ("fcn", "sampling")
+    methods: tuple[str, ...] = ("fcn",)
     rerank_k: int = 20
     seed: int = 0
+
+
+FIELD_DOCS = {
+    "backbone": "feature network: efficientnet_lite0, mobilenetv2, resnet12, resnet18, resnet50",
+    "weights": "imagenet (packaged), none (random), auto (imagenet where packaged), or a weights file",
+    "checkpoint": "a `deepemd retrieval train` checkpoint (rebuilds its backbone; overrides --backbone)",
+    "embed_dim": "1x1 linear head to this many channels (paper: 128); none = backbone channels",
+    "image_size": "input size in pixels",
+    "device": "cpu, cuda, cuda:1 (default: cuda if available)",
+    "batch_size": "images per batch (per process under torchrun)",
+    "workers": "DataLoader worker processes",
+    "seed": "seed for subsampling, random patches, batch order and augmentation",
+    "layout": "folder, cub-retrieval, cub, miniimagenet, tieredimagenet, cifarfs, fc100",
+    "data_root": "dataset root (folder layout: <root>/<class>/<image>)",
+    "split": "train / test / all (folder layout: first / second half of the sorted classes)",
+    "max_classes": "use at most this many classes (random, seeded)",
+    "per_class": "use at most this many images per class (random, seeded)",
+    "pyramid": "FCN feature pyramid levels added to the raw cells (paper: 3 2 1)",
+    "grid_levels": "Grid image pyramid levels (paper: 3 2)",
+    "grid_enlarge": "Grid: enlarge each cell by this ratio around its centre",
+    "num_patches": "Sampling: random patches per image (paper: 25)",
+    "patch_size": "Grid/Sampling: crop size fed to the backbone (default: the backbone's input size)",
+    "node_weights": "cross (cross-reference, paper Eq. 11-12) or uniform",
+    "solver": "EMD solver: exact, sinkhorn, opencv, qpth",
+    "rerank_k": "rerank depth K: the FAISS top-K rescored with DeepEMD",
+    "alpha": "fused score = (1 - alpha) * DeepEMD + alpha * global cosine",
+    "methods": "rows after 'raw': fcn, grid, sampling (append :uniform or :cross to override weights)",
+    "flow_queries": "queries drawn in flows.png (0: no picture)",
+    "out": "output folder",
+    "loss": "normsoftmax, contrastive, softtriple, arcface, multisimilarity, snr",
+    "distance": "cosine (global vector) or deepemd (FCN local sets through the EMD layer; pair losses)",
+    "m_per_class": "images per class in every batch (pml MPerClassSampler)",
+    "epochs": "training epochs (a checkpoint after each)",
+    "steps_per_epoch": "batches per epoch (default: images / global batch)",
+    "lr": "backbone + head learning rate (Adam)",
+    "loss_lr": "learning rate of the loss's own parameters (proxy losses)",
+    "weight_decay": "Adam weight decay",
+    "augment": "random resized crops + flips while training",
+    "resume": "continue from <out>/checkpoint.pt when it exists",
+    "local": "local set kind stored in the gallery: fcn, grid or sampling",
+    "index_spec": "FAISS index_factory string: Flat, IVF256,Flat, IVF1024,PQ32, HNSW32",
+    "index": "your own FAISS index file (built outside deepemd) to rerank",
+    "id_map": "text file '<id> <image path>' per line, naming the image behind each id of --index",
+    "gallery": "gallery folder written by `deepemd retrieval index`",
+    "queries": "query image, folder of images, or text file of paths",
+    "query_vectors": ".npy of query vectors from the model that built --index (one row per query)",
+    "top": "results written per query",
+}
+for _cls in (EvalConfig, TrainConfig, IndexConfig, SearchConfig, DemoConfig):
+    _cls.__field_docs__ = FIELD_DOCS

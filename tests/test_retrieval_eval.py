@@ -145,3 +145,16 @@ def test_eval_rejects_unknown_config_key_and_missing_checkpoint(folder_dataset, 
     assert main(["retrieval", "eval", "--data-root", str(folder_dataset), "--checkpoint",
                  str(tmp_path / "none.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_every_bundled_retrieval_config_is_valid():
+    from pathlib import Path
+
+    from deepemd.config import build_config, read_yaml
+    from deepemd.retrieval.config import LOSSES, EvalConfig, TrainConfig
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "retrieval"
+    for loss in LOSSES:
+        cfg = build_config(TrainConfig, read_yaml(folder / f"cub_{loss}.yaml"), f"cub_{loss}.yaml")
+        assert cfg.loss == loss and cfg.embed_dim == 128 and cfg.layout == "cub-retrieval"
+    assert build_config(EvalConfig, read_yaml(folder / "cub_eval.yaml")).methods == ("fcn", "grid", "sampling")
