@@ -27,41 +27,44 @@ import numpy as np
 from numba import njit, prange
 
 MAX_PIVOTS_PER_CELL = 50
+#: Added to closed columns' costs in the start (finite: the minimum runs with fastmath).
+CLOSED = 1e300
 #: Smaller batches run on the calling thread.
 PARALLEL_MIN_BATCH = 16
 
 
-@njit(cache=True, inline="always")
-def _edge(node_a: int, node_b: int, m: int) -> tuple:
-    """The (row, column) cell of the tree edge between two nodes (rows < m <= columns)."""
-    if node_a < m:
-        return node_a, node_b - m
-    return node_b, node_a - m
+@njit(cache=True)
+def _argmin_shifted(row, shift) -> tuple:
+    """``(j, min_j row_j - shift_j)``: a vectorised minimum, then the first index holding it.
+    Two passes without data-dependent branches beat one branchy argmin on random costs."""
+    best = _row_min(row, shift)
+    for j in range(row.shape[0]):
+        if row[j] - shift[j] == best:
+            return j, best
+    return -1, best  # unreachable for finite input
 
 
 @njit(cache=True)
-def _greedy_start(c, a, b, x, radj, rdeg, cadj, cdeg, rb, col_active, row_order, regret):
+def _greedy_start(c, a, b, x, radj, rdeg, cadj, cdeg, rb, shift, row_order, regret):
     """Row-minimum start, rows taken by decreasing regret (second-cheapest minus cheapest
     cost, the Vogel idea at a fraction of Vogel's cost): each row ships to its cheapest open
     columns until it is empty. Every allocation closes exactly one row or column, so the basis
-    is a spanning tree of m + n - 1 cells (zero-flow cells kept on ties)."""
+    is a spanning tree of m + n - 1 cells (zero-flow cells kept on ties). A closed column gets
+    ``shift = -CLOSED`` so that the vectorised row minimum skips it."""
     m, n = c.shape
+    for j in range(n):
+        shift[j] = 0.0
     for i in range(m):
-        b1 = np.inf
-        b2 = np.inf
-        for j in range(n):
-            v = c[i, j]
-            if v < b2:
-                if v < b1:
-                    b2 = b1
-                    b1 = v
-                else:
-                    b2 = v
-        regret[i] = (b2 - b1) if n > 1 else 0.0
+        j1, b1 = _argmin_shifted(c[i], shift)
+        if n > 1:
+            shift[j1] = -CLOSED
+            regret[i] = _row_min(c[i], shift) - b1
+            shift[j1] = 0.0
+        else:
+            regret[i] = 0.0
     row_order[:m] = np.argsort(-regret[:m])
     for j in range(n):
         rb[j] = b[j]
-        col_active[j] = True
         cdeg[j] = 0
     for i in range(m):
         rdeg[i] = 0
@@ -71,12 +74,7 @@ def _greedy_start(c, a, b, x, radj, rdeg, cadj, cdeg, rb, col_active, row_order,
         last = ii == m - 1
         ra = a[i]
         while remaining_cols > 0:
-            best = np.inf
-            bj = -1
-            for j in range(n):
-                if col_active[j] and c[i, j] < best:
-                    best = c[i, j]
-                    bj = j
+            bj, _ = _argmin_shifted(c[i], shift)
             radj[i, rdeg[i]] = bj
             rdeg[i] += 1
             cadj[bj, cdeg[bj]] = i
@@ -92,7 +90,7 @@ def _greedy_start(c, a, b, x, radj, rdeg, cadj, cdeg, rb, col_active, row_order,
                 ra -= rb[bj]
             else:  # last row takes every remaining column's demand
                 x[i, bj] = max(rb[bj], 0.0)
-            col_active[bj] = False
+            shift[bj] = -CLOSED
             remaining_cols -= 1
 
 
@@ -154,13 +152,7 @@ def _price(c, alpha, beta, threshold: float) -> tuple:
             ei = i
     if ei < 0:
         return -1, -1
-    ej = 0
-    bestj = np.inf
-    for j in range(n):
-        r = c[ei, j] - beta[j]
-        if r < bestj:
-            bestj = r
-            ej = j
+    ej, _ = _argmin_shifted(c[ei], beta)
     return ei, ej
 
 
@@ -175,10 +167,10 @@ def _remove(adj, deg, owner: int, value: int) -> None:
 
 @njit(cache=True)
 def _solve_one(c, a, b, x, alpha, beta, radj, rdeg, cadj, cdeg, parent, depth, order,
-               ra, rb, col_active, path_r, path_c, path_minus, max_pivots):
+               ra, rb, shift, jpath, ipath, max_pivots):
     """Solve one problem in place (x zeroed on entry); returns the pivot count, -1 on cap."""
     m, n = c.shape
-    _greedy_start(c, a, b, x, radj, rdeg, cadj, cdeg, rb, col_active, order, ra)
+    _greedy_start(c, a, b, x, radj, rdeg, cadj, cdeg, rb, shift, order, ra)
     scale = 0.0
     for i in range(m):
         for j in range(n):
@@ -189,54 +181,62 @@ def _solve_one(c, a, b, x, alpha, beta, radj, rdeg, cadj, cdeg, parent, depth, o
         ei, ej = _price(c, alpha, beta, -tol)
         if ei < 0:
             return pivot
-        # Tree path between column ej and row ei: j side first (walking up), then i side.
+        # Tree paths from column ej and from row ei up to their common ancestor (the apex):
+        # first lift the deeper end, then both together (no data-dependent branch per step).
         nj = m + ej
         ni = ei
-        count_j = 0
-        count_i = 0
-        total = m + n
+        lj = 0
+        li = 0
+        jpath[0] = nj
+        ipath[0] = ni
+        while depth[nj] > depth[ni]:
+            nj = parent[nj]
+            lj += 1
+            jpath[lj] = nj
+        while depth[ni] > depth[nj]:
+            ni = parent[ni]
+            li += 1
+            ipath[li] = ni
         while nj != ni:
-            if depth[nj] >= depth[ni]:
-                p = parent[nj]
-                r_, c_ = _edge(nj, p, m)
-                path_r[count_j] = r_
-                path_c[count_j] = c_
-                path_minus[count_j] = count_j % 2 == 0
-                count_j += 1
-                nj = p
-            else:
-                p = parent[ni]
-                r_, c_ = _edge(ni, p, m)
-                k = total - 1 - count_i  # i side stored from the back
-                path_r[k] = r_
-                path_c[k] = c_
-                path_minus[k] = count_i % 2 == 0
-                count_i += 1
-                ni = p
-        # Leaving cell: smallest flow among the minus cells; ties go to the last blocking cell
-        # in cycle order from the apex (j side nearest the apex, else i side nearest row ei).
+            nj = parent[nj]
+            lj += 1
+            jpath[lj] = nj
+            ni = parent[ni]
+            li += 1
+            ipath[li] = ni
+        # Cycle: +(ei, ej), then alternately - / + along both paths, starting with - next to
+        # each end. Edge k of the j path joins jpath[k] and jpath[k+1]; even k are the minus
+        # cells (column jpath[k], row jpath[k+1]); on the i path even k are minus cells too
+        # (row ipath[k], column ipath[k+1]). The leaving cell is the smallest minus flow; ties
+        # go to the last blocking cell in cycle order from the apex (Cunningham): on the j
+        # path the one nearest the apex, else on the i path the one nearest row ei.
         theta = np.inf
-        leave = -1
-        for k in range(count_j - 1, -1, -1):
-            if path_minus[k] and x[path_r[k], path_c[k]] < theta:
-                theta = x[path_r[k], path_c[k]]
-                leave = k
-        for k in range(total - count_i, total):
-            if path_minus[k] and x[path_r[k], path_c[k]] < theta:
-                theta = x[path_r[k], path_c[k]]
-                leave = k
-        for k in range(count_j):
-            if path_minus[k]:
-                x[path_r[k], path_c[k]] -= theta
-            else:
-                x[path_r[k], path_c[k]] += theta
-        for k in range(total - count_i, total):
-            if path_minus[k]:
-                x[path_r[k], path_c[k]] -= theta
-            else:
-                x[path_r[k], path_c[k]] += theta
-        lr = path_r[leave]
-        lc = path_c[leave]
+        leave_r = -1
+        leave_c = -1
+        leave_on_j = True
+        for k in range(lj - 1 - ((lj - 1) % 2), -1, -2):
+            v = x[jpath[k + 1], jpath[k] - m]
+            if v < theta:
+                theta = v
+                leave_r = jpath[k + 1]
+                leave_c = jpath[k] - m
+        for k in range(0, li, 2):
+            v = x[ipath[k], ipath[k + 1] - m]
+            if v < theta:
+                theta = v
+                leave_r = ipath[k]
+                leave_c = ipath[k + 1] - m
+                leave_on_j = False
+        for k in range(0, lj, 2):
+            x[jpath[k + 1], jpath[k] - m] -= theta
+        for k in range(1, lj, 2):
+            x[jpath[k], jpath[k + 1] - m] += theta
+        for k in range(0, li, 2):
+            x[ipath[k], ipath[k + 1] - m] -= theta
+        for k in range(1, li, 2):
+            x[ipath[k + 1], ipath[k] - m] += theta
+        lr = leave_r
+        lc = leave_c
         x[lr, lc] = 0.0
         x[ei, ej] = theta
         _remove(radj, rdeg, lr, lc)
@@ -247,7 +247,7 @@ def _solve_one(c, a, b, x, alpha, beta, radj, rdeg, cadj, cdeg, parent, depth, o
         cdeg[ej] += 1
         # The leaving cell cut off the subtree below it; the entering cell re-hangs it. Only
         # that subtree's parents, depths and duals change: redo them from the entering end.
-        if leave < count_j:
+        if leave_on_j:
             _rehang(c, alpha, beta, radj, rdeg, cadj, cdeg, parent, depth, order, m + ej, ei)
         else:
             _rehang(c, alpha, beta, radj, rdeg, cadj, cdeg, parent, depth, order, ei, m + ej)
@@ -300,14 +300,13 @@ def _solve_range(c, a, b, x, alpha, beta, pivots, max_pivots, start, stop):
     order = np.empty(m + n, np.int64)
     ra = np.empty(m, np.float64)
     rb = np.empty(n, np.float64)
-    col_active = np.empty(n, np.bool_)
-    path_r = np.empty(m + n, np.int64)
-    path_c = np.empty(m + n, np.int64)
-    path_minus = np.empty(m + n, np.bool_)
+    shift = np.empty(n, np.float64)
+    jpath = np.empty(m + n, np.int64)
+    ipath = np.empty(m + n, np.int64)
     for k in range(start, stop):
         pivots[k] = _solve_one(c[k], a[k], b[k], x[k], alpha[k], beta[k], radj, rdeg, cadj,
-                               cdeg, parent, depth, order, ra, rb, col_active, path_r, path_c,
-                               path_minus, max_pivots)
+                               cdeg, parent, depth, order, ra, rb, shift, jpath, ipath,
+                               max_pivots)
 
 
 @njit(parallel=True, cache=True)
