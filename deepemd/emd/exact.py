@@ -1,7 +1,7 @@
 """Exact batched transport solver: a transportation simplex compiled with numba.
 
-One call solves a whole batch with no Python per problem: ``prange`` hands contiguous chunks of
-the batch to the threads, each chunk allocates its workspace once. Per problem:
+One call solves a whole batch with no Python per problem: ``prange`` hands chunks of the batch
+to the threads (dynamically), each chunk allocates its workspace once. Per problem:
 
 1. start: a row-minimum greedy basic solution, rows by decreasing regret (each allocation
    closes exactly one row or column, so the basis is a spanning tree of ``m + n - 1`` cells,
@@ -41,7 +41,12 @@ def _argmin_shifted(row, shift) -> tuple:
     for j in range(row.shape[0]):
         if row[j] - shift[j] == best:
             return j, best
-    return -1, best  # unreachable for finite input
+    # Only if the fast minimum rounded differently: a plain argmin is always right.
+    k = 0
+    for j in range(1, row.shape[0]):
+        if row[j] - shift[j] < row[k] - shift[k]:
+            k = j
+    return k, row[k] - shift[k]
 
 
 @njit(cache=True)
