@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("test", EvalConfig, _test, "seeded test episodes: every method on the same episodes, mean and 95% CI"),
     )
     for name, cls, func, help_ in commands:
-        parser = sub.add_parser(name, help=help_, description=help_)
+        parser = sub.add_parser(name, help=help_.replace("%", "%%"), description=help_)
         parser.add_argument("--config", help="YAML file of options (see configs/fewshot/)")
         add_dataclass_arguments(parser, cls)
         if name == "test":

@@ -74,6 +74,17 @@ def broadcast_float(value: float, rank: Rank) -> float:
     return float(box[0])
 
 
+def sync_buffers(module: nn.Module, rank: Rank) -> None:
+    """Rank 0's BatchNorm running statistics on every rank.
+
+    DDP broadcasts buffers before each forward, but each rank's forward then updates its own
+    copy from its own batch; syncing at epoch end makes every rank hold identical weights.
+    """
+    if rank.distributed:
+        for buffer in unwrap(module).buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def teardown(rank: Rank) -> None:
     if rank.distributed and dist.is_initialized():
         dist.destroy_process_group()

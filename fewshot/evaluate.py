@@ -19,7 +19,7 @@ from deepemd.emd.sfc import SFCFit
 from deepemd.eval import write_results
 from deepemd.fewshot import build
 from deepemd.fewshot.config import EvalConfig
-from deepemd.fewshot.episodes import episode_indices, evaluate, summarise
+from deepemd.fewshot.episodes import check_episode_size, episode_indices, evaluate, summarise
 from deepemd.fewshot.features import FeatureCache, extract
 from deepemd.fewshot.methods import METHODS, MethodOptions, select
 from deepemd.fewshot.pictures import episode_flow_figure, node_boxes
@@ -68,6 +68,7 @@ def run_test(cfg: EvalConfig, progress: bool = True) -> pd.DataFrame:
     device = default_device(cfg.device)
     build.seed_everything(cfg.seed)
     images = build.read_split(cfg, cfg.split)
+    check_episode_size(images.labels, cfg.way, cfg.shot, cfg.query, f"{cfg.data_root} ({cfg.split} split)")
     net = build.create_backbone(cfg, cfg.checkpoint).to(device)
     extractor = build.create_extractor(cfg, net).to(device)
     size = build.input_size(cfg, net)

@@ -64,11 +64,16 @@ def validate(cfg: TrainConfig, backbone: nn.Module, extractor: nn.Module, val_se
     return 100.0 * float(accs["val"].mean())
 
 
-def meta_train(cfg: TrainConfig, progress: bool = True) -> nn.Module:
-    """Run (or resume) meta-training; returns the backbone (the best on validation)."""
+def meta_train(cfg: TrainConfig, progress: bool = True, load_best: bool = True) -> nn.Module:
+    """Run (or resume) meta-training; returns the backbone: the best on validation
+    (``load_best``, read from ``OUT/best.pt`` after every rank finished), else the last epoch's."""
     rank, device = distributed.setup(cfg.device)
     try:
-        return _meta_train(cfg, rank, device, progress and rank.main)
+        backbone = _meta_train(cfg, rank, device, progress and rank.main)
+        best = Path(cfg.out) / BEST
+        if load_best and best.is_file():
+            load_state_dict_checked(backbone, load_training_state(best)["backbone"], best)
+        return backbone
     finally:
         distributed.teardown(rank)
 
@@ -124,6 +129,7 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
             losses.append(float(loss.detach()))
             accs.append(float((logits.argmax(1).cpu() == query_labels).float().mean()))
         scheduler.step()
+        distributed.sync_buffers(model, rank)
         val_acc = validate(cfg, backbone, extractor, val_set, device, progress) if rank.main else 0.0
         val_acc = distributed.broadcast_float(val_acc, rank)
         improved = val_acc > best["accuracy"]
@@ -141,7 +147,5 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
                   f"{history[-1]['train_accuracy']:.1f}% val acc {val_acc:.2f}% "
                   f"(best {best['accuracy']:.2f}% @ {best['epoch']})", flush=True)
         distributed.barrier(rank)
-    if (out / BEST).is_file():  # every rank: all hold the same weights afterwards
-        load_state_dict_checked(backbone, load_training_state(out / BEST)["backbone"], out / BEST)
     return backbone
 

@@ -88,11 +88,16 @@ def validate(cfg: PretrainConfig, backbone: nn.Module, val_set, device: torch.de
     return 100.0 * float(accs["val"].mean())
 
 
-def pretrain(cfg: PretrainConfig, progress: bool = True) -> nn.Module:
-    """Run (or resume) pre-training; returns the backbone with the best validation accuracy."""
+def pretrain(cfg: PretrainConfig, progress: bool = True, load_best: bool = True) -> nn.Module:
+    """Run (or resume) pre-training; returns the backbone: the best on validation
+    (``load_best``, read from ``OUT/best.pt`` after every rank finished), else the last epoch's."""
     rank, device = distributed.setup(cfg.device)
     try:
-        return _pretrain(cfg, rank, device, progress and rank.main)
+        backbone = _pretrain(cfg, rank, device, progress and rank.main)
+        best = Path(cfg.out) / BEST
+        if load_best and best.is_file():
+            load_state_dict_checked(backbone, load_training_state(best)["backbone"], best)
+        return backbone
     finally:
         distributed.teardown(rank)
 
@@ -145,6 +150,7 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
             correct += int((logits.argmax(1) == labels).sum())
             seen += labels.numel()
         scheduler.step()
+        distributed.sync_buffers(model, rank)
         val_acc = validate(cfg, backbone, val_set, device, progress) if rank.main else 0.0
         val_acc = distributed.broadcast_float(val_acc, rank)
         improved = val_acc > best["accuracy"]
@@ -162,7 +168,5 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
             print(f"pretrain epoch {epoch}: loss {history[-1]['loss']:.3f} train acc {history[-1]['train_accuracy']:.1f}% "
                   f"val acc {val_acc:.2f}% (best {best['accuracy']:.2f}% @ {best['epoch']})", flush=True)
         distributed.barrier(rank)
-    if (out / BEST).is_file():
-        load_state_dict_checked(backbone, load_training_state(out / BEST)["backbone"], out / BEST)
     return backbone
 
