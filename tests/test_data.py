@@ -47,6 +47,17 @@ def test_folder_split_file_overrides_the_halves(folder_dataset):
 def test_folder_val_without_split_file_is_explained(folder_dataset):
     with pytest.raises(DeepEMDError, match="split 'val' needs a split file"):
         read_layout("folder", folder_dataset, "val")
+    with pytest.raises(DeepEMDError, match="mine.csv: split file not found"):
+        read_layout("folder", folder_dataset, "train", split_file=folder_dataset / "mine.csv")
+
+
+def test_folder_without_classes_is_explained(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DeepEMDError, match="empty: folder has no class sub-folders"):
+        read_layout("folder", tmp_path / "empty", "all")
+    (tmp_path / "empty" / "cats").mkdir()
+    with pytest.raises(DeepEMDError, match="cats: class folder holds no images"):
+        read_layout("folder", tmp_path / "empty", "all")
 
 
 def _csv_split_layout(root: Path) -> Path:

@@ -67,6 +67,8 @@ def _class_dirs(root: Path) -> list[Path]:
 
 
 def _read_class_folders(root: Path, class_names: list[str]) -> ImageList:
+    if not class_names:
+        raise DeepEMDError("folder has no class sub-folders", root, "the layout is <folder>/<class>/<image>")
     items = []
     for name in class_names:
         images = _images_in(root / name)
@@ -97,8 +99,8 @@ def read_split_file(path: Path) -> dict[str, str]:
 def read_folder(root: Path, split: str, split_file: Path | None = None) -> ImageList:
     _require_dir(root, "dataset root", "give the folder that holds one sub-folder per class")
     classes = [p.name for p in _class_dirs(root)]
-    if not classes:
-        raise DeepEMDError("dataset root has no class folders", root, "use the layout <root>/<class>/<image>")
+    if split_file is not None and not Path(split_file).is_file():
+        raise DeepEMDError("split file not found", split_file, "check the path; its format is 'class,split' rows")
     split_file = Path(split_file) if split_file is not None else root / SPLIT_FILE
     if split == "all":
         return _read_class_folders(root, classes)
