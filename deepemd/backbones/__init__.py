@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from deepemd.backbones.weights import load_backbone_file
+from deepemd.backbones.weights import has_head_keys, load_state_into, read_state
 from deepemd.errors import DeepEMDError
 
 
@@ -114,15 +114,10 @@ def create(name: str, pretrained: bool | str | Path = False, embed_dim: int | No
         body.load_imagenet()
     elif pretrained:
         path = Path(pretrained)
-        target = model if embed_dim is not None and _has_head_keys(path) else body
-        load_backbone_file(target, path, entry.ignore_prefixes)
+        state = read_state(path)
+        target = model if embed_dim is not None and has_head_keys(state) else body
+        load_state_into(target, state, path, entry.ignore_prefixes)
     return model
-
-
-def _has_head_keys(path: Path) -> bool:
-    from deepemd.backbones.weights import unwrap_state
-    from deepemd.io import load_checkpoint
-    return any(k.split(".", 1)[0] == "head" or ".head." in k for k in unwrap_state(load_checkpoint(path), path))
 
 
 @torch.no_grad()

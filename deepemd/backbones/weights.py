@@ -51,9 +51,19 @@ def _strip_prefixes(state: dict[str, torch.Tensor], own: set[str]) -> dict[str, 
     return state
 
 
-def load_backbone_file(module: nn.Module, path: str | Path, ignore_prefixes: tuple[str, ...] = ()) -> None:
-    """Load ``path`` into ``module`` (strict after clean-up); ``ignore_prefixes`` are classifier keys."""
-    state = unwrap_state(load_checkpoint(path), path)
+def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensor dict of a user's checkpoint (``weights_only=True``), wrappers peeled off."""
+    return unwrap_state(load_checkpoint(path), path)
+
+
+def has_head_keys(state: dict[str, torch.Tensor]) -> bool:
+    """True when the checkpoint holds a projection head (``head.*``), i.e. backbone + head."""
+    return any(k.split(".", 1)[0] == "head" or ".head." in k for k in state)
+
+
+def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path,
+                    ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``module`` (strict after clean-up); ``ignore_prefixes`` are classifier keys."""
     own = set(module.state_dict())
     state = _strip_prefixes(state, own)
     state = {k: v for k, v in state.items() if not (k.startswith(ignore_prefixes) and k not in own)}
