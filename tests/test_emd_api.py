@@ -52,3 +52,21 @@ def test_uniform_weights_and_sinkhorn_route_through_similarity():
     exact = similarity(u, v, weights="uniform")
     approx = similarity(u, v, weights="uniform", solver="sinkhorn", eps=1e-3, n_iter=5000)
     torch.testing.assert_close(approx, exact, rtol=1e-2, atol=1e-2)
+
+
+def test_bench_prints_a_ratio_table(capsys):
+    import argparse
+
+    from deepemd.emd.bench import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--sizes", "3x4", "--batches", "2", "--repeats", "1",
+                              "--qpth-count", "1", "--no-qpth-probe", "--sinkhorn-iters", "50"])
+    assert run(args) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 3x4 | 2 |")]
+    solvers = {line.split(" | ")[2] for line in rows}
+    assert solvers == {"cv2.EMD loop", "POT ot.emd loop", "exact (ours)", "sinkhorn",
+                       "qpth batch-1 loop"}
+    assert "loadavg" in out
