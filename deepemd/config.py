@@ -32,6 +32,9 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        concrete = [a for a in args if a is not type(None)]
+        if len(concrete) == 1:  # Optional[X]: X's own message is the clearest
+            return _coerce(name, value, concrete[0], source)
         errors = []
         for arg in args:
             if arg is type(None):

@@ -1,0 +1,225 @@
+"""Every bad input tried against the ``deepemd`` CLI, and the one message it gets.
+
+``tests/test_cli_errors.py`` runs each case and checks: exit code 2, the expected phrase, the
+offending file named, no traceback. ``python tests/cli_bad_inputs.py`` prints the README table
+from the same cases, so the table and the tests cannot drift apart.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+LITE0 = ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--image-size", "32"]
+TINY_RESNET = ["--backbone", "resnet12", "--backbone-widths", "8", "8", "8", "8", "--image-size", "32"]
+
+
+def _images(root: Path, classes: int = 4, per_class: int = 6, size: int = 24) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        for i in range(per_class):
+            path = root / f"class{c}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+def _fewshot_test(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["fewshot", "test", "--layout", "folder", "--data-root", str(root), *TINY_RESNET,
+            "--pretrained", "none", "--way", "2", "--shot", "1", "--query", "2", "--episodes", "2",
+            "--out", str(out), *extra]
+
+
+def _retrieval_eval(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["retrieval", "eval", "--layout", "folder", "--data-root", str(root),
+            "--backbone", "resnet12", "--weights", "none", "--image-size", "32", "--out", str(out), *extra]
+
+
+@dataclass
+class Case:
+    """``make(tmp)`` builds the bad input and returns (argv, path the message must name)."""
+
+    what: str
+    make: Callable[[Path], tuple[list[str], str]]
+    expect: str
+
+
+def _missing_folder(tmp: Path):
+    root = tmp / "no-such-dataset"
+    return _retrieval_eval(root, tmp / "out"), str(root)
+
+
+def _missing_split_file(tmp: Path):
+    root = tmp / "mini"
+    (root / "images").mkdir(parents=True)
+    return (["fewshot", "test", "--layout", "miniimagenet", "--data-root", str(root), *TINY_RESNET,
+             "--out", str(tmp / "out")], "split")
+
+
+def _corrupt_image(tmp: Path):
+    root = _images(tmp / "data")
+    bad = root / "class3" / "0.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    return _retrieval_eval(root, tmp / "out"), str(bad)
+
+
+def _truncated_image(tmp: Path):
+    root = _images(tmp / "data")
+    bad = root / "class3" / "1.jpg"
+    Image.fromarray(np.full((64, 64, 3), 127, np.uint8)).save(bad, quality=95)
+    bad.write_bytes(bad.read_bytes()[:300])
+    return _retrieval_eval(root, tmp / "out"), str(bad)
+
+
+def _decompression_bomb(tmp: Path):
+    """A 20000 x 20000 PNG (400 MP) that compresses to a few hundred KB."""
+    root = _images(tmp / "data")
+    bomb = root / "class3" / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)
+    return _retrieval_eval(root, tmp / "out"), str(bomb)
+
+
+def _too_few_images(tmp: Path):
+    root = _images(tmp / "data", classes=4, per_class=2)
+    return _fewshot_test(root, tmp / "out", "--shot", "5"), "class"
+
+
+def _unknown_config_key(tmp: Path):
+    cfg = tmp / "exp.yaml"
+    cfg.write_text("backbone: resnet12\nepisdoes: 600\n")
+    return ["fewshot", "test", "--config", str(cfg)], str(cfg)
+
+
+def _wrong_type(tmp: Path):
+    cfg = tmp / "exp.yaml"
+    cfg.write_text("way: five\n")
+    return ["fewshot", "test", "--config", str(cfg)], str(cfg)
+
+
+def _wrong_type_flag(tmp: Path):
+    return _fewshot_test(_images(tmp / "data"), tmp / "out", "--episodes", "many"), "episodes"
+
+
+def _unknown_backbone(tmp: Path):
+    return (["retrieval", "eval", "--layout", "folder", "--data-root", str(_images(tmp / "data")),
+             "--backbone", "resnet13", "--out", str(tmp / "out")], "resnet13")
+
+
+def _missing_checkpoint(tmp: Path):
+    ckpt = tmp / "missing.pt"
+    return _fewshot_test(_images(tmp / "data"), tmp / "out", "--pretrained", str(ckpt)), str(ckpt)
+
+
+def _truncated_checkpoint(tmp: Path):
+    import torch
+
+    ckpt = tmp / "ckpt.pt"
+    torch.save({"model": {"w": torch.randn(64, 64)}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:500])
+    return _fewshot_test(_images(tmp / "data"), tmp / "out", "--pretrained", str(ckpt)), str(ckpt)
+
+
+def _mismatched_checkpoint(tmp: Path):
+    """Weights of a 640-channel ResNet-12 offered to an 8-channel one."""
+    import torch
+
+    from deepemd.backbones import create
+
+    ckpt = tmp / "other-model.pt"
+    torch.save({"model": create("resnet12").state_dict()}, ckpt)
+    return _fewshot_test(_images(tmp / "data"), tmp / "out", "--pretrained", str(ckpt)), str(ckpt)
+
+
+def _gallery(tmp: Path, *extra: str) -> Path:
+    from deepemd.cli import main
+
+    out = tmp / "gallery"
+    code = main(["retrieval", "index", "--layout", "folder", "--data-root", str(_images(tmp / "data")),
+                 *LITE0, "--split", "all",
+                 "--out", str(out), *extra])
+    assert code == 0, "building the test gallery failed"
+    return out
+
+
+def _index_from_other_model(tmp: Path):
+    gallery = _gallery(tmp)
+    query = _images(tmp / "q", classes=1, per_class=1) / "class0" / "0.png"
+    return (["retrieval", "search", "--gallery", str(gallery), "--backbone", "resnet12",
+             "--weights", "none", "--image-size", "32", "--queries", str(query),
+             "--out", str(tmp / "out")], str(gallery / "index.faiss"))
+
+
+def _store_out_of_step(tmp: Path):
+    gallery = _gallery(tmp)
+    ids = gallery / "ids.txt"
+    ids.write_text("\n".join(ids.read_text().splitlines()[:-1]) + "\n")  # one image fewer
+    query = _images(tmp / "q", classes=1, per_class=1) / "class0" / "0.png"
+    return (["retrieval", "search", "--gallery", str(gallery), *LITE0, "--queries", str(query),
+             "--out", str(tmp / "out")], str(gallery))
+
+
+def _empty_queries(tmp: Path):
+    gallery = _gallery(tmp)
+    empty = tmp / "no-queries"
+    empty.mkdir()
+    return (["retrieval", "search", "--gallery", str(gallery), *LITE0, "--queries", str(empty),
+             "--out", str(tmp / "out")], str(empty))
+
+
+CASES = [
+    Case("missing dataset folder", _missing_folder, "not found"),
+    Case("layout without its split file", _missing_split_file, "split"),
+    Case("corrupt image", _corrupt_image, "image"),
+    Case("truncated JPEG", _truncated_image, "image"),
+    Case("decompression bomb (400 MP PNG)", _decompression_bomb, "pixel"),
+    Case("class with fewer images than shot + query", _too_few_images, "images"),
+    Case("unknown config key", _unknown_config_key, "unknown config key 'episdoes'"),
+    Case("wrong type in config", _wrong_type, "'way' must be int"),
+    Case("wrong type on the command line", _wrong_type_flag, "'episodes' must be int"),
+    Case("unknown backbone", _unknown_backbone, "resnet13"),
+    Case("missing checkpoint", _missing_checkpoint, "not found"),
+    Case("truncated checkpoint", _truncated_checkpoint, "not a readable"),
+    Case("checkpoint of another model", _mismatched_checkpoint, "does not match"),
+    Case("index built by another backbone", _index_from_other_model, "backbone: index has 'efficientnet_lite0'"),
+    Case("feature store out of step with the index", _store_out_of_step, "id_map"),
+    Case("empty query set", _empty_queries, "no query images"),
+]
+
+
+def run_case(case: Case, tmp: Path) -> tuple[int, str, str]:
+    """Run one case in-process; return (exit code, stderr, path the message must name)."""
+    from deepemd.cli import main
+
+    argv, names = case.make(tmp)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse usage errors
+            code = int(exc.code or 0)
+    return code, err.getvalue().strip(), names
+
+
+def markdown_table() -> str:
+    rows = ["| bad input | exit | message |", "|---|---|---|"]
+    for case in CASES:
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ.setdefault("DEEPEMD_CACHE", str(Path(tmp) / "cache"))
+            code, stderr, _ = run_case(case, Path(tmp))
+            message = stderr[stderr.find("deepemd: error:"):]
+            message = message.replace(tmp, "…").replace("\n", " ").replace("|", "\\|")
+        rows.append(f"| {case.what} | {code} | `{message}` |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    print(markdown_table())

@@ -1,0 +1,41 @@
+"""The CLI answers every bad input with one message, exit code 2 and no traceback.
+
+The cases live in ``tests/cli_bad_inputs.py``, which also prints the README's table of them.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cli_bad_inputs import CASES, run_case
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
+def test_bad_input_gets_one_clear_error(case, tmp_path):
+    code, stderr, names = run_case(case, tmp_path)
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    assert "deepemd: error:" in stderr
+    message = stderr[stderr.index("deepemd: error:"):]  # tqdm bars may precede it on stderr
+    assert case.expect.lower() in message.lower()
+    assert names in message
+    assert len(message.splitlines()) <= 3  # the message and its fix, not a wall
+
+
+def test_console_script_exit_code_and_debug(tmp_path):
+    missing = tmp_path / "nope"
+    argv = [sys.executable, "-m", "deepemd.cli", "retrieval", "eval", "--layout", "folder",
+            "--data-root", str(missing), "--out", str(tmp_path / "o")]
+    plain = subprocess.run(argv, capture_output=True, text=True)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr and str(missing) in plain.stderr
+    debug = subprocess.run(argv[:3] + ["--debug"] + argv[3:], capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_help_lists_both_jobs():
+    out = subprocess.run([sys.executable, "-m", "deepemd.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("retrieval", "fewshot", "demo", "bench"):
+        assert command in out.stdout
