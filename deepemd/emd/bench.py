@@ -28,7 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="5x5,25x25,50x50,25x50",
                         help="problem sizes m x n, comma separated")
     parser.add_argument("--batches", default="1,100,1000", help="batch sizes, comma separated")
-    parser.add_argument("--repeats", type=int, default=3, help="timing runs per cell (best kept)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timing runs per cell, best kept (Sinkhorn and qpth: 1 run)")
+    parser.add_argument("--solvers", default=",".join(SOLVER_ROWS),
+                        help="which rows to time, comma separated (cv2.EMD is always timed: "
+                             "the ratios need it)")
     parser.add_argument("--qpth-count", type=int, default=3,
                         help="problems timed for qpth (batch 1 each; it takes ~1 s per problem)")
     parser.add_argument("--qpth-max-cells", type=int, default=625,
@@ -43,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA rows")
     parser.add_argument("--no-qpth-probe", action="store_true",
                         help="skip trying qpth with a CPU batch of 2 at 25x25")
+
+
+SOLVER_ROWS = ("exact", "pot", "sinkhorn", "qpth")
 
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -132,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
         numba.set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
     sizes = _parse_sizes(args.sizes)
+    chosen = {name.strip() for name in args.solvers.split(",")}
+    if not chosen <= set(SOLVER_ROWS):
+        raise DeepEMDError(f"--solvers {args.solvers!r}: choose from {','.join(SOLVER_ROWS)}")
     batches = [int(b) for b in args.batches.split(",")]
     cuda = torch.cuda.is_available() and not args.no_cuda
     warm = make_problems(2, 3, 3, 4, 0)  # imports and numba's cached compile stay untimed
@@ -145,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"# deepemd bench emd: {' '.join(sys.argv[1:]) or '(defaults)'}")
     print(f"sinkhorn: eps {args.sinkhorn_eps}, at most {args.sinkhorn_iters} iterations, "
           f"tol 1e-6; qpth: l2 1e-6, {args.qpth_count} problems one at a time; every row: "
-          f"best of {args.repeats} runs (qpth: 1), problems of {args.dim}-d ReLU features")
+          f"best of {args.repeats} runs (Sinkhorn, qpth: 1), problems of {args.dim}-d ReLU "
+          f"features", flush=True)
     print(f"loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}, cpus {os.cpu_count()}, "
           f"numba threads {numba.get_num_threads()}, torch threads {torch.get_num_threads()}, "
           f"cuda {'yes' if cuda else 'no'}\n")
@@ -156,15 +167,22 @@ def run(args: argparse.Namespace) -> int:
         for batch in batches:
             cost, wu, wv = make_problems(batch, m, n, args.dim, args.seed)
             rows: list[tuple[str, str, float]] = []
-            timed = lambda fn, reps=args.repeats, sync=False, count=batch: _best_time(fn, reps, sync) / count
+
+            def timed(fn, reps=args.repeats, sync=False, count=batch):
+                return _best_time(fn, reps, sync) / count
+
             rows.append(("cv2.EMD loop", "fwd", timed(_forward("opencv", cost, wu, wv))))
-            rows.append(("POT ot.emd loop", "fwd", timed(_pot_loop(cost, wu, wv))))
-            rows.append(("exact (ours)", "fwd", timed(_forward("exact", cost, wu, wv))))
-            rows.append(("exact (ours)", "fwd+bwd", timed(_forward_backward("exact", cost, wu, wv))))
-            rows.append(("sinkhorn", "fwd", timed(_forward("sinkhorn", cost, wu, wv, **sk))))
-            rows.append(("sinkhorn", "fwd+bwd",
-                         timed(_forward_backward("sinkhorn", cost, wu, wv, **sk))))
-            if m * n <= args.qpth_max_cells and args.qpth_count > 0:
+            if "pot" in chosen:
+                rows.append(("POT ot.emd loop", "fwd", timed(_pot_loop(cost, wu, wv))))
+            if "exact" in chosen:
+                rows.append(("exact (ours)", "fwd", timed(_forward("exact", cost, wu, wv))))
+                rows.append(("exact (ours)", "fwd+bwd",
+                             timed(_forward_backward("exact", cost, wu, wv))))
+            if "sinkhorn" in chosen:
+                rows.append(("sinkhorn", "fwd", timed(_forward("sinkhorn", cost, wu, wv, **sk), 1)))
+                rows.append(("sinkhorn", "fwd+bwd",
+                             timed(_forward_backward("sinkhorn", cost, wu, wv, **sk), 1)))
+            if "qpth" in chosen and m * n <= args.qpth_max_cells and args.qpth_count > 0:
                 k = min(batch, args.qpth_count)
                 sub = (cost[:k], wu[:k], wv[:k])
                 rows.append(("qpth batch-1 loop", "fwd", timed(_forward("qpth", *sub), 1, False, k)))
@@ -172,12 +190,14 @@ def run(args: argparse.Namespace) -> int:
                              timed(_forward_backward("qpth", *sub), 1, False, k)))
             if cuda:
                 dev = [t.cuda() for t in (cost, wu, wv)]
-                rows.append(("exact (ours), cuda in/out", "fwd+bwd",
-                             timed(_forward_backward("exact", *dev), sync=True)))
-                rows.append(("sinkhorn, cuda", "fwd", timed(_forward("sinkhorn", *dev, **sk),
-                                                             sync=True)))
-                rows.append(("sinkhorn, cuda", "fwd+bwd",
-                             timed(_forward_backward("sinkhorn", *dev, **sk), sync=True)))
+                if "exact" in chosen:
+                    rows.append(("exact (ours), cuda in/out", "fwd+bwd",
+                                 timed(_forward_backward("exact", *dev), sync=True)))
+                if "sinkhorn" in chosen:
+                    rows.append(("sinkhorn, cuda", "fwd",
+                                 timed(_forward("sinkhorn", *dev, **sk), sync=True)))
+                    rows.append(("sinkhorn, cuda", "fwd+bwd",
+                                 timed(_forward_backward("sinkhorn", *dev, **sk), sync=True)))
             ref = {(s, p): t for s, p, t in rows}
             cv2_t = ref[("cv2.EMD loop", "fwd")]
             for solver, pass_, t in rows:
@@ -185,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
                 vs_cv2 = f"{cv2_t / t:.1f}" if pass_ == "fwd" else "-"
                 vs_qpth = f"{q / t:,.0f}" if q else "-"
                 print(f"| {m}x{n} | {batch} | {solver} | {pass_} | {t * 1e6:,.1f} | {vs_cv2} | "
-                      f"{vs_qpth} |")
+                      f"{vs_qpth} |", flush=True)
     if not args.no_qpth_probe:
         print(f"\nqpth with a CPU batch of 2 at 25x25: {probe_qpth_batch()}")
     print(f"loadavg at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
