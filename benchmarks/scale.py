@@ -97,6 +97,7 @@ def phase_query(folder: Path, specs: list[str], queries: int, rerank_queries: in
         shortlist_s = time.perf_counter() - t0
         out["index"][spec] = {"shortlist_qps": queries / shortlist_s}
         if spec != specs[-1]:
+            del index  # one index in memory at a time, so peak RSS is one index + the rerank
             continue
         # rerank with the last spec: shortlist -> read k local sets -> EMD scores -> reorder
         rss_before_rerank = peak_rss_mb()
@@ -155,6 +156,7 @@ def table(results: dict[int, dict], specs: list[str], k: int) -> str:
     add("  of which EMD (ms/query)", lambda r: r["emd_ms"], lambda v: f"{v:.1f}")
     add("peak RSS, build process", lambda r: r["build_rss_mb"] * 2**20, fmt_bytes)
     add("peak RSS, query+rerank process", lambda r: r["query_rss_mb"] * 2**20, fmt_bytes)
+    add("  of which added by the rerank", lambda r: (r["query_rss_mb"] - r["rss_before_rerank_mb"]) * 2**20, fmt_bytes)
     add("query RSS / store on disk", lambda r: r["query_rss_mb"] * 2**20 / r["store_bytes"], lambda v: f"{v:.3f}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

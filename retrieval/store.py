@@ -114,7 +114,6 @@ class LocalFeatureStore:
         self._chunks: list[dict[str, Any]] = manifest["chunks"]
         self._buffer: list[np.ndarray] = []
         self._vec_buffer: list[np.ndarray] = []
-        self._maps: dict[str, np.ndarray] = {}
         self._replaced: list[str] = []  # short chunk files superseded once the refilled chunk commits
 
     # ------------------------------------------------------------------ create / open
@@ -273,7 +272,6 @@ class LocalFeatureStore:
                 self._vec_buffer.insert(0, np.array(self._mmap(index, vectors=True)))
             self._replaced += [name for name, _, _ in self._chunk_shapes(index, self._chunks[index]["rows"])]
             self._chunks.pop()
-            self._maps.clear()
         local = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
         vecs = None
         if self.vector_dim is not None:
@@ -298,20 +296,20 @@ class LocalFeatureStore:
         if vectors is not None:
             _write_npy(self.path / names[1][0], vectors)
             entry.update(vec_file=names[1][0], vec_crc32=_crc32(vectors))
-        self._maps.pop(names[0][0], None)
         self._chunks.append(entry)
         self._write_manifest()  # the commit point: only now does the chunk exist for readers
 
     # ------------------------------------------------------------------ reading
     def _mmap(self, index: int, vectors: bool) -> np.ndarray:
+        """A fresh read-only memmap of one chunk. Deliberately not cached: pages a memmap has
+        touched count in the process's RSS for as long as it lives, so streaming a 1M store through
+        cached maps would grow RSS by the whole store; dropped maps release them."""
         name = self._chunk_shapes(index, self._chunks[index]["rows"])[1 if vectors else 0][0]
-        if name not in self._maps:
-            try:
-                self._maps[name] = np.load(self.path / name, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise DeepEMDError(f"unreadable chunk ({exc})", self.path / name,
-                                   "delete the store folder and rebuild it") from None
-        return self._maps[name]
+        try:
+            return np.load(self.path / name, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DeepEMDError(f"unreadable chunk ({exc})", self.path / name,
+                               "delete the store folder and rebuild it") from None
 
     def _read_rows(self, index: int, rows: np.ndarray, vectors: bool, out: np.ndarray) -> None:
         """Read ``rows`` (sorted, chunk-local) of chunk ``index`` into ``out`` with positioned reads,
@@ -377,7 +375,8 @@ class LocalFeatureStore:
         return self._gather(ids, vectors=True)
 
     def iter_chunks(self, vectors: bool = False) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(start, array)`` per committed chunk (memory-mapped) and then the unflushed buffer;
+        """Yield ``(start, array)`` per committed chunk (a memmap, released when the caller moves on,
+        so RSS stays about one chunk) and then the unflushed buffer;
         ``vectors=True`` yields the global vectors instead of the local sets."""
         if vectors and self.vector_dim is None:
             raise DeepEMDError("this store keeps no global vectors", self.path)
