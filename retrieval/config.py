@@ -66,6 +66,7 @@ class TrainConfig(ModelOptions, DataOptions):
     """`deepemd retrieval train`: a pml loss on the train classes, checkpoint every epoch."""
 
     backbone: str = "resnet50"
+    weights: str = "auto"
     embed_dim: Optional[int] = 128
     split: str = "train"
     loss: str = "normsoftmax"

@@ -158,3 +158,13 @@ def test_every_bundled_retrieval_config_is_valid():
         cfg = build_config(TrainConfig, read_yaml(folder / f"cub_{loss}.yaml"), f"cub_{loss}.yaml")
         assert cfg.loss == loss and cfg.embed_dim == 128 and cfg.layout == "cub-retrieval"
     assert build_config(EvalConfig, read_yaml(folder / "cub_eval.yaml")).methods == ("fcn", "grid", "sampling")
+
+
+def test_demo_runs_eval_on_the_bundled_set_with_its_own_options(tmp_path):
+    from deepemd.data import demo_root
+    from deepemd.retrieval.cli import demo_eval_config
+    from deepemd.retrieval.config import DemoConfig
+
+    cfg = demo_eval_config(DemoConfig(out=str(tmp_path), max_classes=3, rerank_k=7))
+    assert cfg.data_root == str(demo_root()) and cfg.split == "test" and cfg.backbone == "efficientnet_lite0"
+    assert (cfg.max_classes, cfg.rerank_k, cfg.weights, cfg.out) == (3, 7, "imagenet", str(tmp_path))
