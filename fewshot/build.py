@@ -56,16 +56,19 @@ def keep_classes(images: data.ImageList, keep: np.ndarray) -> data.ImageList:
     return replace(images, paths=paths, labels=labels, classes=classes)
 
 
-def train_val_splits(opts: DataOptions, val_split: str, val_fraction: float, min_val_classes: int = 2
-                     ) -> tuple[data.ImageList, data.ImageList]:
+def train_val_splits(opts: DataOptions, val_split: str, val_fraction: float, min_val_classes: int = 2,
+                     validate: bool = True) -> tuple[data.ImageList, data.ImageList | None]:
     """The train split and a validation split of *other* classes.
 
     Layouts with a val split (miniImageNet, tiered, CIFAR-FS, FC100, CUB) use it. The generic
     folder layout has none, so the last ``val_fraction`` of the train classes is held out: the
     checkpoint is never chosen on test classes (at least ``min_val_classes`` are held out, so
-    that a validation episode fits).
+    that a validation episode fits). ``validate=False`` (``val_episodes: 0``): all train
+    classes train and no validation split is made (for sets with very few classes).
     """
     train = read_split(opts, "train")
+    if not validate:
+        return train, None
     try:
         val = read_split(opts, val_split)
         if set(val.classes) & set(train.classes):

@@ -27,7 +27,8 @@ class DataOptions:
     __field_docs__ = {
         "layout": "dataset layout: folder, miniimagenet, tieredimagenet, cifarfs, fc100, cub",
         "data_root": "dataset folder, or 'demo' (bundled Omniglot) or 'fashion-mnist' (Debian idx files)",
-        "image_size": "input side in pixels; default: the size giving a 5x5 map as the paper (84 for resnet12, 160 otherwise)",
+        "image_size": "input side in pixels; default: the size giving a 5x5 map as the paper "
+        "(84 for resnet12, 160 otherwise)",
         "batch_size": "images per forward pass (feature extraction, pre-training)",
         "workers": "DataLoader worker processes",
         "seed": "seed for episodes, shuffling and initialisation",
@@ -102,7 +103,7 @@ class PretrainConfig(ModelOptions):
         "the train classes is held out",
         "val_fraction": "share of train classes held out when the layout has no val split",
         "val_method": "validation metric: fcn (DeepEMD-FCN episodes) or proto (prototype)",
-        "val_episodes": "validation episodes per epoch",
+        "val_episodes": "validation episodes per epoch (0: no validation, the last epoch is kept)",
         "val_way": "validation episode classes",
         "val_shot": "validation episode shots",
         "val_query": "validation queries per class",
@@ -143,7 +144,7 @@ class TrainConfig(ModelOptions):
         "gamma": "learning-rate drop factor",
         "val_split": "split that picks the best checkpoint (see pretrain)",
         "val_fraction": "share of train classes held out when the layout has no val split",
-        "val_episodes": "validation episodes per epoch",
+        "val_episodes": "validation episodes per epoch (0: no validation, the last epoch is kept)",
         "resume": "continue from OUT/last.pt when it exists",
     }
 
@@ -163,6 +164,7 @@ class EvalConfig(ModelOptions):
     finetune_steps: int = 100
     knn_k: int = 3
     flow_picture: bool = True
+    feature_cache: str = ""
 
     __field_docs__ = {
         **ModelOptions.__field_docs__,
@@ -180,6 +182,8 @@ class EvalConfig(ModelOptions):
         "finetune_steps": "fine-tuned FC/cosine classifiers: full-support SGD steps",
         "knn_k": "KNN on local features: nearest support vectors per query vector",
         "flow_picture": "draw one episode's query-support matching flows (flows.png)",
+        "feature_cache": "folder keeping extracted features, keyed by data + network options, so runs "
+        "with other shots/methods/episodes skip the CNN (empty: no cache)",
     }
 
     def num_episodes(self) -> int:

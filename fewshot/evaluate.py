@@ -20,10 +20,29 @@ from deepemd.eval import write_results
 from deepemd.fewshot import build
 from deepemd.fewshot.config import EvalConfig
 from deepemd.fewshot.episodes import check_episode_size, episode_indices, evaluate, summarise
-from deepemd.fewshot.features import FeatureCache, extract
+from deepemd.fewshot.features import FeatureCache, cached, extract
 from deepemd.fewshot.methods import METHODS, MethodOptions, select
 from deepemd.fewshot.pictures import episode_flow_figure, node_boxes
 from deepemd.io import atomic_path
+
+
+#: Options that change the extracted features (the feature cache key).
+FEATURE_OPTIONS = ("layout", "data_root", "split", "image_size", "backbone", "backbone_widths", "pretrained",
+                   "checkpoint", "local", "pyramid", "grid_levels", "grid_ratio", "num_patches")
+
+
+def feature_key(cfg: EvalConfig, images) -> dict:
+    """What the cached features depend on, including the checkpoint file's identity (a retrained
+    model at the same path must not reuse stale features) and, for sampling, the crop seed."""
+    key = {name: getattr(cfg, name) for name in FEATURE_OPTIONS}
+    key.update(images=len(images.paths), first=str(images.paths[0]), last=str(images.paths[-1]))
+    for name in ("checkpoint", "pretrained"):
+        path = Path(str(getattr(cfg, name)))
+        if path.is_file():
+            key[name + "_stat"] = (path.stat().st_size, path.stat().st_mtime_ns)
+    if cfg.local == "sampling":
+        key["seed"] = cfg.seed
+    return key
 
 
 def method_options(cfg: EvalConfig) -> MethodOptions:
@@ -72,9 +91,9 @@ def run_test(cfg: EvalConfig, progress: bool = True) -> pd.DataFrame:
     net = build.create_backbone(cfg, cfg.checkpoint).to(device)
     extractor = build.create_extractor(cfg, net).to(device)
     size = build.input_size(cfg, net)
-    cache = extract(build.dataset(images, cfg, net, train=False), net, extractor, cfg.local,
-                    batch_size=cfg.batch_size, workers=cfg.workers, device=device, seed=cfg.seed,
-                    progress=progress)
+    cache = cached(cfg.feature_cache, feature_key(cfg, images), lambda: extract(
+        build.dataset(images, cfg, net, train=False), net, extractor, cfg.local, batch_size=cfg.batch_size,
+        workers=cfg.workers, device=device, seed=cfg.seed, progress=progress))
     extract_seconds = time.perf_counter() - start
     rows, accs = run_methods(cfg, cache, progress)
     for row in rows:

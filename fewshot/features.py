@@ -8,7 +8,11 @@ Sampling draws its random crops once per image here, under the job's seed.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -18,6 +22,7 @@ from tqdm import tqdm
 
 from deepemd import local
 from deepemd.data import ImageDataset
+from deepemd.io import load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -73,3 +78,20 @@ def extract(dataset: ImageDataset, backbone: nn.Module, extractor: nn.Module, ki
     all_cells = torch.cat(cells)
     sets = all_cells if local_is_cells else torch.cat(locals_)
     return FeatureCache(torch.cat(globals_), all_cells, sets, np.concatenate(labels))
+
+
+def cached(folder: str | Path, key: dict[str, Any], make: Callable[[], FeatureCache]) -> FeatureCache:
+    """``make()``'s features, stored once in ``folder`` under a hash of ``key`` (every option
+    that changes them); a later run with the same key loads them instead of running the CNN."""
+    if not folder:
+        return make()
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(folder) / f"features-{digest}.pt"
+    if path.is_file():
+        state = load_checkpoint(path)
+        return FeatureCache(state["global"], state["cells"], state["local"], state["labels"].numpy())
+    cache = make()
+    save_checkpoint({"global": cache.global_, "cells": cache.cells, "key": json.dumps(key, default=str),
+                     "local": cache.local if cache.local is not cache.cells else cache.cells,
+                     "labels": torch.from_numpy(cache.labels)}, path)
+    return cache

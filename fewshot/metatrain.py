@@ -21,7 +21,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from deepemd.emd import pairwise_similarity
 from deepemd.eval import write_results
 from deepemd.fewshot import build, distributed
 from deepemd.fewshot.checkpoints import (BEST, LAST, load_training_state, merge_history, restore_rng,
@@ -30,6 +29,7 @@ from deepemd.fewshot.config import TrainConfig
 from deepemd.fewshot.episodes import check_episode_size, episode_indices, episode_labels, evaluate
 from deepemd.fewshot.features import extract
 from deepemd.fewshot.methods import MethodOptions, emd_fusion, emd_nn
+from deepemd.fewshot.scoring import episode_similarity
 from deepemd.io import load_state_dict_checked
 
 
@@ -47,8 +47,8 @@ class EpisodeNet(nn.Module):
         sets = self.extractor(images)
         n_support = self.way * self.shot
         support = sets[:n_support].reshape(self.way, self.shot, *sets.shape[1:]).mean(dim=1)
-        return pairwise_similarity(sets[n_support:], support, weights=self.weights, solver=self.solver,
-                                   temperature=self.temperature, center=self.center)
+        return episode_similarity(sets[n_support:], support, weights=self.weights, solver=self.solver,
+                                  temperature=self.temperature, center=self.center)
 
 
 @torch.no_grad()
@@ -80,15 +80,16 @@ def meta_train(cfg: TrainConfig, progress: bool = True, load_best: bool = True) 
 
 def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, progress: bool) -> nn.Module:
     build.seed_everything(cfg.seed)
-    train, val = build.train_val_splits(cfg, cfg.val_split, cfg.val_fraction, cfg.way)
+    train, val = build.train_val_splits(cfg, cfg.val_split, cfg.val_fraction, cfg.way, cfg.val_episodes > 0)
     check_episode_size(train.labels, cfg.way, cfg.shot, cfg.query, "train split")
-    check_episode_size(val.labels, cfg.way, cfg.shot, cfg.query, "validation split")
+    if val is not None:
+        check_episode_size(val.labels, cfg.way, cfg.shot, cfg.query, "validation split")
     backbone = build.create_backbone(cfg, cfg.init).to(device)
     extractor = build.create_extractor(cfg, backbone).to(device)
     model = EpisodeNet(extractor, cfg).to(device)
     # Episodes are not augmented (the authors' meta-training uses the test-time resize + crop).
     train_set = build.dataset(train, cfg, backbone, train=False)
-    val_set = build.dataset(val, cfg, backbone, train=False)
+    val_set = build.dataset(val, cfg, backbone, train=False) if val is not None else None
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
@@ -101,7 +102,7 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
         start_epoch, best = state["epoch"] + 1, dict(state["best"])
-    elif rank.main:  # epoch -1 = the starting point, a legitimate candidate for best.pt
+    elif rank.main and val_set is not None:  # epoch -1 = the starting point, a candidate for best.pt
         start_acc = validate(cfg, backbone, extractor, val_set, device, progress)
         best = {"accuracy": start_acc, "epoch": -1}
         save_training_state(out / BEST, backbone=backbone, optimizer=optimizer, scheduler=scheduler,
@@ -130,9 +131,10 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
             accs.append(float((logits.argmax(1).cpu() == query_labels).float().mean()))
         scheduler.step()
         distributed.sync_buffers(model, rank)
-        val_acc = validate(cfg, backbone, extractor, val_set, device, progress) if rank.main else 0.0
+        has_val = rank.main and val_set is not None
+        val_acc = validate(cfg, backbone, extractor, val_set, device, progress) if has_val else float("nan")
         val_acc = distributed.broadcast_float(val_acc, rank)
-        improved = val_acc > best["accuracy"]
+        improved = val_set is None or val_acc > best["accuracy"]  # no validation: the last epoch is kept
         if improved:
             best = {"accuracy": val_acc, "epoch": epoch}
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "train_accuracy": 100.0 * float(np.mean(accs)),

@@ -106,13 +106,14 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
     if cfg.val_method not in ("fcn", "proto"):
         raise DeepEMDError(f"unknown val_method '{cfg.val_method}'", None, "use fcn or proto")
     build.seed_everything(cfg.seed)  # same initial weights on every rank
-    train, val = build.train_val_splits(cfg, cfg.val_split, cfg.val_fraction, cfg.val_way)
-    check_episode_size(val.labels, cfg.val_way, cfg.val_shot, cfg.val_query, "validation split")
+    train, val = build.train_val_splits(cfg, cfg.val_split, cfg.val_fraction, cfg.val_way, cfg.val_episodes > 0)
+    if val is not None:
+        check_episode_size(val.labels, cfg.val_way, cfg.val_shot, cfg.val_query, "validation split")
     backbone = build.create_backbone(cfg)
     heads = ClassifierHeads(backbone.out_channels, len(train.classes), cfg.rotation)
     model = PretrainNet(backbone, heads).to(device)
     train_set = build.dataset(train, cfg, backbone, train=True)
-    val_set = build.dataset(val, cfg, backbone, train=False)
+    val_set = build.dataset(val, cfg, backbone, train=False) if val is not None else None
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
@@ -151,13 +152,14 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
             seen += labels.numel()
         scheduler.step()
         distributed.sync_buffers(model, rank)
-        val_acc = validate(cfg, backbone, val_set, device, progress) if rank.main else 0.0
+        has_val = rank.main and val_set is not None
+        val_acc = validate(cfg, backbone, val_set, device, progress) if has_val else float("nan")
         val_acc = distributed.broadcast_float(val_acc, rank)
-        improved = val_acc > best["accuracy"]
+        improved = val_set is None or val_acc > best["accuracy"]  # no validation: the last epoch is kept
         if improved:
             best = {"accuracy": val_acc, "epoch": epoch}
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "train_accuracy": 100.0 * correct / max(seen, 1),
-                        "val_accuracy": val_acc, "lr": scheduler.get_last_lr()[0]})
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_accuracy": val_acc,
+                        "train_accuracy": 100.0 * correct / max(seen, 1), "lr": scheduler.get_last_lr()[0]})
         if rank.main:
             save = dict(backbone=backbone, optimizer=optimizer, scheduler=scheduler, epoch=epoch, best=best,
                         config=cfg, heads=heads)
@@ -165,8 +167,9 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
             if improved:
                 save_training_state(out / BEST, **save)
             write_results(merge_history(out, history), out, name="history", float_format="%.6g")
-            print(f"pretrain epoch {epoch}: loss {history[-1]['loss']:.3f} train acc {history[-1]['train_accuracy']:.1f}% "
-                  f"val acc {val_acc:.2f}% (best {best['accuracy']:.2f}% @ {best['epoch']})", flush=True)
+            print(f"pretrain epoch {epoch}: loss {history[-1]['loss']:.3f} "
+                  f"train acc {history[-1]['train_accuracy']:.1f}% val acc {val_acc:.2f}% "
+                  f"(best {best['accuracy']:.2f}% @ {best['epoch']})", flush=True)
         distributed.barrier(rank)
     return backbone
 

@@ -11,6 +11,7 @@ authors do; the SGD settings (momentum 0.9, dampening 0.9, lr 0.1) are theirs to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +32,26 @@ class SFCFit:
     dampening: float = 0.9
 
 
+#: ``scorer(a (P,m,d), b (Q,n,d), weights=, solver=, temperature=, center=) -> (P,Q)``
+Scorer = Callable[..., torch.Tensor]
+
+
 class SFC(nn.Module):
-    """``forward(x (B,m,d)) -> logits (B, num_classes)``: EMD similarity to each prototype set."""
+    """``forward(x (B,m,d)) -> logits (B, num_classes)``: EMD similarity to each prototype set.
+
+    ``scorer`` computes the set-to-set scores: :func:`deepemd.emd.pairwise_similarity` by
+    default; a caller with a faster batched equivalent (deepemd.fewshot) passes its own.
+    """
 
     def __init__(self, prototypes: torch.Tensor, weights: str = "cross", solver: str = "exact",
-                 temperature: float = 12.5, center: bool = False):
+                 temperature: float = 12.5, center: bool = False, scorer: Scorer = pairwise_similarity):
         super().__init__()
         if prototypes.dim() != 3:
             raise DeepEMDError(f"SFC prototypes must be (classes, nodes, channels), got {tuple(prototypes.shape)}")
         self.prototypes = nn.Parameter(prototypes.detach().clone())
         self.weights, self.solver = weights, solver
         self.temperature, self.center = float(temperature), center
+        self.scorer = scorer
 
     @classmethod
     def from_support(cls, support: torch.Tensor, labels: torch.Tensor, num_classes: int, **kw) -> "SFC":
@@ -56,8 +66,8 @@ class SFC(nn.Module):
         return cls(protos, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pairwise_similarity(x, self.prototypes, weights=self.weights, solver=self.solver,
-                                   temperature=self.temperature, center=self.center)
+        return self.scorer(x, self.prototypes, weights=self.weights, solver=self.solver,
+                           temperature=self.temperature, center=self.center)
 
     def fit(self, support: torch.Tensor, labels: torch.Tensor, fit: SFCFit = SFCFit(),
             generator: torch.Generator | None = None) -> list[float]:
