@@ -57,7 +57,7 @@ def run_worker(folder, delay: float) -> subprocess.CompletedProcess:
 
 def kill_after_commits(folder, commits: int, extra_delay: float) -> None:
     """Start the worker, wait for ``commits`` committed chunks, sleep into the next chunk, SIGKILL."""
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(folder), "0.15"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(folder), "0.3"], stdout=subprocess.PIPE,
                             text=True)
     try:
         seen = 0
