@@ -14,6 +14,17 @@ from torch import nn
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_worker():
+    """CI runs two xdist workers on two cores: a second torch/FAISS thread per worker only
+    oversubscribes the cores (measured: a training test ran 10x slower with two threads)."""
+    import faiss
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Demo extraction and exports go to a per-session folder, never the user's ~/.cache."""
     with pytest.MonkeyPatch.context() as mp:
