@@ -1,7 +1,9 @@
 """Scores and all-pairs scoring: what the retrieval and few-shot jobs call."""
+import pytest
 import torch
 
 from deepemd.emd import cost_matrix, cross_reference_weights, pairwise_similarity, similarity, solve
+from deepemd.errors import DeepEMDError
 
 
 def rand(*shape, seed=0):
@@ -28,16 +30,49 @@ def test_similarity_is_eq3_times_temperature_over_mass():
     torch.testing.assert_close(similarity(u, u), torch.ones(3, dtype=torch.float64))
 
 
-def test_pairwise_similarity_scores_every_pair_and_chunking_changes_nothing():
+@pytest.mark.parametrize("weights", ["cross", "uniform"])
+@pytest.mark.parametrize("center", [False, True])
+def test_pairwise_similarity_scores_every_pair_and_chunking_changes_nothing(weights, center):
+    """The matmul-per-block path gives the per-pair similarity() numbers, whatever the blocks
+    (whole rows of pairs, several rows, or pieces of one row)."""
     a, b = rand(3, 4, 6), rand(5, 6, 6, seed=1)
-    full = pairwise_similarity(a, b, temperature=2.0, center=True)
+    opts = dict(weights=weights, temperature=2.0, center=center)
+    full = pairwise_similarity(a, b, **opts)
     assert full.shape == (3, 5)
-    for p in range(3):
-        for q in range(5):
-            torch.testing.assert_close(
-                full[p, q], similarity(a[p:p + 1], b[q:q + 1], temperature=2.0, center=True)[0])
-    torch.testing.assert_close(pairwise_similarity(a, b, temperature=2.0, center=True, chunk=4),
-                               full)
+    per_pair = torch.stack([torch.cat([similarity(a[p:p + 1], b[q:q + 1], **opts)
+                                       for q in range(5)]) for p in range(3)])
+    torch.testing.assert_close(full, per_pair, rtol=0, atol=1e-6)
+    for chunk in (1, 4, 5, 7, 10, 1000):
+        torch.testing.assert_close(pairwise_similarity(a, b, chunk=chunk, **opts), full,
+                                   rtol=0, atol=1e-12)
+
+
+def test_pairwise_similarity_float32_matches_per_pair():
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.relu(torch.randn(2, 25, 64, generator=gen)), torch.randn(7, 9, 64, generator=gen)
+    full = pairwise_similarity(a, b)
+    assert full.dtype == torch.float32
+    per_pair = torch.stack([similarity(a[p:p + 1].expand(7, -1, -1), b) for p in range(2)])
+    torch.testing.assert_close(full, per_pair, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_pairwise_similarity_rejects_non_finite_sets(bad):
+    a, b = rand(2, 3, 4), rand(4, 3, 4, seed=1)
+    b[3, 1, 2] = bad
+    with pytest.raises(DeepEMDError, match="b contains NaN or inf"):
+        pairwise_similarity(a, b)
+    with pytest.raises(DeepEMDError, match="unknown weights"):
+        pairwise_similarity(a, a, weights="equal")
+
+
+def test_finite_check_is_not_fooled_by_an_overflowing_sum():
+    """The fast check sums the tensor; huge finite values overflow that sum and must still pass
+    (the full element-wise check decides), and so must a cost of such features."""
+    huge = torch.full((1, 2, 4), 3e38)
+    assert torch.isinf(huge.sum())
+    cost = cost_matrix(huge, torch.ones(1, 3, 4))
+    assert torch.isfinite(cost).all()
 
 
 def test_pairwise_similarity_is_differentiable():

@@ -1,12 +1,14 @@
 """The EMD head's public functions: solve a batch of transport problems, score feature sets."""
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
 import torch
 
-from deepemd.emd.checks import check_features, check_problem
-from deepemd.emd.features import cost_matrix, cross_reference_weights, uniform_weights
+from deepemd.emd.checks import check_features, check_problem, check_set_pair
+from deepemd.emd.features import (working_dtype, cost_matrix, cross_reference_weights,
+                                  pair_costs, pair_cross_weights, pair_uniform_weights,
+                                  uniform_weights, unit_nodes)
 from deepemd.emd.layer import ExactEMD
 from deepemd.emd.reference import solve_opencv, solve_qpth
 from deepemd.emd.sinkhorn import solve_sinkhorn
@@ -26,6 +28,7 @@ SOLVERS: dict[str, Callable] = {
     "sinkhorn": solve_sinkhorn,
 }
 WEIGHTS = {"cross": cross_reference_weights, "uniform": uniform_weights}
+PAIR_WEIGHTS = {"cross": pair_cross_weights, "uniform": pair_uniform_weights}
 
 
 def balance(wu: torch.Tensor, wv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +91,11 @@ def similarity(u: torch.Tensor, v: torch.Tensor, weights: Weights = "cross", sol
     cost = cost_matrix(u, v, center=center)
     wu, wv = _weights(weights, u, v)
     dist, _ = solve(cost, wu, wv, solver=solver, **opts)
+    return _score(dist, wu, wv, temperature)
+
+
+def _score(dist: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor, temperature: float):
+    """``temperature * (T - EMD) / T`` = temperature x flow-weighted mean cosine."""
     total = 0.5 * (wu.sum(dim=-1) + wv.sum(dim=-1)).to(dist.dtype)
     return temperature * (total - dist) / total
 
@@ -95,22 +103,43 @@ def similarity(u: torch.Tensor, v: torch.Tensor, weights: Weights = "cross", sol
 def pairwise_similarity(a: torch.Tensor, b: torch.Tensor, weights: str = "cross",
                         solver: str = "exact", temperature: float = 1.0, center: bool = False,
                         chunk: int = 1024, **opts) -> torch.Tensor:
-    """Score every set of ``a (P,m,d)`` against every set of ``b (Q,n,d)`` -> ``(P,Q)``.
+    """Score every set of ``a (P,m,d)`` against every set of ``b (Q,n,d)`` -> ``(P,Q)``:
+    the numbers of :func:`similarity` on each pair (``weights`` "cross" or "uniform").
 
-    Pairs are gathered ``chunk`` at a time, so memory stays ``O(chunk * (m + n) * d)`` however
-    large P x Q is; each chunk is one batched solve. Differentiable w.r.t. ``a`` and ``b``.
+    Built for reranking (1 x K) and episodes (queries x supports), where the same sets recur
+    in many pairs: ``a`` and ``b`` are validated and normalised once, a block of pairs gets its
+    costs from one matmul and its weights from two matmuls against the set means (no per-pair
+    copies of the features), and each block of at most ``chunk`` pairs is one batched solve,
+    so memory stays ``O(chunk * m * n)`` however large P x Q is. Differentiable w.r.t. ``a``
+    and ``b``.
     """
-    for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise DeepEMDError(f"{name} must be a tensor of shape (sets, nodes, channels)")
+    if not isinstance(weights, str) or weights not in PAIR_WEIGHTS:
+        raise DeepEMDError(f"unknown weights {weights!r} for pairwise scoring",
+                           fix=f"use one of {sorted(PAIR_WEIGHTS)}")
     if chunk < 1:
         raise DeepEMDError(f"chunk must be >= 1, got {chunk}")
-    p, q = a.shape[0], b.shape[0]
-    pairs = torch.arange(p * q, device=a.device)
-    scores = [similarity(a[idx // q], b[idx % q], weights=weights, solver=solver,
-                         temperature=temperature, center=center, **opts)
-              for idx in pairs.split(chunk)]
+    check_set_pair(a, b)
+    dtype = working_dtype(a)
+    a, b = a.to(dtype), b.to(dtype)
+    an, bn = unit_nodes(a, dtype, center), unit_nodes(b, dtype, center)
+    scores = []
+    for rows, cols in _pair_blocks(a.shape[0], b.shape[0], chunk):
+        wu, wv = PAIR_WEIGHTS[weights](a[rows], b[cols])
+        dist, _ = solve(pair_costs(an[rows], bn[cols]), wu, wv, solver=solver, **opts)
+        scores.append(_score(dist, wu, wv, temperature))
     if not scores:
-        dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
-        return torch.zeros(p, q, dtype=dtype, device=a.device)
-    return torch.cat(scores).reshape(p, q)
+        return torch.zeros(a.shape[0], b.shape[0], dtype=dtype, device=a.device)
+    return torch.cat(scores).reshape(a.shape[0], b.shape[0])
+
+
+def _pair_blocks(p: int, q: int, chunk: int) -> Iterator[tuple[slice, slice]]:
+    """Blocks ``(rows of a, columns of b)`` of at most ``chunk`` pairs, in row-major pair
+    order: whole rows while a row fits, else pieces of one row."""
+    if q <= chunk:
+        step = chunk // q
+        for start in range(0, p, step):
+            yield slice(start, start + step), slice(0, q)
+    else:
+        for row in range(p):
+            for start in range(0, q, chunk):
+                yield slice(row, row + 1), slice(start, start + chunk)

@@ -15,29 +15,52 @@ def _require_float(name: str, t: torch.Tensor) -> None:
                            fix=f"convert with {name}.float()")
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite. A finite sum proves it (NaN and inf propagate through
+    a sum), and ``t.sum()`` is ~30x cheaper than torch's CPU ``isfinite(t).all()``; only a
+    non-finite sum (a bad value, or an overflow of finite values) needs the full check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _require_finite(name: str, t: torch.Tensor) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if t.numel() and not _all_finite(t):
         raise DeepEMDError(f"{name} contains NaN or inf values",
                            fix="check the network output (diverged training, bad input image)")
 
 
-def check_features(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two node sets ``(B,m,d)`` and ``(B,n,d)``: same batch, same channels, finite, m, n >= 1."""
-    for name, t in (("u", u), ("v", v)):
+def _check_node_sets(names: tuple[str, str], u: torch.Tensor, v: torch.Tensor) -> None:
+    """Float tensors ``(sets, nodes >= 1, channels >= 1)`` with equal channels, on one device."""
+    for name, t in zip(names, (u, v)):
         _require_float(name, t)
         if t.dim() != 3:
-            raise DeepEMDError(f"{name} must have shape (B, nodes, channels), got {tuple(t.shape)}",
-                               fix="add a batch dimension with .unsqueeze(0)")
+            raise DeepEMDError(f"{name} must have shape (sets, nodes, channels), got "
+                               f"{tuple(t.shape)}", fix="add a batch dimension with .unsqueeze(0)")
         if t.shape[1] == 0 or t.shape[2] == 0:
             raise DeepEMDError(f"{name} has no nodes or no channels: shape {tuple(t.shape)}")
-    if u.shape[0] != v.shape[0] or u.shape[2] != v.shape[2]:
-        raise DeepEMDError(f"u {tuple(u.shape)} and v {tuple(v.shape)} must agree in batch size "
-                           "and channel count")
+    if u.shape[2] != v.shape[2]:
+        raise DeepEMDError(f"{names[0]} {tuple(u.shape)} and {names[1]} {tuple(v.shape)} must "
+                           "agree in channel count")
     if u.device != v.device:
-        raise DeepEMDError(f"u is on {u.device} but v is on {v.device}", fix="move both to one device")
+        raise DeepEMDError(f"{names[0]} is on {u.device} but {names[1]} is on {v.device}",
+                           fix="move both to one device")
+
+
+def check_features(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two node sets ``(B,m,d)`` and ``(B,n,d)``: same batch, same channels, finite, m, n >= 1."""
+    _check_node_sets(("u", "v"), u, v)
+    if u.shape[0] != v.shape[0]:
+        raise DeepEMDError(f"u {tuple(u.shape)} and v {tuple(v.shape)} must agree in batch size")
     _require_finite("u", u)
     _require_finite("v", v)
     return u, v
+
+
+def check_set_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Two collections of node sets ``(P,m,d)`` and ``(Q,n,d)`` to score all against all:
+    validated once for the whole P x Q, not once per pair."""
+    _check_node_sets(("a", "b"), a, b)
+    _require_finite("a", a)
+    _require_finite("b", b)
 
 
 def check_problem(cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ WEIGHT_EPS = 1e-3
 NORM_EPS = 1e-8
 
 
-def _working_dtype(t: torch.Tensor) -> torch.dtype:
+def working_dtype(t: torch.Tensor) -> torch.dtype:
     """float16/bfloat16 are computed in float32: EMD needs more mantissa than half gives."""
     return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -28,14 +28,27 @@ def cost_matrix(u: torch.Tensor, v: torch.Tensor, center: bool = False) -> torch
     before the cosine. A zero-norm node has cosine 0 to everything, i.e. cost 1.
     """
     u, v = check_features(u, v)
-    u = u.to(_working_dtype(u))
-    v = v.to(u.dtype)
+    dtype = working_dtype(u)
+    return 1.0 - unit_nodes(u, dtype, center) @ unit_nodes(v, dtype, center).transpose(-1, -2)
+
+
+def unit_nodes(x: torch.Tensor, dtype: torch.dtype, center: bool = False) -> torch.Tensor:
+    """Every node (last axis) scaled to unit norm, centred first if asked, so that the cosine
+    of Eq. 2 is a plain dot product; zero-norm nodes stay zero (cosine 0)."""
+    x = x.to(dtype)
     if center:
-        u = u - u.mean(dim=-1, keepdim=True)
-        v = v - v.mean(dim=-1, keepdim=True)
-    un = F.normalize(u, dim=-1, eps=NORM_EPS)
-    vn = F.normalize(v, dim=-1, eps=NORM_EPS)
-    return 1.0 - un @ vn.transpose(-1, -2)
+        x = x - x.mean(dim=-1, keepdim=True)
+    return F.normalize(x, dim=-1, eps=NORM_EPS)
+
+
+def pair_costs(an: torch.Tensor, bn: torch.Tensor) -> torch.Tensor:
+    """Cost matrices of every pair ``(s, t)`` of unit-node sets ``an (p,m,d)``, ``bn (q,n,d)``
+    -> ``(p*q, m, n)``, pairs in row-major order: one ``(p*m, d) @ (d, q*n)`` matmul, no
+    per-pair copies of the features."""
+    p, m, d = an.shape
+    q, n = bn.shape[:2]
+    cos = (an.reshape(p * m, d) @ bn.reshape(q * n, d).T).reshape(p, m, q, n).transpose(1, 2)
+    return 1.0 - cos.reshape(p * q, m, n)
 
 
 def equal_mass(m: int, n: int) -> float:
@@ -54,7 +67,7 @@ def cross_reference_weights(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Ten
     each side is rescaled to the same total ``(m + n) / 2`` so the transport is balanced.
     """
     u, v = check_features(u, v)
-    u = u.to(_working_dtype(u))
+    u = u.to(working_dtype(u))
     v = v.to(u.dtype)
     total = equal_mass(u.shape[1], v.shape[1])
     su = torch.relu(torch.einsum("bmd,bd->bm", u, v.mean(dim=1))) + WEIGHT_EPS
@@ -62,13 +75,31 @@ def cross_reference_weights(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Ten
     return _normalise(su, total), _normalise(sv, total)
 
 
+def pair_cross_weights(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cross_reference_weights` of every pair of ``a (p,m,d)``, ``b (q,n,d)`` ->
+    ``(p*q, m), (p*q, n)`` in row-major pair order, from two matmuls against the set means."""
+    p, m, d = a.shape
+    q, n = b.shape[:2]
+    total = equal_mass(m, n)
+    su = torch.relu((a.reshape(p * m, d) @ b.mean(dim=1).T).reshape(p, m, q).transpose(1, 2))
+    sv = torch.relu((b.reshape(q * n, d) @ a.mean(dim=1).T).reshape(q, n, p).permute(2, 0, 1))
+    return (_normalise(su + WEIGHT_EPS, total).reshape(p * q, m),
+            _normalise(sv + WEIGHT_EPS, total).reshape(p * q, n))
+
+
+def pair_uniform_weights(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`uniform_weights` of every pair of ``a (p,m,d)``, ``b (q,n,d)``."""
+    return _uniform(a.shape[0] * b.shape[0], a.shape[1], b.shape[1], a.dtype, a.device)
+
+
+def _uniform(pairs: int, m: int, n: int, dtype: torch.dtype, device: torch.device):
+    total = equal_mass(m, n)
+    return (torch.full((pairs, m), total / m, dtype=dtype, device=device),
+            torch.full((pairs, n), total / n, dtype=dtype, device=device))
+
+
 def uniform_weights(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's "Equal" baseline: every node of a side the same weight, both sides total
     ``(m + n) / 2`` (weight 1 per node when ``m == n``)."""
     u, v = check_features(u, v)
-    dtype = _working_dtype(u)
-    b, m, n = u.shape[0], u.shape[1], v.shape[1]
-    total = equal_mass(m, n)
-    wu = torch.full((b, m), total / m, dtype=dtype, device=u.device)
-    wv = torch.full((b, n), total / n, dtype=dtype, device=u.device)
-    return wu, wv
+    return _uniform(u.shape[0], u.shape[1], v.shape[1], working_dtype(u), u.device)
