@@ -80,6 +80,20 @@ def test_batched_call_equals_problem_by_problem():
             np.testing.assert_array_equal(got[k], want[0])
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_batch_equals_one_thread(threads):
+    """The thread pool splits the batch into ranges; every problem's answer is the same."""
+    rng = np.random.default_rng(8)
+    cost = rng.random((100, 12, 10))
+    a = rng.random((100, 12))
+    b = rng.random((100, 10))
+    b *= (a.sum(1) / b.sum(1))[:, None]
+    one = solve_batch(cost, a, b, threads=1)
+    many = solve_batch(cost, a, b, threads=threads)
+    for got, want in zip(many, one):
+        np.testing.assert_array_equal(got, want)
+
+
 def features(batch, m, n, d=16, seed=0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, m, d, generator=gen, dtype=dtype)

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sinkhorn-eps", type=float, default=1e-2, help="entropic eps (cost units)")
     parser.add_argument("--sinkhorn-iters", type=int, default=500, help="Sinkhorn iteration cap")
     parser.add_argument("--dim", type=int, default=64, help="feature channels of the problems")
-    parser.add_argument("--threads", type=int, default=None, help="numba/torch threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads, also used by the exact solver")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="sizes 5x5,25x25; batches 1,100; 1 repeat; 2 qpth problems")
@@ -134,10 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.sizes, args.batches, args.repeats, args.qpth_count = "5x5,25x25", "1,100", 1, 2
     if args.threads:
-        import numba
-
-        numba.set_num_threads(args.threads)
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)  # the exact solver's thread count too
     sizes = _parse_sizes(args.sizes)
     chosen = {name.strip() for name in args.solvers.split(",")}
     if not chosen <= set(SOLVER_ROWS):
@@ -150,15 +147,13 @@ def run(args: argparse.Namespace) -> int:
     _forward_backward("exact", *warm)()
     _pot_loop(*warm)()
 
-    import numba
-
     print(f"# deepemd bench emd: {' '.join(sys.argv[1:]) or '(defaults)'}")
     print(f"sinkhorn: eps {args.sinkhorn_eps}, at most {args.sinkhorn_iters} iterations, "
           f"tol 1e-6; qpth: l2 1e-6, {args.qpth_count} problems one at a time; every row: "
           f"best of {args.repeats} runs (Sinkhorn, qpth: 1), problems of {args.dim}-d ReLU "
           f"features", flush=True)
     print(f"loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}, cpus {os.cpu_count()}, "
-          f"numba threads {numba.get_num_threads()}, torch threads {torch.get_num_threads()}, "
+          f"threads (torch and exact solver) {torch.get_num_threads()}, "
           f"cuda {'yes' if cuda else 'no'}\n")
     print("| m x n | batch | solver | pass | us / problem | x cv2.EMD | x qpth (batch 1) |")
     print("|---|---|---|---|---|---|---|")

@@ -1,7 +1,8 @@
 """Exact batched transport solver: a transportation simplex compiled with numba.
 
-One call solves a whole batch with no Python per problem: ``prange`` hands chunks of the batch
-to the threads (dynamically), each chunk allocates its workspace once. Per problem:
+One call solves a whole batch with no Python per problem: a ``nogil`` kernel solves a range of
+problems with one workspace, and a thread pool hands ranges of the batch to its threads
+(dynamically). Per problem:
 
 1. start: a row-minimum greedy basic solution, rows by decreasing regret (each allocation
    closes exactly one row or column, so the basis is a spanning tree of ``m + n - 1`` cells,
@@ -20,11 +21,13 @@ result is always exact; ``ExactSolution.pivots`` says which (-1).
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-import numba
 import numpy as np
-from numba import njit, prange
+import torch
+from numba import njit
 
 MAX_PIVOTS_PER_CELL = 50
 #: Added to closed columns' costs in the start (finite: the minimum runs with fastmath).
@@ -50,6 +53,19 @@ def _argmin_shifted(row, shift) -> tuple:
 
 
 @njit(cache=True)
+def _order_by_decreasing(key, order, m: int) -> None:
+    """``order[:m]`` = indices sorted by decreasing ``key`` (stable insertion sort: m is small,
+    and unlike np.argsort it allocates nothing)."""
+    for i in range(m):
+        k = key[i]
+        p = i
+        while p > 0 and key[order[p - 1]] < k:
+            order[p] = order[p - 1]
+            p -= 1
+        order[p] = i
+
+
+@njit(cache=True)
 def _greedy_start(c, a, b, x, radj, rdeg, cadj, cdeg, rb, shift, row_order, regret):
     """Row-minimum start, rows taken by decreasing regret (second-cheapest minus cheapest
     cost, the Vogel idea at a fraction of Vogel's cost): each row ships to its cheapest open
@@ -67,7 +83,7 @@ def _greedy_start(c, a, b, x, radj, rdeg, cadj, cdeg, rb, shift, row_order, regr
             shift[j1] = 0.0
         else:
             regret[i] = 0.0
-    row_order[:m] = np.argsort(-regret[:m])
+    _order_by_decreasing(regret, row_order, m)
     for j in range(n):
         rb[j] = b[j]
         cdeg[j] = 0
@@ -292,9 +308,10 @@ def _rehang(c, alpha, beta, radj, rdeg, cadj, cdeg, parent, depth, order, top, n
                     tail += 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _solve_range(c, a, b, x, alpha, beta, pivots, max_pivots, start, stop):
-    """Problems ``start..stop-1`` with one workspace (allocated once, reused per problem)."""
+    """Problems ``start..stop-1`` with one workspace (allocated once, reused per problem).
+    ``nogil``: threads of :func:`solve_batch` run it concurrently on disjoint ranges."""
     m, n = c.shape[1], c.shape[2]
     radj = np.empty((m, n), np.int64)
     cadj = np.empty((n, m), np.int64)
@@ -314,12 +331,33 @@ def _solve_range(c, a, b, x, alpha, beta, pivots, max_pivots, start, stop):
                                max_pivots)
 
 
-@njit(parallel=True, cache=True)
-def _solve_parallel(c, a, b, x, alpha, beta, pivots, max_pivots, n_chunks):
-    bsz = c.shape[0]
-    for chunk in prange(n_chunks):
-        _solve_range(c, a, b, x, alpha, beta, pivots, max_pivots, chunk * bsz // n_chunks,
-                     (chunk + 1) * bsz // n_chunks)
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per process, grown on demand. Keyed by pid: a forked child (a DataLoader
+    worker) inherits the parent's pool object but not its threads, so it gets its own."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < threads:
+        _POOL = (os.getpid(), threads,
+                 ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deepemd-exact"))
+    return _POOL[2]
+
+
+def _solve_threaded(args: tuple, bsz: int, threads: int) -> None:
+    """Many small ranges handed out dynamically to ``threads`` workers, so a thread that the
+    OS delays (the machine may be shared) does not hold the whole batch back.
+
+    Plain threads around a ``nogil`` kernel rather than numba's ``parallel=True``: no OpenMP
+    pool whose spinning workers fight torch's own OpenMP pool for the cores between calls (it
+    made the matmuls next to a solve ~10x slower on 2 cores), and nothing that numba's disk
+    cache has to rebuild from dynamically generated kernels."""
+    n_chunks = max(threads, min(bsz // 8, 8 * threads))
+    bounds = [k * bsz // n_chunks for k in range(n_chunks + 1)]
+    jobs = [_thread_pool(threads).submit(_solve_range, *args, lo, hi)
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for job in jobs:
+        job.result()
 
 
 class ExactSolution(NamedTuple):
@@ -329,8 +367,10 @@ class ExactSolution(NamedTuple):
     pivots: np.ndarray  # (B,) simplex pivots per problem; -1 where POT finished the problem
 
 
-def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray) -> ExactSolution:
-    """Optimal flow and duals of every problem, float64.
+def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | None = None
+                ) -> ExactSolution:
+    """Optimal flow and duals of every problem, float64, on ``threads`` threads (default
+    ``torch.get_num_threads()``, the count the rest of the EMD head runs on).
 
     ``b`` is rescaled to ``a``'s total first (callers pass balanced masses; this removes the
     last rounding difference so the start solution is feasible to machine precision).
@@ -344,15 +384,12 @@ def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray) -> ExactSolution
     beta = np.empty((bsz, n))
     pivots = np.empty(bsz, np.int64)
     max_pivots = MAX_PIVOTS_PER_CELL * m * n + 100
-    threads = numba.get_num_threads()
+    threads = torch.get_num_threads() if threads is None else threads
+    args = (cost, a, b, flow, alpha, beta, pivots, max_pivots)
     if bsz >= PARALLEL_MIN_BATCH and threads > 1:
-        # Many small chunks handed out dynamically: a thread that the OS delays (the machine
-        # may be shared) does not hold the whole batch back.
-        n_chunks = min(bsz // 4, 32 * threads)
-        with numba.parallel_chunksize(1):
-            _solve_parallel(cost, a, b, flow, alpha, beta, pivots, max_pivots, n_chunks)
-    else:  # waking the thread pool costs more than a few small problems
-        _solve_range(cost, a, b, flow, alpha, beta, pivots, max_pivots, 0, bsz)
+        _solve_threaded(args, bsz, threads)
+    else:  # handing work to threads costs more than a few small problems
+        _solve_range(*args, 0, bsz)
     for k in np.flatnonzero(pivots < 0):
         flow[k], alpha[k], beta[k] = _fallback(cost[k], a[k], b[k])
     return ExactSolution(flow, alpha, beta, pivots)
