@@ -116,6 +116,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         help_ = docs.get(f.name, "")
         hint = _field_types(cls)[f.name]
+        if hint is bool:  # `--flag` alone means true; `--flag false` still works
+            parser.add_argument(flag, dest=f.name, default=None, nargs="?", const="true",
+                                metavar="true|false", help=f"{help_} (default: {default})".strip())
+            continue
         nargs = "+" if typing.get_origin(hint) in (tuple, list) else None
         parser.add_argument(flag, dest=f.name, default=None, nargs=nargs,
                             help=f"{help_} (default: {default})".strip())

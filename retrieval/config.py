@@ -50,6 +50,7 @@ class DataOptions:
     split: str = "test"
     max_classes: Optional[int] = None
     per_class: Optional[int] = None
+    skip_bad: bool = False
 
 
 @dataclass
@@ -142,6 +143,7 @@ FIELD_DOCS = {
     "split": "train / test / all (folder layout: first / second half of the sorted classes)",
     "max_classes": "use at most this many classes (random, seeded)",
     "per_class": "use at most this many images per class (random, seeded)",
+    "skip_bad": "skip unreadable, truncated or oversized images (counted in a warning) instead of stopping",
     "pyramid": "FCN feature pyramid levels added to the raw cells (paper: 3 2 1)",
     "grid_levels": "Grid image pyramid levels (paper: 3 2)",
     "grid_enlarge": "Grid: enlarge each cell by this ratio around its centre",

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepemd.data import ImageDataset, ImageList, build_transform, read_layout
+from deepemd.data import ImageDataset, ImageList, build_transform, drop_unreadable, read_layout
 from deepemd.device import default_device
 from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
@@ -37,6 +37,13 @@ def parse_method(method: str, default_weights: str) -> tuple[str, str, str]:
         raise DeepEMDError(f"unknown method '{method}'", fix="methods are fcn, grid, sampling (optionally ':uniform' or ':cross')")
     label = f"+DeepEMD-{METHOD_NAMES[kind]}" + ("" if weights == default_weights else f" ({weights})")
     return kind, weights, label
+
+
+def dataset_images(cfg) -> ImageList:
+    """The images a command works on: the layout's split, seeded subsample, and (``--skip-bad``)
+    unreadable files dropped before any label or sampler is built from the list."""
+    images = subsample(read_layout(cfg.layout, cfg.data_root, cfg.split), cfg.max_classes, cfg.per_class, cfg.seed)
+    return drop_unreadable(images)[0] if cfg.skip_bad else images
 
 
 def subsample(images: ImageList, max_classes: int | None, per_class: int | None, seed: int) -> ImageList:
@@ -105,7 +112,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if not cfg.data_root:
         raise DeepEMDError("no --data-root given", fix="point --data-root at <root>/<class>/<image> (or a CUB folder)")
     torch.manual_seed(cfg.seed)
-    images = subsample(read_layout(cfg.layout, cfg.data_root, cfg.split), cfg.max_classes, cfg.per_class, cfg.seed)
+    images = dataset_images(cfg)
     if len(images) == 0:
         raise DeepEMDError(f"split '{cfg.split}' holds no images after subsampling", cfg.data_root,
                            "check --split, --max-classes and --per-class")

@@ -6,13 +6,13 @@ from typing import Any
 
 import numpy as np
 
-from deepemd.data import ImageList, read_layout
+from deepemd.data import ImageList
 from deepemd.data.layouts import IMAGE_SUFFIXES
 from deepemd.device import default_device
 from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
 from deepemd.retrieval.config import IndexConfig, SearchConfig
-from deepemd.retrieval.evaluate import local_specs, make_embedder, make_loader, subsample
+from deepemd.retrieval.evaluate import dataset_images, local_specs, make_embedder, make_loader
 from deepemd.retrieval.gallery import (STORE_DIR, build_foreign_store, build_gallery, open_gallery,
                                        search_gallery)
 from deepemd.retrieval.model import embed_loader
@@ -37,7 +37,7 @@ def run_index(cfg: IndexConfig, progress: bool = True) -> dict[str, Any]:
     else:
         if not cfg.data_root:
             raise DeepEMDError("no --data-root given", fix="point --data-root at the gallery images")
-        images = subsample(read_layout(cfg.layout, cfg.data_root, cfg.split), cfg.max_classes, cfg.per_class, cfg.seed)
+        images = dataset_images(cfg)
         if len(images) == 0:
             raise DeepEMDError(f"split '{cfg.split}' holds no images", cfg.data_root, "check --split / --layout")
         gallery = build_gallery(model, cfg.local, images.paths, out, cfg.index_spec, cfg.batch_size, cfg.workers,

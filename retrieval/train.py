@@ -20,13 +20,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from deepemd.backbones import feature_map_size
-from deepemd.data import ImageDataset, build_transform, read_layout
+from deepemd.data import ImageDataset, build_transform
 from deepemd.device import default_device
 from deepemd.errors import DeepEMDError
 from deepemd.io import atomic_path, load_checkpoint, load_state_dict_checked, save_checkpoint
@@ -35,7 +34,7 @@ from deepemd.retrieval.config import TrainConfig
 from deepemd.retrieval.distance import DeepEMDSimilarity, flatten_sets
 from deepemd.retrieval.distributed import (DistributedMPerClassSampler, average_loss_gradients, barrier,
                                            is_distributed, setup_distributed, sync_buffers)
-from deepemd.retrieval.evaluate import subsample
+from deepemd.retrieval.evaluate import dataset_images
 from deepemd.retrieval.losses import build_loss
 from deepemd.retrieval.model import build_backbone
 
@@ -104,7 +103,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.manual_seed(cfg.seed)
-    images = subsample(read_layout(cfg.layout, cfg.data_root, cfg.split), cfg.max_classes, cfg.per_class, cfg.seed)
+    images = dataset_images(cfg)
     if len(images) == 0:
         raise DeepEMDError(f"split '{cfg.split}' holds no training images", cfg.data_root, "check --split / --layout")
     num_classes = int(images.labels.max()) + 1

@@ -39,3 +39,18 @@ def test_help_lists_both_jobs():
     assert out.returncode == 0
     for command in ("retrieval", "fewshot", "demo", "bench"):
         assert command in out.stdout
+
+
+def test_skip_bad_turns_the_corrupt_image_error_into_a_counted_skip(tmp_path):
+    from cli_bad_inputs import _corrupt_image
+
+    argv, bad = _corrupt_image(tmp_path)
+    with pytest.warns(UserWarning, match="skipped 1 of 12 images"):
+        from deepemd.cli import main
+
+        code = main(argv + ["--methods", "fcn", "--flow-queries", "0", "--skip-bad"])
+    assert code == 0
+    import pandas as pd
+
+    frame = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert list(frame["method"]) == ["raw", "+DeepEMD-FCN"]

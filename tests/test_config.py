@@ -50,6 +50,8 @@ def test_precedence_default_yaml_flags(tmp_path):
     assert out == Example(way=10, lr=0.01, pyramid=(3, 2, 1))
     assert config_from_args(Example, _parse(["--pyramid", "2", "1", "--resume", "true"])) == Example(
         pyramid=(2, 1), resume=True)
+    assert config_from_args(Example, _parse(["--resume"])).resume is True
+    assert config_from_args(Example, _parse(["--resume", "false"])).resume is False
 
 
 def test_optional_and_scalar_to_tuple():

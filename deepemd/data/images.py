@@ -34,7 +34,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
                 if w * h > max_pixels:
                     raise DeepEMDError(f"image is {w}x{h} = {w * h / 1e6:.1f} MP, over the limit of "
                                        f"{max_pixels / 1e6:g} MP", path,
-                                       "shrink the image, remove it, raise max_pixels, or pass skip_bad=True")
+                                       "shrink or remove the image, raise max_pixels, or skip it with --skip-bad (skip_bad=True in Python)")
                 img.load()
                 return img.convert("RGB")
     except DeepEMDError:
@@ -43,10 +43,28 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise DeepEMDError("image not found", path, "restore the file or remove it from the dataset") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DeepEMDError(f"image refused as a decompression bomb ({exc})", path,
-                           "remove or shrink the image, or pass skip_bad=True") from None
+                           "shrink or remove the image, or skip it with --skip-bad (skip_bad=True in Python)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DeepEMDError(f"cannot read image: corrupt or truncated ({type(exc).__name__}: {exc})", path,
-                           "re-export or remove the file, or pass skip_bad=True to skip unreadable images") from None
+                           "re-export or remove the file, or skip unreadable images with --skip-bad (skip_bad=True in Python)") from None
+
+
+def drop_unreadable(image_list: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS
+                    ) -> tuple[ImageList, list[tuple[Path, str]]]:
+    """Check every image once and keep the usable ones, so labels and samplers built from the
+    returned list stay aligned; one warning gives the count. Returns (kept, [(path, reason)])."""
+    good, skipped = [], []
+    for i, path in enumerate(tqdm(image_list.paths, desc="checking images", leave=False,
+                                  disable=len(image_list) < 2000)):
+        try:
+            load_image(path, max_pixels)
+            good.append(i)
+        except DeepEMDError as exc:
+            skipped.append((Path(path), str(exc).splitlines()[0]))
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} of {len(image_list)} images that cannot be used "
+                      f"(first: {skipped[0][1]})", stacklevel=2)
+    return image_list.subset(good), skipped
 
 
 class ImageDataset(Dataset):
@@ -58,21 +76,8 @@ class ImageDataset(Dataset):
         self.max_pixels = int(max_pixels)
         self.skipped: list[tuple[Path, str]] = []
         if skip_bad:
-            image_list = self._drop_unreadable(image_list)
+            image_list, self.skipped = drop_unreadable(image_list, self.max_pixels)
         self.image_list = image_list
-
-    def _drop_unreadable(self, image_list: ImageList) -> ImageList:
-        good = []
-        for i, path in enumerate(tqdm(image_list.paths, desc="checking images", leave=False, disable=len(image_list) < 2000)):
-            try:
-                load_image(path, self.max_pixels)
-                good.append(i)
-            except DeepEMDError as exc:
-                self.skipped.append((path, str(exc).splitlines()[0]))
-        if self.skipped:
-            warnings.warn(f"skipped {len(self.skipped)} of {len(image_list)} images that cannot be used "
-                          f"(first: {self.skipped[0][1]})", stacklevel=3)
-        return image_list.subset(good)
 
     @property
     def labels(self):
