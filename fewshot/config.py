@@ -179,7 +179,7 @@ class EvalConfig(ModelOptions):
         "sfc_steps": "SFC: SGD steps, one support mini-batch each (paper Algorithm 1: 100)",
         "sfc_batch_size": "SFC: support images per step (paper: 5; authors' code: 4)",
         "sfc_lr": "SFC: learning rate (authors: 0.1)",
-        "finetune_steps": "fine-tuned FC/cosine classifiers: full-support SGD steps",
+        "finetune_steps": "fine-tuned FC/cosine classifiers: full-support Adam steps (lr 0.01)",
         "knn_k": "KNN on local features: nearest support vectors per query vector",
         "flow_picture": "draw one episode's query-support matching flows (flows.png)",
         "feature_cache": "folder keeping extracted features, keyed by data + network options, so runs "

@@ -47,7 +47,6 @@ def test_ci95_matches_a_hand_computation():
 
 
 def test_all_methods_see_the_same_episodes():
-    rng = np.random.default_rng(0)
     cache = FeatureCache(torch.randn(48, 4), torch.randn(48, 2, 4), torch.randn(48, 2, 4), LABELS)
     seen = {"a": [], "b": []}
 
@@ -59,7 +58,6 @@ def test_all_methods_see_the_same_episodes():
 
     evaluate(cache, {"a": recorder("a"), "b": recorder("b")}, 4, 2, 3, 5, seed=1, progress=False)
     assert seen["a"] == seen["b"] and len(seen["a"]) == 5
-    del rng
 
 
 def test_too_small_split_is_one_clear_error():
