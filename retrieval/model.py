@@ -72,12 +72,17 @@ def build_backbone(name: str, weights: str, embed_dim: int | None, image_size: i
     ImageNet weights exist, e.g. ResNet-50 here) and record how it was made."""
     pretrained = resolve_pretrained(name, weights)
     source = weights
-    try:
-        net = backbones.create(name, pretrained=pretrained, embed_dim=embed_dim)
-    except DeepEMDError:
-        if weights != "auto":
-            raise
-        net, source = backbones.create(name, pretrained=False, embed_dim=embed_dim), "random"
+    # Randomly initialised parts (a whole random backbone, or the embed_dim head on top of
+    # pretrained weights) come from a fixed seed, so `index` and a later `search` build the same
+    # network and its fingerprint matches the gallery's.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            net = backbones.create(name, pretrained=pretrained, embed_dim=embed_dim)
+        except DeepEMDError:
+            if weights != "auto":
+                raise
+            net, source = backbones.create(name, pretrained=False, embed_dim=embed_dim), "random"
     size = int(image_size or net.default_cfg["input_size"])
     return net, ModelInfo(name, embed_dim, size, str(source))
 

@@ -114,3 +114,15 @@ def test_users_own_faiss_index_is_reranked(folder_dataset, tmp_path):
         id_map.write_text("".join(f"{i}\t{p}\n" for i, p in zip(user_ids[:3], images.paths)))
         run_search(search_cfg(tmp_path / "g2", folder_dataset / "class_c", tmp_path / "s",
                               index=str(tmp_path / "mine.faiss"), id_map=str(id_map)), progress=False)
+
+
+@pytest.mark.parametrize("name, weights, embed_dim", [("resnet12", "none", None), ("efficientnet_lite0", "imagenet", 16)])
+def test_untrained_parts_are_rebuilt_identically(name, weights, embed_dim):
+    """`index` then `search` in two processes must build the same network (same fingerprint),
+    also for a random backbone or a random embedding head on pretrained weights."""
+    from deepemd.retrieval.model import build_backbone
+
+    a, _ = build_backbone(name, weights, embed_dim, 32)
+    torch.manual_seed(123)  # the caller's RNG state must not matter
+    b, _ = build_backbone(name, weights, embed_dim, 32)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
