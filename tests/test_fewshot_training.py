@@ -86,3 +86,19 @@ def test_two_process_gloo_ddp_meta_training_keeps_ranks_identical(folder, tmp_pa
     assert moved, "no weight changed: no training step happened"
     assert not (tmp_path / "run" / "rank1").exists()
     assert {"best.pt", "history.csv", "last.pt"} <= {p.name for p in (tmp_path / "run").iterdir()}
+
+
+@pytest.mark.parametrize("local, extra", [("fcn", {"pyramid": (1,)}), ("grid", {"grid_levels": (2, 1)}),
+                                          ("sampling", {"num_patches": 3})])
+def test_episode_loss_reaches_the_backbone_for_every_local_set(local, extra):
+    from deepemd.fewshot.metatrain import EpisodeNet
+
+    cfg = TrainConfig(**TINY, local=local, way=2, shot=1, query=1, **extra)
+    backbone = build.create_backbone(cfg)
+    net = EpisodeNet(build.create_extractor(cfg, backbone), cfg)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    logits = net(images)  # 2 supports then 2 queries
+    assert logits.shape == (2, 2)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    grads = [p.grad for p in backbone.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
