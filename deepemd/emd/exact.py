@@ -38,18 +38,34 @@ PARALLEL_MIN_BATCH = 16
 
 @njit(cache=True)
 def _argmin_shifted(row, shift) -> tuple:
-    """``(j, min_j row_j - shift_j)``: a vectorised minimum, then the first index holding it.
-    Two passes without data-dependent branches beat one branchy argmin on random costs."""
+    """``(j, min_j row_j - shift_j)``, first index on ties: a vectorised minimum, then a
+    vectorised search for the first index holding it (an integer minimum over a select; an
+    early-exit search mispredicts its exit branch on every call)."""
     best = _row_min(row, shift)
-    for j in range(row.shape[0]):
-        if row[j] - shift[j] == best:
-            return j, best
+    n = row.shape[0]
+    k = n
+    for j in range(n):
+        k = min(k, j if row[j] - shift[j] == best else n)
+    if k < n:
+        return k, best
     # Only if the fast minimum rounded differently: a plain argmin is always right.
     k = 0
-    for j in range(1, row.shape[0]):
+    for j in range(1, n):
         if row[j] - shift[j] < row[k] - shift[k]:
             k = j
     return k, row[k] - shift[k]
+
+
+@njit(cache=True)
+def _two_smallest(row, shift) -> tuple:
+    """The smallest and second-smallest ``row_j - shift_j`` in one branch-free pass."""
+    first = 2.0 * CLOSED
+    second = 2.0 * CLOSED
+    for j in range(row.shape[0]):
+        v = row[j] - shift[j]
+        second = min(second, max(first, v))
+        first = min(first, v)
+    return first, second
 
 
 @njit(cache=True)
@@ -76,13 +92,8 @@ def _greedy_start(c, a, b, x, radj, rdeg, cadj, cdeg, rb, shift, row_order, regr
     for j in range(n):
         shift[j] = 0.0
     for i in range(m):
-        j1, b1 = _argmin_shifted(c[i], shift)
-        if n > 1:
-            shift[j1] = -CLOSED
-            regret[i] = _row_min(c[i], shift) - b1
-            shift[j1] = 0.0
-        else:
-            regret[i] = 0.0
+        first, second = _two_smallest(c[i], shift)
+        regret[i] = second - first if n > 1 else 0.0
     _order_by_decreasing(regret, row_order, m)
     for j in range(n):
         rb[j] = b[j]
@@ -322,9 +333,9 @@ def _solve_range(c, a, b, x, alpha, beta, pivots, max_pivots, start, stop):
     order = np.empty(m + n, np.int64)
     ra = np.empty(m, np.float64)
     rb = np.empty(n, np.float64)
-    shift = np.empty(n, np.float64)
     jpath = np.empty(m + n, np.int64)
     ipath = np.empty(m + n, np.int64)
+    shift = np.empty(n, np.float64)
     for k in range(start, stop):
         pivots[k] = _solve_one(c[k], a[k], b[k], x[k], alpha[k], beta[k], radj, rdeg, cadj,
                                cdeg, parent, depth, order, ra, rb, shift, jpath, ipath,
