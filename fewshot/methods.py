@@ -7,7 +7,7 @@ query is compared with the support set.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -29,6 +29,7 @@ class Episode:
     query: FeatureCache
     support_labels: torch.Tensor  # (way*shot,)
     query_labels: torch.Tensor  # (Q,)
+    memo: dict = field(default_factory=dict, repr=False)  # results shared by methods of this episode
 
 
 @dataclass
@@ -54,6 +55,15 @@ def _emd(a: torch.Tensor, b: torch.Tensor, o: MethodOptions) -> torch.Tensor:
                               center=o.center)
 
 
+def _to_each_support(ep: Episode, o: MethodOptions) -> torch.Tensor:
+    """``(Q, way*shot)`` EMD scores of every query to every support image, computed once per
+    episode and shared by NN and Fusion (the expensive part of both)."""
+    key = ("to_each_support", o.weights, o.solver, o.temperature, o.center)
+    if key not in ep.memo:
+        ep.memo[key] = _emd(ep.query.local, ep.support.local, o)
+    return ep.memo[key]
+
+
 def _per_class(scores: torch.Tensor, ep: Episode) -> torch.Tensor:
     """``(Q, way*shot) -> (Q, way, shot)`` using the class-major support order."""
     return scores.reshape(scores.shape[0], ep.way, ep.shot)
@@ -62,14 +72,14 @@ def _per_class(scores: torch.Tensor, ep: Episode) -> torch.Tensor:
 def emd_nn(o: MethodOptions) -> Method:
     """EMD to every support image; a class scores its nearest support (1-shot: plain DeepEMD)."""
     def run(ep: Episode) -> torch.Tensor:
-        return _per_class(_emd(ep.query.local, ep.support.local, o), ep).amax(dim=2)
+        return _per_class(_to_each_support(ep, o), ep).amax(dim=2)
     return run
 
 
 def emd_fusion(o: MethodOptions) -> Method:
     """EMD to every support image, fused per class (mean similarity = summed distance)."""
     def run(ep: Episode) -> torch.Tensor:
-        return _per_class(_emd(ep.query.local, ep.support.local, o), ep).mean(dim=2)
+        return _per_class(_to_each_support(ep, o), ep).mean(dim=2)
     return run
 
 
