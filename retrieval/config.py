@@ -36,7 +36,7 @@ class LocalOptions:
     grid_levels: tuple[int, ...] = (3, 2)
     grid_enlarge: float = 1.0
     num_patches: int = 25
-    patch_size: Optional[int] = None
+    patch_size: Optional[int] = 96
     node_weights: str = "cross"
     solver: str = "exact"
     rerank_k: int = 100
@@ -148,7 +148,8 @@ FIELD_DOCS = {
     "grid_levels": "Grid image pyramid levels (paper: 3 2)",
     "grid_enlarge": "Grid: enlarge each cell by this ratio around its centre",
     "num_patches": "Sampling: random patches per image (paper: 25)",
-    "patch_size": "Grid/Sampling: crop size fed to the backbone (default: the backbone's input size)",
+    "patch_size": "Grid/Sampling: crop size fed to the backbone; 96 keeps 13-25 crops per image affordable "
+    "on a CPU (the paper feeds each crop at the full input size: give 224 / 227 for that; none = input size)",
     "node_weights": "cross (cross-reference, paper Eq. 11-12) or uniform",
     "solver": "EMD solver: exact, sinkhorn, opencv, qpth",
     "rerank_k": "rerank depth K: the FAISS top-K rescored with DeepEMD",
