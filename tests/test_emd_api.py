@@ -105,3 +105,21 @@ def test_bench_prints_a_ratio_table(capsys):
     assert solvers == {"cv2.EMD loop", "POT ot.emd loop", "exact (ours)", "sinkhorn",
                        "qpth batch-1 loop"}
     assert "loadavg" in out
+
+
+def test_bench_pairwise_mode_prints_the_rerank_table(capsys):
+    import argparse
+
+    from deepemd.emd.bench import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--pairwise", "2x3", "--nodes", "4", "--channels", "8",
+                              "--repeats", "1"])
+    assert run(args) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(" | ")[1] for line in out.splitlines() if line.startswith("| 2x3 |")]
+    assert rows == ["per-pair similarity on gathered copies (reference)", "pairwise_similarity",
+                    "  of which the exact solve (solve_batch)"]
+    difference = float(out.split("between the two: ")[1].split()[0])
+    assert difference < 1e-5

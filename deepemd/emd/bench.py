@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from deepemd.emd.api import solve
+from deepemd.emd.api import pairwise_similarity, similarity, solve
+from deepemd.emd.exact import solve_batch
 from deepemd.emd.features import cost_matrix, cross_reference_weights
 from deepemd.emd.reference import qpth_matrices
 from deepemd.errors import DeepEMDError
@@ -40,11 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sinkhorn-eps", type=float, default=1e-2, help="entropic eps (cost units)")
     parser.add_argument("--sinkhorn-iters", type=int, default=500, help="Sinkhorn iteration cap")
     parser.add_argument("--dim", type=int, default=64, help="feature channels of the problems")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads, also used by the exact solver")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads, also used by the exact solver")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="sizes 5x5,25x25; batches 1,100; 1 repeat; 2 qpth problems")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA rows")
+    parser.add_argument("--pairwise", default=None, metavar="PxQ",
+                        help="instead of the solver table, time pairwise_similarity of P query "
+                             "sets against Q sets (e.g. 1x100: one rerank of a shortlist)")
+    parser.add_argument("--nodes", type=int, default=25, help="--pairwise: nodes per set")
+    parser.add_argument("--channels", type=int, default=640, help="--pairwise: feature channels")
     parser.add_argument("--no-qpth-probe", action="store_true",
                         help="skip trying qpth with a CPU batch of 2 at 25x25")
 
@@ -130,11 +137,60 @@ def probe_qpth_batch(m: int = 25, n: int = 25, batch: int = 2, seed: int = 0) ->
     return f"runs in {time.perf_counter() - t0:.2f} s for {batch} problems; max rel. error {err:.1e}"
 
 
+def _gathered_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The reference: per-pair :func:`similarity` on gathered copies of the sets (what
+    pairwise_similarity did before it scored blocks of pairs with matmuls)."""
+    idx = torch.arange(a.shape[0] * b.shape[0])
+    return similarity(a[idx // b.shape[0]], b[idx % b.shape[0]]).reshape(a.shape[0], b.shape[0])
+
+
+def run_pairwise(args: argparse.Namespace) -> int:
+    """Milliseconds per call of pairwise_similarity against the gathered per-pair reference,
+    on random post-ReLU float32 sets (the retrieval rerank and few-shot episode shapes)."""
+    p, q = _parse_sizes(args.pairwise)[0]
+    gen = torch.Generator().manual_seed(args.seed)
+    a = torch.relu(torch.randn(p, args.nodes, args.channels, generator=gen))
+    b = torch.relu(torch.randn(q, args.nodes, args.channels, generator=gen))
+    with torch.no_grad():
+        ref = _gathered_pairs(a, b)
+        fast = pairwise_similarity(a, b)
+        cost = torch.cat([cost_matrix(a[i:i + 1].expand(q, -1, -1), b) for i in range(p)])
+        weights = [cross_reference_weights(a[i:i + 1].expand(q, -1, -1), b) for i in range(p)]
+        wu, wv = (torch.cat(w).double().numpy() for w in zip(*weights))
+    c64 = cost.double().numpy()
+    rows = [("per-pair similarity on gathered copies (reference)",
+             _best_time(lambda: _gathered_pairs(a, b), args.repeats)),
+            ("pairwise_similarity", _best_time(_forward_pairwise(a, b), args.repeats)),
+            ("  of which the exact solve (solve_batch)",
+             _best_time(lambda: solve_batch(c64, wu, wv), args.repeats))]
+    print(f"# deepemd bench emd: {' '.join(sys.argv[1:])}")
+    print(f"{p} x {q} sets of {args.nodes} nodes x {args.channels} channels (float32, ReLU), "
+          f"cross-reference weights, exact solver; best of {args.repeats} runs")
+    print(f"loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}, cpus {os.cpu_count()}, "
+          f"threads (torch and exact solver) {torch.get_num_threads()}; max |difference| "
+          f"between the two: {float((fast - ref).abs().max()):.1e}\n")
+    print("| pairs | path | ms / call | x reference |")
+    print("|---|---|---|---|")
+    for name, t in rows:
+        print(f"| {p}x{q} | {name} | {t * 1e3:,.2f} | {rows[0][1] / t:.1f} |", flush=True)
+    print(f"loadavg at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+def _forward_pairwise(a: torch.Tensor, b: torch.Tensor) -> Callable[[], object]:
+    def run():
+        with torch.no_grad():
+            pairwise_similarity(a, b)
+    return run
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.quick:
-        args.sizes, args.batches, args.repeats, args.qpth_count = "5x5,25x25", "1,100", 1, 2
     if args.threads:
         torch.set_num_threads(args.threads)  # the exact solver's thread count too
+    if args.pairwise:
+        return run_pairwise(args)
+    if args.quick:
+        args.sizes, args.batches, args.repeats, args.qpth_count = "5x5,25x25", "1,100", 1, 2
     sizes = _parse_sizes(args.sizes)
     chosen = {name.strip() for name in args.solvers.split(",")}
     if not chosen <= set(SOLVER_ROWS):
