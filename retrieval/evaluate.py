@@ -68,7 +68,7 @@ def make_embedder(cfg, specs: tuple[LocalSpec, ...]) -> Embedder:
         if cfg.image_size:
             info.image_size = int(cfg.image_size)
     else:
-        net, info = build_backbone(cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size)
+        net, info = build_backbone(cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size, cfg.seed)
     return Embedder(net, info, specs)
 
 

@@ -67,16 +67,17 @@ def resolve_pretrained(backbone: str, weights: str) -> bool | str:
     return weights
 
 
-def build_backbone(name: str, weights: str, embed_dim: int | None, image_size: int | None) -> tuple[nn.Module, ModelInfo]:
+def build_backbone(name: str, weights: str, embed_dim: int | None, image_size: int | None,
+                   seed: int = 0) -> tuple[nn.Module, ModelInfo]:
     """Create the backbone (``weights="auto"`` falls back to random init where no packaged
     ImageNet weights exist, e.g. ResNet-50 here) and record how it was made."""
     pretrained = resolve_pretrained(name, weights)
     source = weights
     # Randomly initialised parts (a whole random backbone, or the embed_dim head on top of
-    # pretrained weights) come from a fixed seed, so `index` and a later `search` build the same
-    # network and its fingerprint matches the gallery's.
+    # pretrained weights) come from ``seed`` alone, so `index` and a later `search` with the same
+    # --seed build the same network and its fingerprint matches the gallery's.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         try:
             net = backbones.create(name, pretrained=pretrained, embed_dim=embed_dim)
         except DeepEMDError:

@@ -107,7 +107,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if len(images) == 0:
         raise DeepEMDError(f"split '{cfg.split}' holds no training images", cfg.data_root, "check --split / --layout")
     num_classes = int(images.labels.max()) + 1
-    backbone, info = build_backbone(cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size)
+    backbone, info = build_backbone(cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size, cfg.seed)
     local_sets = cfg.distance == "deepemd"
     if cfg.distance not in ("cosine", "deepemd"):
         raise DeepEMDError(f"unknown distance '{cfg.distance}'", fix="use cosine or deepemd")

@@ -59,15 +59,15 @@ def test_distributed_sampler_splits_global_batches_into_whole_classes():
 
 
 def test_training_lowers_loss_and_writes_loadable_checkpoint(folder_dataset, tmp_path):
-    cfg = tiny_config(folder_dataset, tmp_path / "run", loss="normsoftmax", epochs=4, steps_per_epoch=3,
+    cfg = tiny_config(folder_dataset, tmp_path / "run", loss="normsoftmax", epochs=8, steps_per_epoch=3,
                       augment=False, loss_lr=0.1)
     result = train(cfg, progress=False)
     losses = [row["loss"] for row in result["history"]]
     assert losses[-1] < losses[0]
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")  # weights_only=True
-    assert ckpt["epoch"] == 3 and set(ckpt) >= {"model", "optimizer", "loss", "loss_optimizer", "rng", "config"}
+    assert ckpt["epoch"] == 7 and set(ckpt) >= {"model", "optimizer", "loss", "loss_optimizer", "rng", "config"}
     assert ckpt["loss"]["W"].shape == (8, 5)  # the proxies: embed_dim x classes
-    assert (tmp_path / "run" / "train_log.csv").read_text().count("\n") == 5
+    assert (tmp_path / "run" / "train_log.csv").read_text().count("\n") == 9
 
 
 def test_resume_refuses_changed_options(folder_dataset, tmp_path):
@@ -95,7 +95,7 @@ def _fresh_backbone(cfg: TrainConfig):
     from deepemd.retrieval.model import build_backbone
 
     torch.manual_seed(cfg.seed)
-    return build_backbone(cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size)[0]
+    return build_backbone(cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size, cfg.seed)[0]
 
 
 # ---------------------------------------------------------------------------- kill and resume
