@@ -74,3 +74,10 @@ def merge_history(out: Path, new_rows: list[dict]) -> list[dict]:
     first = new_rows[0]["epoch"]
     old = pd.read_csv(path).to_dict("records") if path.is_file() else []
     return [r for r in old if r["epoch"] < first] + new_rows
+
+
+def val_note(val_acc: float, best: dict) -> str:
+    """The progress line's validation part (no validation: the last epoch is what is kept)."""
+    if val_acc != val_acc:  # NaN: val_episodes 0
+        return "no validation (last epoch kept)"
+    return f"val acc {val_acc:.2f}% (best {best['accuracy']:.2f}% @ {best['epoch']})"

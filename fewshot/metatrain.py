@@ -24,7 +24,7 @@ from tqdm import tqdm
 from deepemd.eval import write_results
 from deepemd.fewshot import build, distributed
 from deepemd.fewshot.checkpoints import (BEST, LAST, load_training_state, merge_history, restore_rng,
-                                         save_training_state)
+                                         save_training_state, val_note)
 from deepemd.fewshot.config import TrainConfig
 from deepemd.fewshot.episodes import check_episode_size, episode_indices, episode_labels, evaluate
 from deepemd.fewshot.features import extract
@@ -146,8 +146,7 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
                 save_training_state(out / BEST, **save)
             write_results(merge_history(out, history), out, name="history", float_format="%.6g")
             print(f"meta-train epoch {epoch}: loss {history[-1]['loss']:.3f} episode acc "
-                  f"{history[-1]['train_accuracy']:.1f}% val acc {val_acc:.2f}% "
-                  f"(best {best['accuracy']:.2f}% @ {best['epoch']})", flush=True)
+                  f"{history[-1]['train_accuracy']:.1f}% " + val_note(val_acc, best), flush=True)
         distributed.barrier(rank)
     return backbone
 

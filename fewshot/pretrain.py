@@ -22,7 +22,7 @@ from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
 from deepemd.fewshot import build, distributed
 from deepemd.fewshot.checkpoints import (BEST, LAST, load_training_state, merge_history, restore_rng,
-                                         save_training_state)
+                                         save_training_state, val_note)
 from deepemd.fewshot.config import PretrainConfig
 from deepemd.fewshot.episodes import check_episode_size, evaluate
 from deepemd.fewshot.features import extract
@@ -168,8 +168,7 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
                 save_training_state(out / BEST, **save)
             write_results(merge_history(out, history), out, name="history", float_format="%.6g")
             print(f"pretrain epoch {epoch}: loss {history[-1]['loss']:.3f} "
-                  f"train acc {history[-1]['train_accuracy']:.1f}% val acc {val_acc:.2f}% "
-                  f"(best {best['accuracy']:.2f}% @ {best['epoch']})", flush=True)
+                  f"train acc {history[-1]['train_accuracy']:.1f}% " + val_note(val_acc, best), flush=True)
         distributed.barrier(rank)
     return backbone
 
