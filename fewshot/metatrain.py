@@ -12,6 +12,7 @@ validated first, so meta-training never hands back a model worse than where it s
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,10 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
     build.seed_everything(cfg.seed)
     train, val = build.train_val_splits(cfg, cfg.val_split, cfg.val_fraction, cfg.way, cfg.val_episodes > 0)
     check_episode_size(train.labels, cfg.way, cfg.shot, cfg.query, "train split")
+    if len(train.classes) < 2 * cfg.way:
+        warnings.warn(f"only {len(train.classes)} train classes for {cfg.way}-way episodes: every episode is "
+                      "(nearly) the same task, and meta-training tends to specialise to these classes "
+                      "(on Fashion-MNIST's 5 classes it cost 16 points on the test classes)", stacklevel=2)
     if val is not None:
         check_episode_size(val.labels, cfg.way, cfg.shot, cfg.query, "validation split")
     backbone = build.create_backbone(cfg, cfg.init).to(device)
