@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from deepemd.emd import pairwise_similarity
 from deepemd.eval import write_results
 from deepemd.fewshot import build, distributed
 from deepemd.fewshot.checkpoints import (BEST, LAST, load_training_state, merge_history, restore_rng,
@@ -30,7 +31,6 @@ from deepemd.fewshot.config import TrainConfig
 from deepemd.fewshot.episodes import check_episode_size, episode_indices, episode_labels, evaluate
 from deepemd.fewshot.features import extract
 from deepemd.fewshot.methods import MethodOptions, emd_fusion, emd_nn
-from deepemd.fewshot.scoring import episode_similarity
 from deepemd.io import load_state_dict_checked
 
 
@@ -48,8 +48,8 @@ class EpisodeNet(nn.Module):
         sets = self.extractor(images)
         n_support = self.way * self.shot
         support = sets[:n_support].reshape(self.way, self.shot, *sets.shape[1:]).mean(dim=1)
-        return episode_similarity(sets[n_support:], support, weights=self.weights, solver=self.solver,
-                                  temperature=self.temperature, center=self.center)
+        return pairwise_similarity(sets[n_support:], support, weights=self.weights, solver=self.solver,
+                                   temperature=self.temperature, center=self.center)
 
 
 @torch.no_grad()

@@ -13,10 +13,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from deepemd.emd import pairwise_similarity
 from deepemd.emd.sfc import SFCFit, fit_sfc
 from deepemd.errors import DeepEMDError
 from deepemd.fewshot.features import FeatureCache
-from deepemd.fewshot.scoring import episode_similarity
 
 
 @dataclass
@@ -51,8 +51,8 @@ Method = Callable[[Episode], torch.Tensor]
 
 
 def _emd(a: torch.Tensor, b: torch.Tensor, o: MethodOptions) -> torch.Tensor:
-    return episode_similarity(a, b, weights=o.weights, solver=o.solver, temperature=o.temperature,
-                              center=o.center)
+    return pairwise_similarity(a, b, weights=o.weights, solver=o.solver, temperature=o.temperature,
+                               center=o.center)
 
 
 def _to_each_support(ep: Episode, o: MethodOptions) -> torch.Tensor:
@@ -97,8 +97,7 @@ def emd_sfc(o: MethodOptions) -> Method:
     def run(ep: Episode) -> torch.Tensor:
         gen = torch.Generator().manual_seed(o.seed)
         layer = fit_sfc(ep.support.local, ep.support_labels, ep.way, o.sfc, gen, weights=o.weights,
-                        solver=o.solver, temperature=o.temperature, center=o.center,
-                        scorer=episode_similarity)
+                        solver=o.solver, temperature=o.temperature, center=o.center)
         with torch.no_grad():
             return layer(ep.query.local)
     return run

@@ -15,7 +15,6 @@ import sys
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 
 from deepemd.emd.api import pairwise_similarity, similarity, solve
