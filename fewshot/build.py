@@ -42,7 +42,10 @@ def layout_of(opts: DataOptions) -> str:
 
 
 def read_split(opts: DataOptions, split: str) -> data.ImageList:
-    return data.read_layout(layout_of(opts), resolve_root(opts), split)
+    """A split's images; with ``--skip-bad`` unreadable files are dropped (counted in a warning)
+    before any episode or label is built from the list."""
+    images = data.read_layout(layout_of(opts), resolve_root(opts), split)
+    return data.drop_unreadable(images)[0] if opts.skip_bad else images
 
 
 def keep_classes(images: data.ImageList, keep: np.ndarray) -> data.ImageList:

@@ -22,6 +22,7 @@ class DataOptions:
     workers: int = 0
     seed: int = 0
     device: Optional[str] = None
+    skip_bad: bool = False
     out: str = "runs/fewshot"
 
     __field_docs__ = {
@@ -33,6 +34,7 @@ class DataOptions:
         "workers": "DataLoader worker processes",
         "seed": "seed for episodes, shuffling and initialisation",
         "device": "cpu, cuda, cuda:1 (default: CUDA if available)",
+        "skip_bad": "skip unreadable, truncated or oversized images (counted in a warning) instead of stopping",
         "out": "output folder (checkpoints, results.csv, results.md, pictures)",
     }
 

@@ -54,3 +54,14 @@ def test_skip_bad_turns_the_corrupt_image_error_into_a_counted_skip(tmp_path):
 
     frame = pd.read_csv(tmp_path / "out" / "results.csv")
     assert list(frame["method"]) == ["raw", "+DeepEMD-FCN"]
+
+
+def test_fewshot_skip_bad_drops_the_truncated_image(tmp_path):
+    from cli_bad_inputs import _fewshot_test, _truncated_image
+    from deepemd.cli import main
+
+    argv, _ = _truncated_image(tmp_path)
+    root = argv[argv.index("--data-root") + 1]
+    with pytest.warns(UserWarning, match="skipped 1 of"):
+        code = main(_fewshot_test(root, tmp_path / "fs", "--methods", "protonet", "--skip-bad"))
+    assert code == 0 and (tmp_path / "fs" / "results.csv").is_file()
