@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from deepemd.errors import DeepEMDError
-from deepemd.io import load_checkpoint, save_checkpoint
+from deepemd.fewshot import distributed
+from deepemd.io import load_checkpoint, load_state_dict_checked, save_checkpoint
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -81,3 +82,18 @@ def val_note(val_acc: float, best: dict) -> str:
     if val_acc != val_acc:  # NaN: val_episodes 0
         return "no validation (last epoch kept)"
     return f"val acc {val_acc:.2f}% (best {best['accuracy']:.2f}% @ {best['epoch']})"
+
+
+def run_keeping_best(body: Callable[..., nn.Module], cfg: Any, progress: bool, load_best: bool) -> nn.Module:
+    """Run a training ``body(cfg, rank, device, progress)`` in its (possibly distributed) process
+    group and return its backbone: the best on validation (``load_best``, read from
+    ``OUT/best.pt`` after every rank finished), else the last epoch's."""
+    rank, device = distributed.setup(cfg.device)
+    try:
+        backbone = body(cfg, rank, device, progress and rank.main)
+        best = Path(cfg.out) / BEST
+        if load_best and best.is_file():
+            load_state_dict_checked(backbone, load_training_state(best)["backbone"], best)
+        return backbone
+    finally:
+        distributed.teardown(rank)

@@ -26,7 +26,7 @@ from deepemd.emd import pairwise_similarity
 from deepemd.eval import write_results
 from deepemd.fewshot import build, distributed
 from deepemd.fewshot.checkpoints import (BEST, LAST, load_training_state, merge_history, restore_rng,
-                                         save_training_state, val_note)
+                                         run_keeping_best, save_training_state, val_note)
 from deepemd.fewshot.config import TrainConfig
 from deepemd.fewshot.episodes import check_episode_size, episode_indices, episode_labels, evaluate
 from deepemd.fewshot.features import extract
@@ -68,15 +68,7 @@ def validate(cfg: TrainConfig, backbone: nn.Module, extractor: nn.Module, val_se
 def meta_train(cfg: TrainConfig, progress: bool = True, load_best: bool = True) -> nn.Module:
     """Run (or resume) meta-training; returns the backbone: the best on validation
     (``load_best``, read from ``OUT/best.pt`` after every rank finished), else the last epoch's."""
-    rank, device = distributed.setup(cfg.device)
-    try:
-        backbone = _meta_train(cfg, rank, device, progress and rank.main)
-        best = Path(cfg.out) / BEST
-        if load_best and best.is_file():
-            load_state_dict_checked(backbone, load_training_state(best)["backbone"], best)
-        return backbone
-    finally:
-        distributed.teardown(rank)
+    return run_keeping_best(_meta_train, cfg, progress, load_best)
 
 
 def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, progress: bool) -> nn.Module:

@@ -22,7 +22,7 @@ from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
 from deepemd.fewshot import build, distributed
 from deepemd.fewshot.checkpoints import (BEST, LAST, load_training_state, merge_history, restore_rng,
-                                         save_training_state, val_note)
+                                         run_keeping_best, save_training_state, val_note)
 from deepemd.fewshot.config import PretrainConfig
 from deepemd.fewshot.episodes import check_episode_size, evaluate
 from deepemd.fewshot.features import extract
@@ -91,15 +91,7 @@ def validate(cfg: PretrainConfig, backbone: nn.Module, val_set, device: torch.de
 def pretrain(cfg: PretrainConfig, progress: bool = True, load_best: bool = True) -> nn.Module:
     """Run (or resume) pre-training; returns the backbone: the best on validation
     (``load_best``, read from ``OUT/best.pt`` after every rank finished), else the last epoch's."""
-    rank, device = distributed.setup(cfg.device)
-    try:
-        backbone = _pretrain(cfg, rank, device, progress and rank.main)
-        best = Path(cfg.out) / BEST
-        if load_best and best.is_file():
-            load_state_dict_checked(backbone, load_training_state(best)["backbone"], best)
-        return backbone
-    finally:
-        distributed.teardown(rank)
+    return run_keeping_best(_pretrain, cfg, progress, load_best)
 
 
 def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device, progress: bool) -> nn.Module:

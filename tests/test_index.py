@@ -20,15 +20,6 @@ from deepemd.retrieval import index as ix
 D = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    """The test machine's cores are shared; OpenMP spin-waiting makes multi-threaded FAISS slower."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
 def clustered(n: int, q: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((40, D)).astype(np.float32)

@@ -16,14 +16,6 @@ from deepemd.retrieval.evaluate import flat_shortlist
 from deepemd.retrieval.rerank import RerankSettings, rerank
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def clustered(n_classes=4, per_class=6, dim=8, noise=0.9, seed=0):
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(n_classes, dim))

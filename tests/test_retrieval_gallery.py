@@ -18,14 +18,6 @@ from deepemd.retrieval.config import IndexConfig, SearchConfig
 from deepemd.retrieval.search import run_index, run_search
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 MODEL = dict(backbone="efficientnet_lite0", weights="imagenet", image_size=64, pyramid=(2, 1), batch_size=16)
 
 

@@ -23,15 +23,6 @@ from deepemd.retrieval.distributed import DistributedMPerClassSampler
 from deepemd.retrieval.train import train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two torch threads per process on a shared 2-core box thrash (10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(root: Path, out: Path, **kw) -> TrainConfig:
     """resnet18 at 32 px (1x1 map): a few milliseconds per step on one core."""
     base = dict(data_root=str(root), split="all", backbone="resnet18", weights="none", embed_dim=8,
