@@ -97,3 +97,23 @@ def run_keeping_best(body: Callable[..., nn.Module], cfg: Any, progress: bool, l
         return backbone
     finally:
         distributed.teardown(rank)
+
+
+def sgd_with_steps(model: nn.Module, cfg: Any) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.StepLR]:
+    """The authors' optimiser for both stages: SGD (Nesterov when momentum > 0), step decay."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+
+
+def resume_from(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                scheduler: Any) -> tuple[int, dict[str, Any]]:
+    """Restore a training state (each module under its saved key, optimiser, schedule, RNGs);
+    return the epoch to continue with and the best-so-far record."""
+    state = load_training_state(path)
+    for key, module in modules.items():
+        load_state_dict_checked(module, state[key], path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state["rng"])
+    return state["epoch"] + 1, dict(state["best"])

@@ -25,13 +25,12 @@ from tqdm import tqdm
 from deepemd.emd import pairwise_similarity
 from deepemd.eval import write_results
 from deepemd.fewshot import build, distributed
-from deepemd.fewshot.checkpoints import (BEST, LAST, load_training_state, merge_history, restore_rng,
-                                         run_keeping_best, save_training_state, val_note)
+from deepemd.fewshot.checkpoints import (BEST, LAST, merge_history, resume_from, run_keeping_best,
+                                         save_training_state, sgd_with_steps, val_note)
 from deepemd.fewshot.config import TrainConfig
 from deepemd.fewshot.episodes import check_episode_size, episode_indices, episode_labels, evaluate
 from deepemd.fewshot.features import extract
 from deepemd.fewshot.methods import MethodOptions, emd_fusion, emd_nn
-from deepemd.io import load_state_dict_checked
 
 
 class EpisodeNet(nn.Module):
@@ -87,18 +86,11 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
     # Episodes are not augmented (the authors' meta-training uses the test-time resize + crop).
     train_set = build.dataset(train, cfg, backbone, train=False)
     val_set = build.dataset(val, cfg, backbone, train=False) if val is not None else None
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    optimizer, scheduler = sgd_with_steps(model, cfg)
     out = Path(cfg.out)
     start_epoch, best = 0, {"accuracy": -1.0, "epoch": -1}
     if cfg.resume and (out / LAST).is_file():
-        state = load_training_state(out / LAST)
-        load_state_dict_checked(backbone, state["backbone"], out / LAST)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
-        start_epoch, best = state["epoch"] + 1, dict(state["best"])
+        start_epoch, best = resume_from(out / LAST, {"backbone": backbone}, optimizer, scheduler)
     elif rank.main and val_set is not None:  # epoch -1 = the starting point, a candidate for best.pt
         start_acc = validate(cfg, backbone, extractor, val_set, device, progress)
         best = {"accuracy": start_acc, "epoch": -1}

@@ -21,13 +21,12 @@ from deepemd import local
 from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
 from deepemd.fewshot import build, distributed
-from deepemd.fewshot.checkpoints import (BEST, LAST, load_training_state, merge_history, restore_rng,
-                                         run_keeping_best, save_training_state, val_note)
+from deepemd.fewshot.checkpoints import (BEST, LAST, merge_history, resume_from, run_keeping_best,
+                                         save_training_state, sgd_with_steps, val_note)
 from deepemd.fewshot.config import PretrainConfig
 from deepemd.fewshot.episodes import check_episode_size, evaluate
 from deepemd.fewshot.features import extract
 from deepemd.fewshot.methods import MethodOptions, emd_nn, protonet
-from deepemd.io import load_state_dict_checked
 
 #: Rotations (multiples of 90 degrees) the self-supervised head predicts.
 ROTATIONS = 4
@@ -106,19 +105,11 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
     model = PretrainNet(backbone, heads).to(device)
     train_set = build.dataset(train, cfg, backbone, train=True)
     val_set = build.dataset(val, cfg, backbone, train=False) if val is not None else None
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    optimizer, scheduler = sgd_with_steps(model, cfg)
     out = Path(cfg.out)
     start_epoch, best = 0, {"accuracy": -1.0, "epoch": -1}
     if cfg.resume and (out / LAST).is_file():
-        state = load_training_state(out / LAST)
-        load_state_dict_checked(backbone, state["backbone"], out / LAST)
-        load_state_dict_checked(heads, state["heads"], out / LAST)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
-        start_epoch, best = state["epoch"] + 1, dict(state["best"])
+        start_epoch, best = resume_from(out / LAST, {"backbone": backbone, "heads": heads}, optimizer, scheduler)
     ddp_model = distributed.wrap(model, rank, device)
     if rank.distributed:
         sampler = DistributedSampler(train_set, rank.world, rank.rank, shuffle=True, seed=cfg.seed, drop_last=True)
