@@ -5,10 +5,10 @@ from typing import Callable, Iterator, Union
 
 import torch
 
-from deepemd.emd.checks import check_features, check_problem, check_set_pair
+from deepemd.emd.checks import check_features, check_problem, check_set_pair, require_finite
 from deepemd.emd.features import (working_dtype, cost_matrix, cross_reference_weights,
-                                  pair_costs, pair_cross_weights, pair_uniform_weights,
-                                  uniform_weights, unit_nodes)
+                                  node_norms, pair_costs, pair_cross_weights, pair_dots,
+                                  pair_uniform_weights, uniform_weights)
 from deepemd.emd.layer import ExactEMD
 from deepemd.emd.reference import solve_opencv, solve_qpth
 from deepemd.emd.sinkhorn import solve_sinkhorn
@@ -107,11 +107,12 @@ def pairwise_similarity(a: torch.Tensor, b: torch.Tensor, weights: str = "cross"
     the numbers of :func:`similarity` on each pair (``weights`` "cross" or "uniform").
 
     Built for reranking (1 x K) and episodes (queries x supports), where the same sets recur
-    in many pairs: ``a`` and ``b`` are validated and normalised once, a block of pairs gets its
-    costs from one matmul and its weights from two matmuls against the set means (no per-pair
-    copies of the features), and each block of at most ``chunk`` pairs is one batched solve,
-    so memory stays ``O(chunk * m * n)`` however large P x Q is. Differentiable w.r.t. ``a``
-    and ``b``.
+    in many pairs: ``a`` and ``b`` are validated once, a block of pairs gets its node dot
+    products from one matmul, its costs from those over the node norms and (uncentred cross
+    weights) its weights from their row and column means, so the features are read about
+    twice in all and never copied per pair; each block of at most ``chunk`` pairs is one
+    batched solve, so memory stays ``O(chunk * m * n)`` however large P x Q is.
+    Differentiable w.r.t. ``a`` and ``b``.
     """
     if not isinstance(weights, str) or weights not in PAIR_WEIGHTS:
         raise DeepEMDError(f"unknown weights {weights!r} for pairwise scoring",
@@ -121,11 +122,20 @@ def pairwise_similarity(a: torch.Tensor, b: torch.Tensor, weights: str = "cross"
     check_set_pair(a, b)
     dtype = working_dtype(a)
     a, b = a.to(dtype), b.to(dtype)
-    an, bn = unit_nodes(a, dtype, center), unit_nodes(b, dtype, center)
+    ac, bc = (a - a.mean(dim=-1, keepdim=True), b - b.mean(dim=-1, keepdim=True)) if center \
+        else (a, b)
+    norms_a, norms_b = node_norms(ac), node_norms(bc)
+    require_finite("a", a, norms_a)
+    require_finite("b", b, norms_b)
     scores = []
     for rows, cols in _pair_blocks(a.shape[0], b.shape[0], chunk):
-        wu, wv = PAIR_WEIGHTS[weights](a[rows], b[cols])
-        dist, _ = solve(pair_costs(an[rows], bn[cols]), wu, wv, solver=solver, **opts)
+        dots = pair_dots(ac[rows], bc[cols])
+        if weights == "cross" and not center:
+            wu, wv = pair_cross_weights(a[rows], b[cols], dots=dots)
+        else:
+            wu, wv = PAIR_WEIGHTS[weights](a[rows], b[cols])
+        dist, _ = solve(pair_costs(dots, norms_a[rows], norms_b[cols]), wu, wv, solver=solver,
+                        **opts)
         scores.append(_score(dist, wu, wv, temperature))
     if not scores:
         return torch.zeros(a.shape[0], b.shape[0], dtype=dtype, device=a.device)

@@ -2,6 +2,7 @@
 surfaces three layers later (or a solver that loops on garbage)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from deepemd.errors import DeepEMDError
@@ -15,15 +16,29 @@ def _require_float(name: str, t: torch.Tensor) -> None:
                            fix=f"convert with {name}.float()")
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def _all_finite(t: torch.Tensor, summary: torch.Tensor | None = None) -> bool:
     """Whether every element is finite. A finite sum proves it (NaN and inf propagate through
-    a sum), and ``t.sum()`` is ~30x cheaper than torch's CPU ``isfinite(t).all()``; only a
-    non-finite sum (a bad value, or an overflow of finite values) needs the full check."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    a sum), and a sum is ~30x cheaper than torch's CPU ``isfinite(t).all()``; only a non-finite
+    sum (a bad value, or an overflow of finite values) needs the full check. ``summary``: a
+    smaller tensor the caller already computed from ``t`` through which a NaN or inf would
+    propagate the same way (node norms), summed instead of ``t``.
+
+    CPU tensors are summed by numpy: a torch reduction this size opens an OpenMP region whose
+    worker then spins for milliseconds, taking a core from the exact solver's threads that run
+    right after this check (measured: a 1,000-problem solve 5.8 -> 9.7 ms on 2 cores)."""
+    probe = t if summary is None else summary
+    if probe.device.type == "cpu" and probe.dtype in (torch.float16, torch.float32, torch.float64):
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow: the full check decides
+            if np.isfinite(probe.detach().numpy().sum()):
+                return True
+    elif bool(torch.isfinite(probe.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
-def _require_finite(name: str, t: torch.Tensor) -> None:
-    if t.numel() and not _all_finite(t):
+def require_finite(name: str, t: torch.Tensor, summary: torch.Tensor | None = None) -> None:
+    """One clear error if ``t`` holds NaN or inf (``summary``: see :func:`_all_finite`)."""
+    if t.numel() and not _all_finite(t, summary):
         raise DeepEMDError(f"{name} contains NaN or inf values",
                            fix="check the network output (diverged training, bad input image)")
 
@@ -50,17 +65,16 @@ def check_features(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torc
     _check_node_sets(("u", "v"), u, v)
     if u.shape[0] != v.shape[0]:
         raise DeepEMDError(f"u {tuple(u.shape)} and v {tuple(v.shape)} must agree in batch size")
-    _require_finite("u", u)
-    _require_finite("v", v)
+    require_finite("u", u)
+    require_finite("v", v)
     return u, v
 
 
 def check_set_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     """Two collections of node sets ``(P,m,d)`` and ``(Q,n,d)`` to score all against all:
-    validated once for the whole P x Q, not once per pair."""
+    validated once for the whole P x Q, not once per pair. Shapes only: the caller checks the
+    values with :func:`require_finite` on the node norms it computes anyway."""
     _check_node_sets(("a", "b"), a, b)
-    _require_finite("a", a)
-    _require_finite("b", b)
 
 
 def check_problem(cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor) -> None:
@@ -78,7 +92,7 @@ def check_problem(cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor) -> Non
     if m == 0 or n == 0:
         raise DeepEMDError(f"cost {tuple(cost.shape)} has an empty side: every set needs a node")
     for name, t in (("cost", cost), ("wu", wu), ("wv", wv)):
-        _require_finite(name, t)
+        require_finite(name, t)
     if b == 0:
         return
     for name, w in (("wu", wu), ("wv", wv)):

@@ -4,23 +4,36 @@ One call solves a whole batch with no Python per problem: a ``nogil`` kernel sol
 problems with one workspace, and a thread pool hands ranges of the batch to its threads
 (dynamically). Per problem:
 
-1. start: a row-minimum greedy basic solution, rows by decreasing regret (each allocation
-   closes exactly one row or column, so the basis is a spanning tree of ``m + n - 1`` cells,
-   zero-flow cells kept where the problem is degenerate, e.g. uniform weights with m == n);
-2. MODI duals ``alpha_i + beta_j = c_ij`` on the basis tree (rooted at row 0, parents kept);
-3. price (Dantzig): the cell with the most negative reduced cost enters, found with a
-   vectorised row minimum; the tree path closes the cycle; the leaving cell is the smallest
-   flow against the cycle, ties broken by Cunningham's rule (last blocking cell in cycle order
-   from the apex) so degenerate pivots are deterministic; only the re-hung subtree gets new
-   parents and duals;
-4. repeat until no reduced cost is below ``-tol`` (``1e-12`` times the largest |cost|).
+1. integer costs: ``c`` is scaled so that ``max |c|`` is ``2**bits`` (52 for DeepEMD's sizes)
+   and truncated to int64. The simplex then runs on exact integers: duals, reduced costs and
+   the optimality test (every reduced cost ``>= 0``) have no rounding and need no tolerance,
+   and LLVM vectorises integer minimum reductions, which it does not do for floats under numba
+   (the pricing scan is ~3x faster). The answer is optimal for costs within ``max|c| * 2**-52``
+   of the real ones; the distance is then computed from the real costs;
+2. start: a row-minimum greedy basic solution, rows by decreasing regret (second-cheapest minus
+   cheapest cost). Each allocation closes exactly one row or column and the closed node hangs
+   under the other end of its cell, so the start builds the basis tree (``m + n - 1`` cells,
+   zero-flow cells kept where the problem is degenerate) with parents, edge flows, descendant
+   masks and duals in the same pass;
+3. price (Dantzig): the cell with the most negative reduced cost enters (a vectorised integer
+   minimum per row);
+4. pivot: the cycle is the tree path between the entering row and column, found by walking up
+   from the row until a node whose descendant bitmask holds the column (the apex); the leaving
+   cell is the smallest flow against the cycle, ties broken by Cunningham's rule (last blocking
+   cell in cycle order from the apex) so degenerate pivots are deterministic. The cut subtree
+   is re-hung by reversing the parents on one path, its bitmask is moved between the two
+   ancestor paths, and its duals shift by the entering reduced cost in one vectorised,
+   branch-free pass over the bitmask (no traversal of the subtree);
+5. repeat until no reduced cost is negative. Duals are returned as floats, the integer duals
+   divided by the scale.
 
-Everything is float64. A problem that reaches the pivot cap (a guard against cycling on
-degenerate problems; not reached in the tests) is re-solved by POT's network simplex, so the
-result is always exact; ``ExactSolution.pivots`` says which (-1).
+A problem that reaches the pivot cap (a guard against cycling on degenerate problems; not
+reached in the tests) is re-solved by POT's network simplex, so the result is always exact;
+``ExactSolution.pivots`` says which (-1).
 """
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -30,42 +43,63 @@ import torch
 from numba import njit
 
 MAX_PIVOTS_PER_CELL = 50
-#: Added to closed columns' costs in the start (finite: the minimum runs with fastmath).
-CLOSED = 1e300
+#: Added to closed columns' integer costs in the start so the row minimum skips them.
+CLOSED = 1 << 61
+#: Larger than any reduced cost (costs are at most 2**52 and duals sum fewer than 2**8 of them).
+INT_INF = 1 << 62
 #: Smaller batches run on the calling thread.
 PARALLEL_MIN_BATCH = 16
 
 
 @njit(cache=True)
-def _argmin_shifted(row, shift) -> tuple:
-    """``(j, min_j row_j - shift_j)``, first index on ties: a vectorised minimum, then a
-    vectorised search for the first index holding it (an integer minimum over a select; an
-    early-exit search mispredicts its exit branch on every call)."""
-    best = _row_min(row, shift)
-    n = row.shape[0]
-    k = n
-    for j in range(n):
-        k = min(k, j if row[j] - shift[j] == best else n)
-    if k < n:
-        return k, best
-    # Only if the fast minimum rounded differently: a plain argmin is always right.
-    k = 0
-    for j in range(1, n):
-        if row[j] - shift[j] < row[k] - shift[k]:
-            k = j
-    return k, row[k] - shift[k]
+def cost_bits(nodes: int) -> int:
+    """Bits of the integer costs: 52 (a double's precision), fewer for huge problems so that
+    duals (sums of up to ``nodes`` costs) and reduced costs stay inside int64."""
+    return min(52, 61 - math.ceil(math.log2(2 * nodes + 1)))
 
 
 @njit(cache=True)
-def _two_smallest(row, shift) -> tuple:
-    """The smallest and second-smallest ``row_j - shift_j`` in one branch-free pass."""
-    first = 2.0 * CLOSED
-    second = 2.0 * CLOSED
+def _row_min(row, shift) -> int:
+    """``min_j row_j - shift_j`` (a vectorised integer reduction)."""
+    best = INT_INF
     for j in range(row.shape[0]):
-        v = row[j] - shift[j]
-        second = min(second, max(first, v))
-        first = min(first, v)
-    return first, second
+        best = min(best, row[j] - shift[j])
+    return best
+
+
+@njit(cache=True)
+def _first_equal(row, shift, value) -> int:
+    """First ``j`` with ``row_j - shift_j == value``: an integer minimum over a select, which
+    vectorises (an early-exit search mispredicts its exit on every call)."""
+    n = row.shape[0]
+    k = n
+    for j in range(n):
+        k = min(k, j if row[j] - shift[j] == value else n)
+    return k
+
+
+@njit(cache=True)
+def _min_except(row, k) -> int:
+    """``min_{j != k} row_j``: the second-smallest entry when ``k`` is the smallest's index."""
+    best = INT_INF
+    for j in range(row.shape[0]):
+        best = min(best, row[j] + (CLOSED if j == k else 0))
+    return best
+
+
+@njit(cache=True)
+def _integer_costs(c, ci, bits: int) -> float:
+    """``ci = trunc(c * scale)`` with ``max |ci| = 2**bits``; returns the scale."""
+    m, n = c.shape
+    cmax = 0.0
+    for i in range(m):
+        for j in range(n):
+            cmax = max(cmax, abs(c[i, j]))
+    scale = 2.0 ** bits / cmax if cmax > 0 else 1.0
+    for i in range(m):
+        for j in range(n):
+            ci[i, j] = np.int64(c[i, j] * scale)
+    return scale
 
 
 @njit(cache=True)
@@ -82,264 +116,247 @@ def _order_by_decreasing(key, order, m: int) -> None:
 
 
 @njit(cache=True)
-def _greedy_start(c, a, b, x, radj, rdeg, cadj, cdeg, rb, shift, row_order, regret):
-    """Row-minimum start, rows taken by decreasing regret (second-cheapest minus cheapest
-    cost, the Vogel idea at a fraction of Vogel's cost): each row ships to its cheapest open
-    columns until it is empty. Every allocation closes exactly one row or column, so the basis
-    is a spanning tree of m + n - 1 cells (zero-flow cells kept on ties). A closed column gets
-    ``shift = -CLOSED`` so that the vectorised row minimum skips it."""
-    m, n = c.shape
+def _greedy_start(ci, a, b, shift, row_order, regret, rb, parent, tflow, closed, desc, pot
+                  ) -> int:
+    """Row-minimum start, rows by decreasing regret (the Vogel idea at a fraction of Vogel's
+    cost): each row ships to its cheapest open columns until it is empty.
+
+    Every allocation closes exactly one row or column; the closed node becomes the child of the
+    cell's other end, which closes later or is the root (the last row, which takes every
+    remaining column). So ``closed`` is a bottom-up order of the tree: descendant masks are
+    accumulated along it and duals assigned against it. Node ids: rows ``0..m-1``, columns
+    ``m..m+n-1``; ``tflow[v]`` is the flow on the cell joining ``v`` to its parent. Returns
+    the root."""
+    m, n = ci.shape
+    nodes = m + n
     for j in range(n):
-        shift[j] = 0.0
+        shift[j] = 0
     for i in range(m):
-        first, second = _two_smallest(c[i], shift)
-        regret[i] = second - first if n > 1 else 0.0
+        first = _row_min(ci[i], shift)
+        regret[i] = _min_except(ci[i], _first_equal(ci[i], shift, first)) - first if n > 1 else 0
     _order_by_decreasing(regret, row_order, m)
     for j in range(n):
         rb[j] = b[j]
-        cdeg[j] = 0
-    for i in range(m):
-        rdeg[i] = 0
-    remaining_cols = n
-    for ii in range(m):
-        i = row_order[ii]
-        last = ii == m - 1
+    count = 0
+    open_cols = n
+    for k in range(m - 1):
+        i = row_order[k]
         ra = a[i]
-        while remaining_cols > 0:
-            bj, _ = _argmin_shifted(c[i], shift)
-            radj[i, rdeg[i]] = bj
-            rdeg[i] += 1
-            cadj[bj, cdeg[bj]] = i
-            cdeg[bj] += 1
+        while True:
+            j = _first_equal(ci[i], shift, _row_min(ci[i], shift))
             # Close the row (keeping the column) when it is exhausted; the last open column is
             # never closed before the last row, so rounding cannot disconnect the tree.
-            if not last and (rb[bj] >= ra or remaining_cols == 1):
-                x[i, bj] = ra
-                rb[bj] -= ra
+            if rb[j] >= ra or open_cols == 1:
+                parent[i] = m + j
+                tflow[i] = ra
+                rb[j] -= ra
+                closed[count] = i
+                count += 1
                 break
-            if not last:
-                x[i, bj] = rb[bj]
-                ra -= rb[bj]
-            else:  # last row takes every remaining column's demand
-                x[i, bj] = max(rb[bj], 0.0)
-            shift[bj] = -CLOSED
-            remaining_cols -= 1
-
-
-@njit(cache=True)
-def _duals(c, alpha, beta, radj, rdeg, cadj, cdeg, parent, depth, order):
-    """MODI duals on the basis tree rooted at row 0 (alpha_0 = 0), with parents and depths."""
-    m, n = c.shape
-    alpha[0] = 0.0
-    parent[0] = -1
-    depth[0] = 0
-    order[0] = 0
-    head = 0
-    tail = 1
-    while head < tail:
-        node = order[head]
-        head += 1
-        if node < m:
-            for k in range(rdeg[node]):
-                child = m + radj[node, k]
-                if child != parent[node]:
-                    parent[child] = node
-                    depth[child] = depth[node] + 1
-                    beta[child - m] = c[node, child - m] - alpha[node]
-                    order[tail] = child
-                    tail += 1
-        else:
-            j = node - m
-            for k in range(cdeg[j]):
-                child = cadj[j, k]
-                if child != parent[node]:
-                    parent[child] = node
-                    depth[child] = depth[node] + 1
-                    alpha[child] = c[child, j] - beta[j]
-                    order[tail] = child
-                    tail += 1
-
-
-@njit(cache=True, fastmath=True)
-def _row_min(row, beta) -> float:
-    """``min_j row_j - beta_j``; fastmath lets LLVM vectorise the reduction (pricing is most of
-    the work per pivot)."""
-    best = np.inf
-    for j in range(row.shape[0]):
-        best = min(best, row[j] - beta[j])
-    return best
-
-
-@njit(cache=True)
-def _price(c, alpha, beta, threshold: float) -> tuple:
-    """Dantzig pricing: the cell with the most negative reduced cost below ``threshold``,
-    found row by row with a vectorised minimum, then located in the winning row."""
-    m, n = c.shape
-    best = threshold
-    ei = -1
-    for i in range(m):
-        r = _row_min(c[i], beta) - alpha[i]
-        if r < best:
-            best = r
-            ei = i
-    if ei < 0:
-        return -1, -1
-    ej, _ = _argmin_shifted(c[ei], beta)
-    return ei, ej
+            parent[m + j] = i
+            tflow[m + j] = rb[j]
+            ra -= rb[j]
+            closed[count] = m + j
+            count += 1
+            shift[j] = -CLOSED
+            open_cols -= 1
+    root = row_order[m - 1]
+    parent[root] = -1
+    for j in range(n):  # the last row takes every remaining column's demand
+        if shift[j] == 0:
+            parent[m + j] = root
+            tflow[m + j] = max(rb[j], 0.0)
+            closed[count] = m + j
+            count += 1
+    words = desc.shape[1]
+    for v in range(nodes):
+        for w in range(words):
+            desc[v, w] = 0
+        desc[v, v >> 6] = 1 << (v & 63)
+    for t in range(nodes - 1):
+        v = closed[t]
+        for w in range(words):
+            desc[parent[v], w] |= desc[v, w]
+    pot[root] = 0
+    for t in range(nodes - 2, -1, -1):
+        v = closed[t]
+        p = parent[v]
+        pot[v] = ci[v, p - m] - pot[p] if v < m else ci[p, v - m] - pot[p]
+    return root
 
 
 @njit(cache=True, inline="always")
-def _remove(adj, deg, owner: int, value: int) -> None:
-    for k in range(deg[owner]):
-        if adj[owner, k] == value:
-            deg[owner] -= 1
-            adj[owner, k] = adj[owner, deg[owner]]
-            return
+def _holds(desc, node: int, q: int) -> bool:
+    """Whether ``q`` is in the subtree of ``node``."""
+    return (desc[node, q >> 6] >> (q & 63)) & 1 == 1
 
 
 @njit(cache=True)
-def _solve_one(c, a, b, x, alpha, beta, radj, rdeg, cadj, cdeg, parent, depth, order,
-               ra, rb, shift, jpath, ipath, max_pivots):
-    """Solve one problem in place (x zeroed on entry); returns the pivot count, -1 on cap."""
+def _rehang(parent, tflow, desc, path, cut: int, new_parent: int, theta: float, moved,
+            old_up, new_up) -> None:
+    """Remove the cell joining ``path[cut]`` to its parent and hang the cut-off subtree from
+    ``path[0]`` under ``new_parent`` (the entering cell, flow ``theta``).
+
+    Parents and edge flows reverse along ``path[0..cut]``; the subtree's mask (``moved``)
+    leaves the old ancestors below the apex (``old_up``) and joins the new ones (``new_up``);
+    on the reversed path each node keeps its old descendants except the branch it now hangs
+    from, plus its new child's."""
+    words = desc.shape[1]
+    for w in range(words):
+        moved[w] = desc[path[cut], w]
+    for v in old_up:
+        for w in range(words):
+            desc[v, w] &= ~moved[w]
+    for v in new_up:
+        for w in range(words):
+            desc[v, w] |= moved[w]
+    for t in range(cut, 0, -1):
+        for w in range(words):
+            desc[path[t], w] &= ~desc[path[t - 1], w]
+            if t < cut:
+                desc[path[t], w] |= desc[path[t + 1], w]
+    for w in range(words):
+        desc[path[0], w] = moved[w]
+    for t in range(cut - 1, -1, -1):
+        parent[path[t + 1]] = path[t]
+        tflow[path[t + 1]] = tflow[path[t]]
+    parent[path[0]] = new_parent
+    tflow[path[0]] = theta
+
+
+@njit(cache=True)
+def _shift_subtree(pot, moved, m: int, d: int) -> None:
+    """Rows in the ``moved`` mask ``+= d``, its columns ``-= d`` (branch-free, vectorised)."""
+    nodes = pot.shape[0]
+    for w in range(moved.shape[0]):
+        word = moved[w]
+        lo = 64 * w
+        for v in range(lo, min(lo + 64, nodes)):
+            pot[v] += (d if v < m else -d) * ((word >> (v - lo)) & 1)
+
+
+@njit(cache=True)
+def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb, parent,
+               tflow, closed, desc, pot, up_row, up_col, moved, bits, max_pivots) -> int:
+    """Solve one problem in place (``x`` zeroed on entry): flow, centred duals; returns
+    ``(distance, pivot count)``, the count -1 on the cap."""
     m, n = c.shape
-    _greedy_start(c, a, b, x, radj, rdeg, cadj, cdeg, rb, shift, order, ra)
-    scale = 0.0
-    for i in range(m):
-        for j in range(n):
-            scale = max(scale, abs(c[i, j]))
-    tol = 1e-12 * scale
-    _duals(c, alpha, beta, radj, rdeg, cadj, cdeg, parent, depth, order)
+    scale = _integer_costs(c, ci, bits)
+    root = _greedy_start(ci, a, b, shift, row_order, regret, rb, parent, tflow, closed, desc,
+                         pot)
+    alpha = pot[:m]
+    beta = pot[m:]
+    pivots = -1
     for pivot in range(max_pivots):
-        ei, ej = _price(c, alpha, beta, -tol)
+        best = 0
+        ei = -1
+        for i in range(m):
+            r = _row_min(ci[i], beta) - alpha[i]
+            if r < best:
+                best = r
+                ei = i
         if ei < 0:
-            return pivot
-        # Tree paths from column ej and from row ei up to their common ancestor (the apex):
-        # first lift the deeper end, then both together (no data-dependent branch per step).
-        nj = m + ej
-        ni = ei
-        lj = 0
-        li = 0
-        jpath[0] = nj
-        ipath[0] = ni
-        while depth[nj] > depth[ni]:
-            nj = parent[nj]
-            lj += 1
-            jpath[lj] = nj
-        while depth[ni] > depth[nj]:
-            ni = parent[ni]
-            li += 1
-            ipath[li] = ni
-        while nj != ni:
-            nj = parent[nj]
-            lj += 1
-            jpath[lj] = nj
-            ni = parent[ni]
-            li += 1
-            ipath[li] = ni
-        # Cycle: +(ei, ej), then alternately - / + along both paths, starting with - next to
-        # each end. Edge k of the j path joins jpath[k] and jpath[k+1]; even k are the minus
-        # cells (column jpath[k], row jpath[k+1]); on the i path even k are minus cells too
-        # (row ipath[k], column ipath[k+1]). The leaving cell is the smallest minus flow; ties
-        # go to the last blocking cell in cycle order from the apex (Cunningham): on the j
-        # path the one nearest the apex, else on the i path the one nearest row ei.
+            pivots = pivot
+            break
+        col = m + _first_equal(ci[ei], beta, best + alpha[ei])
+        # Paths up to the apex: from the row until a node holds the column, then the column's.
+        lr = 0
+        up_row[0] = ei
+        while not _holds(desc, up_row[lr], col):
+            up_row[lr + 1] = parent[up_row[lr]]
+            lr += 1
+        apex = up_row[lr]
+        lc = 0
+        up_col[0] = col
+        while up_col[lc] != apex:
+            up_col[lc + 1] = parent[up_col[lc]]
+            lc += 1
+        # Edge t of a path joins path[t] to path[t+1] (flow tflow[path[t]]); even edges carry
+        # flow against the cycle. Cunningham's tie rule: on the row path the blocking edge
+        # nearest the entering row, any on the column path before it, there nearest the apex.
         theta = np.inf
-        leave_r = -1
-        leave_c = -1
-        leave_on_j = True
-        for k in range(lj - 1 - ((lj - 1) % 2), -1, -2):
-            v = x[jpath[k + 1], jpath[k] - m]
-            if v < theta:
-                theta = v
-                leave_r = jpath[k + 1]
-                leave_c = jpath[k] - m
-        for k in range(0, li, 2):
-            v = x[ipath[k], ipath[k + 1] - m]
-            if v < theta:
-                theta = v
-                leave_r = ipath[k]
-                leave_c = ipath[k + 1] - m
-                leave_on_j = False
-        for k in range(0, lj, 2):
-            x[jpath[k + 1], jpath[k] - m] -= theta
-        for k in range(1, lj, 2):
-            x[jpath[k], jpath[k + 1] - m] += theta
-        for k in range(0, li, 2):
-            x[ipath[k], ipath[k + 1] - m] -= theta
-        for k in range(1, li, 2):
-            x[ipath[k + 1], ipath[k] - m] += theta
-        lr = leave_r
-        lc = leave_c
-        x[lr, lc] = 0.0
-        x[ei, ej] = theta
-        _remove(radj, rdeg, lr, lc)
-        _remove(cadj, cdeg, lc, lr)
-        radj[ei, rdeg[ei]] = ej
-        rdeg[ei] += 1
-        cadj[ej, cdeg[ej]] = ei
-        cdeg[ej] += 1
-        # The leaving cell cut off the subtree below it; the entering cell re-hangs it. Only
-        # that subtree's parents, depths and duals change: redo them from the entering end.
-        if leave_on_j:
-            _rehang(c, alpha, beta, radj, rdeg, cadj, cdeg, parent, depth, order, m + ej, ei)
+        cut = -1
+        on_col = False
+        for t in range(0, lr, 2):
+            if tflow[up_row[t]] < theta:
+                theta = tflow[up_row[t]]
+                cut = t
+        for t in range(0, lc, 2):
+            if tflow[up_col[t]] <= theta:
+                theta = tflow[up_col[t]]
+                cut = t
+                on_col = True
+        for t in range(lr):
+            tflow[up_row[t]] += -theta if t % 2 == 0 else theta
+        for t in range(lc):
+            tflow[up_col[t]] += -theta if t % 2 == 0 else theta
+        # The entering cell's reduced cost becomes 0: the re-hung subtree's duals shift by it.
+        if on_col:
+            _rehang(parent, tflow, desc, up_col, cut, ei, theta, moved, up_col[cut + 1:lc],
+                    up_row[:lr])
+            _shift_subtree(pot, moved, m, -best)
         else:
-            _rehang(c, alpha, beta, radj, rdeg, cadj, cdeg, parent, depth, order, ei, m + ej)
-    return -1
+            _rehang(parent, tflow, desc, up_row, cut, col, theta, moved, up_row[cut + 1:lr],
+                    up_col[:lc])
+            _shift_subtree(pot, moved, m, best)
+    distance = 0.0
+    for v in range(m + n):
+        if v != root:
+            i, j = (v, parent[v] - m) if v < m else (parent[v], v - m)
+            x[i, j] = tflow[v]
+            distance += tflow[v] * c[i, j]
+    _centred_duals(alpha, beta, scale, a, b, alpha_out, beta_out)
+    return distance, pivots
 
 
 @njit(cache=True)
-def _rehang(c, alpha, beta, radj, rdeg, cadj, cdeg, parent, depth, order, top, new_parent):
-    """Hang the subtree containing ``top`` under ``new_parent`` and recompute its parents,
-    depths and MODI duals by a traversal that never leaves the subtree."""
-    m = c.shape[0]
-    parent[top] = new_parent
-    order[0] = top
-    head = 0
-    tail = 1
-    while head < tail:
-        node = order[head]
-        head += 1
-        p = parent[node]
-        depth[node] = depth[p] + 1
-        if node < m:
-            alpha[node] = c[node, p - m] - beta[p - m]
-            for k in range(rdeg[node]):
-                child = m + radj[node, k]
-                if child != p:
-                    parent[child] = node
-                    order[tail] = child
-                    tail += 1
-        else:
-            j = node - m
-            beta[j] = c[p, j] - alpha[p]
-            for k in range(cdeg[j]):
-                child = cadj[j, k]
-                if child != p:
-                    parent[child] = node
-                    order[tail] = child
-                    tail += 1
+def _centred_duals(alpha, beta, scale: float, a, b, alpha_out, beta_out) -> None:
+    """Float duals shifted by ``(+t, -t)`` so that ``a . alpha == b . beta`` (see
+    :mod:`deepemd.emd.layer`: the gauge in which they are the gradient of the distance)."""
+    a_alpha = 0.0
+    mass_a = 0.0
+    for i in range(alpha.shape[0]):
+        alpha_out[i] = alpha[i] / scale
+        a_alpha += a[i] * alpha_out[i]
+        mass_a += a[i]
+    b_beta = 0.0
+    mass_b = 0.0
+    for j in range(beta.shape[0]):
+        beta_out[j] = beta[j] / scale
+        b_beta += b[j] * beta_out[j]
+        mass_b += b[j]
+    t = (b_beta - a_alpha) / (mass_a + mass_b)
+    for i in range(alpha.shape[0]):
+        alpha_out[i] += t
+    for j in range(beta.shape[0]):
+        beta_out[j] -= t
 
 
 @njit(cache=True, nogil=True)
-def _solve_range(c, a, b, x, alpha, beta, pivots, max_pivots, start, stop):
+def _solve_range(c, a, b, x, alpha, beta, distance, pivots, max_pivots, start, stop):
     """Problems ``start..stop-1`` with one workspace (allocated once, reused per problem).
     ``nogil``: threads of :func:`solve_batch` run it concurrently on disjoint ranges."""
     m, n = c.shape[1], c.shape[2]
-    radj = np.empty((m, n), np.int64)
-    cadj = np.empty((n, m), np.int64)
-    rdeg = np.empty(m, np.int64)
-    cdeg = np.empty(n, np.int64)
-    parent = np.empty(m + n, np.int64)
-    depth = np.empty(m + n, np.int64)
-    order = np.empty(m + n, np.int64)
-    ra = np.empty(m, np.float64)
+    nodes = m + n
+    words = (nodes + 63) // 64
+    bits = cost_bits(nodes)
+    ci = np.empty((m, n), np.int64)
+    shift = np.empty(n, np.int64)
+    row_order = np.empty(m, np.int64)
+    regret = np.empty(m, np.int64)
     rb = np.empty(n, np.float64)
-    jpath = np.empty(m + n, np.int64)
-    ipath = np.empty(m + n, np.int64)
-    shift = np.empty(n, np.float64)
+    parent = np.empty(nodes, np.int64)
+    tflow = np.empty(nodes, np.float64)
+    closed = np.empty(nodes, np.int64)
+    desc = np.empty((nodes, words), np.int64)
+    pot = np.empty(nodes, np.int64)
+    up_row = np.empty(nodes + 1, np.int64)
+    up_col = np.empty(nodes + 1, np.int64)
+    moved = np.empty(words, np.int64)
     for k in range(start, stop):
-        pivots[k] = _solve_one(c[k], a[k], b[k], x[k], alpha[k], beta[k], radj, rdeg, cadj,
-                               cdeg, parent, depth, order, ra, rb, shift, jpath, ipath,
-                               max_pivots)
+        distance[k], pivots[k] = _solve_one(c[k], ci, a[k], b[k], x[k], alpha[k], beta[k], shift, row_order,
+                               regret, rb, parent, tflow, closed, desc, pot, up_row, up_col,
+                               moved, bits, max_pivots)
 
 
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None
@@ -372,16 +389,17 @@ def _solve_threaded(args: tuple, bsz: int, threads: int) -> None:
 
 
 class ExactSolution(NamedTuple):
-    flow: np.ndarray    # (B, m, n) optimal flow
-    alpha: np.ndarray   # (B, m) optimal row duals (MODI gauge: alpha_0 = 0 on the final basis)
-    beta: np.ndarray    # (B, n) optimal column duals
-    pivots: np.ndarray  # (B,) simplex pivots per problem; -1 where POT finished the problem
+    distance: np.ndarray  # (B,) optimal cost sum_ij cost_ij flow_ij
+    flow: np.ndarray      # (B, m, n) optimal flow
+    alpha: np.ndarray     # (B, m) optimal row duals, centred: a . alpha == b . beta
+    beta: np.ndarray      # (B, n) optimal column duals
+    pivots: np.ndarray    # (B,) simplex pivots per problem; -1 where POT finished the problem
 
 
 def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | None = None
                 ) -> ExactSolution:
-    """Optimal flow and duals of every problem, float64, on ``threads`` threads (default
-    ``torch.get_num_threads()``, the count the rest of the EMD head runs on).
+    """Optimal distance, flow and centred duals of every problem, float64, on ``threads``
+    threads (default ``torch.get_num_threads()``, the count the rest of the EMD head runs on).
 
     ``b`` is rescaled to ``a``'s total first (callers pass balanced masses; this removes the
     last rounding difference so the start solution is feasible to machine precision).
@@ -393,21 +411,25 @@ def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | N
     flow = np.zeros((bsz, m, n))
     alpha = np.empty((bsz, m))
     beta = np.empty((bsz, n))
+    distance = np.empty(bsz)
     pivots = np.empty(bsz, np.int64)
     max_pivots = MAX_PIVOTS_PER_CELL * m * n + 100
     threads = torch.get_num_threads() if threads is None else threads
-    args = (cost, a, b, flow, alpha, beta, pivots, max_pivots)
+    args = (cost, a, b, flow, alpha, beta, distance, pivots, max_pivots)
     if bsz >= PARALLEL_MIN_BATCH and threads > 1:
         _solve_threaded(args, bsz, threads)
     else:  # handing work to threads costs more than a few small problems
         _solve_range(*args, 0, bsz)
     for k in np.flatnonzero(pivots < 0):
-        flow[k], alpha[k], beta[k] = _fallback(cost[k], a[k], b[k])
-    return ExactSolution(flow, alpha, beta, pivots)
+        distance[k], flow[k], alpha[k], beta[k] = _fallback(cost[k], a[k], b[k])
+    return ExactSolution(distance, flow, alpha, beta, pivots)
 
 
 def _fallback(cost: np.ndarray, a: np.ndarray, b: np.ndarray):
+    """POT's network simplex for a problem that hit the pivot cap, duals centred likewise."""
     import ot
 
     flow, log = ot.emd(a, b, cost, log=True, numItermax=10**8)
-    return flow, log["u"], log["v"]
+    alpha, beta = np.empty_like(a), np.empty_like(b)
+    _centred_duals(log["u"], log["v"], 1.0, a, b, alpha, beta)
+    return (cost * flow).sum(), flow, alpha, beta

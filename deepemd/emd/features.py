@@ -41,13 +41,28 @@ def unit_nodes(x: torch.Tensor, dtype: torch.dtype, center: bool = False) -> tor
     return F.normalize(x, dim=-1, eps=NORM_EPS)
 
 
-def pair_costs(an: torch.Tensor, bn: torch.Tensor) -> torch.Tensor:
-    """Cost matrices of every pair ``(s, t)`` of unit-node sets ``an (p,m,d)``, ``bn (q,n,d)``
-    -> ``(p*q, m, n)``, pairs in row-major order: one ``(p*m, d) @ (d, q*n)`` matmul, no
-    per-pair copies of the features."""
-    p, m, d = an.shape
-    q, n = bn.shape[:2]
-    cos = (an.reshape(p * m, d) @ bn.reshape(q * n, d).T).reshape(p, m, q, n).transpose(1, 2)
+def node_norms(x: torch.Tensor) -> torch.Tensor:
+    """``(sets, nodes, d) -> (sets, nodes)``: each node's norm, at least ``NORM_EPS`` (the
+    floor F.normalize uses, so zero-norm nodes get cosine 0 either way)."""
+    return torch.linalg.vector_norm(x, dim=-1).clamp_min(NORM_EPS)
+
+
+def pair_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Dot products of every node pair of every set pair ``(s, t)`` of ``a (p,m,d)``,
+    ``b (q,n,d)`` -> ``(p*q, m, n)``, pairs in row-major order: one ``(p*m, d) @ (d, q*n)``
+    matmul, no per-pair copies of the features."""
+    p, m, d = a.shape
+    q, n = b.shape[:2]
+    dots = (a.reshape(p * m, d) @ b.reshape(q * n, d).T).reshape(p, m, q, n).transpose(1, 2)
+    return dots.reshape(p * q, m, n)
+
+
+def pair_costs(dots: torch.Tensor, norms_a: torch.Tensor, norms_b: torch.Tensor) -> torch.Tensor:
+    """``1 - cos`` of every pair from :func:`pair_dots` and the node norms ``(p,m)``, ``(q,n)``:
+    dividing the small dot-product block costs far less than normalising every feature."""
+    p, m = norms_a.shape
+    q, n = norms_b.shape
+    cos = dots.reshape(p, q, m, n) / (norms_a[:, None, :, None] * norms_b[None, :, None, :])
     return 1.0 - cos.reshape(p * q, m, n)
 
 
@@ -75,14 +90,22 @@ def cross_reference_weights(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Ten
     return _normalise(su, total), _normalise(sv, total)
 
 
-def pair_cross_weights(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_cross_weights(a: torch.Tensor, b: torch.Tensor, dots: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cross_reference_weights` of every pair of ``a (p,m,d)``, ``b (q,n,d)`` ->
-    ``(p*q, m), (p*q, n)`` in row-major pair order, from two matmuls against the set means."""
+    ``(p*q, m), (p*q, n)`` in row-major pair order, from two matmuls against the set means.
+
+    ``dots``: the pairs' raw (uncentred) :func:`pair_dots`, when the caller has them: since
+    ``u_i . mean_j v_j = mean_j (u_i . v_j)``, the weights are then row and column means of
+    that block, with no further pass over the features."""
     p, m, d = a.shape
     q, n = b.shape[:2]
     total = equal_mass(m, n)
-    su = torch.relu((a.reshape(p * m, d) @ b.mean(dim=1).T).reshape(p, m, q).transpose(1, 2))
-    sv = torch.relu((b.reshape(q * n, d) @ a.mean(dim=1).T).reshape(q, n, p).permute(2, 0, 1))
+    if dots is not None:
+        su, sv = torch.relu(dots.mean(dim=2)), torch.relu(dots.mean(dim=1))
+    else:
+        su = torch.relu((a.reshape(p * m, d) @ b.mean(dim=1).T).reshape(p, m, q).transpose(1, 2))
+        sv = torch.relu((b.reshape(q * n, d) @ a.mean(dim=1).T).reshape(q, n, p).permute(2, 0, 1))
     return (_normalise(su + WEIGHT_EPS, total).reshape(p * q, m),
             _normalise(sv + WEIGHT_EPS, total).reshape(p * q, n))
 

@@ -19,21 +19,11 @@ import torch
 from deepemd.emd.exact import solve_batch
 
 
-def center_duals(alpha: np.ndarray, beta: np.ndarray, a: np.ndarray, b: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Shift ``(alpha, beta)`` by ``(+t, -t)`` so that ``a . alpha == b . beta``."""
-    total = 0.5 * (a.sum(-1) + b.sum(-1))
-    shift = ((b * beta).sum(-1) - (a * alpha).sum(-1)) / (2.0 * total)
-    return alpha + shift[:, None], beta - shift[:, None]
-
-
 def exact_numpy(cost: np.ndarray, a: np.ndarray, b: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """float64 arrays in, ``(distance, flow, alpha, beta)`` out, duals centred."""
-    flow, alpha, beta, _ = solve_batch(cost, a, b)
-    alpha, beta = center_duals(alpha, beta, a, b)
-    dist = (cost * flow).sum(axis=(1, 2))
-    return dist, flow, alpha, beta
+    solution = solve_batch(cost, a, b)
+    return solution.distance, solution.flow, solution.alpha, solution.beta
 
 
 class ExactEMD(torch.autograd.Function):
