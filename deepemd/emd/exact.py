@@ -43,19 +43,27 @@ import torch
 from numba import njit
 
 MAX_PIVOTS_PER_CELL = 50
-#: Added to closed columns' integer costs in the start so the row minimum skips them.
-CLOSED = 1 << 61
-#: Larger than any reduced cost (costs are at most 2**52 and duals sum fewer than 2**8 of them).
+#: Larger than any reduced cost or packed start value (see cost_bits).
 INT_INF = 1 << 62
+#: Added to the packed value of the one column a second-minimum search skips.
+EXCLUDED = 1 << 61
 #: Smaller batches run on the calling thread.
 PARALLEL_MIN_BATCH = 16
 
 
 @njit(cache=True)
-def cost_bits(nodes: int) -> int:
+def index_bits(n: int) -> int:
+    """Bits that hold a column index ``0..n-1`` in a packed start value."""
+    return max(1, math.ceil(math.log2(n)))
+
+
+@njit(cache=True)
+def cost_bits(m: int, n: int) -> int:
     """Bits of the integer costs: 52 (a double's precision), fewer for huge problems so that
-    duals (sums of up to ``nodes`` costs) and reduced costs stay inside int64."""
-    return min(52, 61 - math.ceil(math.log2(2 * nodes + 1)))
+    duals (sums of up to ``m + n`` costs) and reduced costs stay inside int64, and so that a
+    start value (a cost plus the closed-column offset ``4 << bits``, below ``2**(bits+3)``)
+    shifted left by :func:`index_bits` stays below :data:`EXCLUDED`."""
+    return min(52, 61 - math.ceil(math.log2(2 * (m + n) + 1)), 58 - index_bits(n))
 
 
 @njit(cache=True)
@@ -79,11 +87,13 @@ def _first_equal(row, shift, value) -> int:
 
 
 @njit(cache=True)
-def _min_except(row, k) -> int:
-    """``min_{j != k} row_j``: the second-smallest entry when ``k`` is the smallest's index."""
+def _packed_min(row, shift, ib: int, skip: int) -> int:
+    """``min_j ((row_j - shift_j) << ib) + j`` over ``j != skip``: the minimum and (in the low
+    ``ib`` bits) its first index from one vectorised pass. The start's values are small enough
+    for the packing (:func:`cost_bits`); pricing's reduced costs are not and use two passes."""
     best = INT_INF
     for j in range(row.shape[0]):
-        best = min(best, row[j] + (CLOSED if j == k else 0))
+        best = min(best, ((row[j] - shift[j]) << ib) + j + (EXCLUDED if j == skip else 0))
     return best
 
 
@@ -116,8 +126,8 @@ def _order_by_decreasing(key, order, m: int) -> None:
 
 
 @njit(cache=True)
-def _greedy_start(ci, a, b, shift, row_order, regret, rb, parent, tflow, closed, desc, pot
-                  ) -> int:
+def _greedy_start(ci, a, b, bits, shift, row_order, regret, rb, parent, tflow, closed, desc,
+                  pot) -> int:
     """Row-minimum start, rows by decreasing regret (the Vogel idea at a fraction of Vogel's
     cost): each row ships to its cheapest open columns until it is empty.
 
@@ -129,11 +139,14 @@ def _greedy_start(ci, a, b, shift, row_order, regret, rb, parent, tflow, closed,
     the root."""
     m, n = ci.shape
     nodes = m + n
+    ib = index_bits(n)
+    low = (1 << ib) - 1
     for j in range(n):
         shift[j] = 0
     for i in range(m):
-        first = _row_min(ci[i], shift)
-        regret[i] = _min_except(ci[i], _first_equal(ci[i], shift, first)) - first if n > 1 else 0
+        first = _packed_min(ci[i], shift, ib, -1)
+        second = _packed_min(ci[i], shift, ib, first & low)
+        regret[i] = (second >> ib) - (first >> ib) if n > 1 else 0
     _order_by_decreasing(regret, row_order, m)
     for j in range(n):
         rb[j] = b[j]
@@ -143,7 +156,7 @@ def _greedy_start(ci, a, b, shift, row_order, regret, rb, parent, tflow, closed,
         i = row_order[k]
         ra = a[i]
         while True:
-            j = _first_equal(ci[i], shift, _row_min(ci[i], shift))
+            j = _packed_min(ci[i], shift, ib, -1) & low
             # Close the row (keeping the column) when it is exhausted; the last open column is
             # never closed before the last row, so rounding cannot disconnect the tree.
             if rb[j] >= ra or open_cols == 1:
@@ -158,7 +171,7 @@ def _greedy_start(ci, a, b, shift, row_order, regret, rb, parent, tflow, closed,
             ra -= rb[j]
             closed[count] = m + j
             count += 1
-            shift[j] = -CLOSED
+            shift[j] = -(4 << bits)
             open_cols -= 1
     root = row_order[m - 1]
     parent[root] = -1
@@ -242,8 +255,8 @@ def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb
     ``(distance, pivot count)``, the count -1 on the cap."""
     m, n = c.shape
     scale = _integer_costs(c, ci, bits)
-    root = _greedy_start(ci, a, b, shift, row_order, regret, rb, parent, tflow, closed, desc,
-                         pot)
+    root = _greedy_start(ci, a, b, bits, shift, row_order, regret, rb, parent, tflow, closed,
+                         desc, pot)
     alpha = pot[:m]
     beta = pot[m:]
     pivots = -1
@@ -339,7 +352,7 @@ def _solve_range(c, a, b, x, alpha, beta, distance, pivots, max_pivots, start, s
     m, n = c.shape[1], c.shape[2]
     nodes = m + n
     words = (nodes + 63) // 64
-    bits = cost_bits(nodes)
+    bits = cost_bits(m, n)
     ci = np.empty((m, n), np.int64)
     shift = np.empty(n, np.int64)
     row_order = np.empty(m, np.int64)
