@@ -56,7 +56,7 @@ def solve(cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor, solver: str = 
     """
     if solver not in SOLVERS:
         raise DeepEMDError(f"unknown EMD solver {solver!r}", fix=f"use one of {sorted(SOLVERS)}")
-    check_problem(cost, wu, wv)
+    check_problem(cost, wu, wv, cost_values=solver != "exact")
     if cost.dtype not in (torch.float32, torch.float64):
         cost = cost.float()
     wu, wv = wu.to(cost.dtype), wv.to(cost.dtype)

@@ -42,11 +42,19 @@ import numpy as np
 import torch
 from numba import njit
 
+from deepemd.errors import DeepEMDError
+
 MAX_PIVOTS_PER_CELL = 50
 #: Larger than any reduced cost or packed start value (see cost_bits).
 INT_INF = 1 << 62
 #: Added to the packed value of the one column a second-minimum search skips.
 EXCLUDED = 1 << 61
+#: ``ExactSolution.pivots`` of a problem that hit the pivot cap (POT finished it).
+CAPPED = -1
+#: ``pivots`` of a problem whose costs hold NaN or inf (solve_batch raises).
+NON_FINITE = -2
+#: Bits of a float64 with the exponent all ones, i.e. inf or NaN.
+EXPONENT_ALL_ONES = 0x7FF0000000000000
 #: Smaller batches run on the calling thread.
 PARALLEL_MIN_BATCH = 16
 
@@ -98,13 +106,24 @@ def _packed_min(row, shift, ib: int, skip: int) -> int:
 
 
 @njit(cache=True)
-def _integer_costs(c, ci, bits: int) -> float:
-    """``ci = trunc(c * scale)`` with ``max |ci| = 2**bits``; returns the scale."""
+def _integer_costs(c, ci, bits: int, word) -> float:
+    """``ci = trunc(c * scale)`` with ``max |ci| = 2**bits``; returns the scale, or 0.0 when a
+    cost is NaN or inf.
+
+    ``max |c|`` comes from the bit patterns: with the sign bit cleared, floats order like their
+    bits read as integers, so the maximum is a vectorised integer reduction (a float one is not
+    vectorised under numba) and NaN and inf (exponent all ones) show up in it for free, which
+    spares callers a separate pass over the costs. ``word``: one int64 of workspace."""
     m, n = c.shape
-    cmax = 0.0
+    raw = c.view(np.int64)
+    top = 0
     for i in range(m):
         for j in range(n):
-            cmax = max(cmax, abs(c[i, j]))
+            top = max(top, raw[i, j] & 0x7FFFFFFFFFFFFFFF)
+    if top >= EXPONENT_ALL_ONES:
+        return 0.0
+    word[0] = top
+    cmax = word.view(np.float64)[0]
     scale = 2.0 ** bits / cmax if cmax > 0 else 1.0
     for i in range(m):
         for j in range(n):
@@ -250,16 +269,18 @@ def _shift_subtree(pot, moved, m: int, d: int) -> None:
 
 @njit(cache=True)
 def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb, parent,
-               tflow, closed, desc, pot, up_row, up_col, moved, bits, max_pivots) -> int:
+               tflow, closed, desc, pot, up_row, up_col, moved, word, bits, max_pivots) -> int:
     """Solve one problem in place (``x`` zeroed on entry): flow, centred duals; returns
     ``(distance, pivot count)``, the count -1 on the cap."""
     m, n = c.shape
-    scale = _integer_costs(c, ci, bits)
+    scale = _integer_costs(c, ci, bits, word)
+    if scale == 0.0:
+        return np.nan, NON_FINITE
     root = _greedy_start(ci, a, b, bits, shift, row_order, regret, rb, parent, tflow, closed,
                          desc, pot)
     alpha = pot[:m]
     beta = pot[m:]
-    pivots = -1
+    pivots = CAPPED
     for pivot in range(max_pivots):
         best = 0
         ei = -1
@@ -366,10 +387,11 @@ def _solve_range(c, a, b, x, alpha, beta, distance, pivots, max_pivots, start, s
     up_row = np.empty(nodes + 1, np.int64)
     up_col = np.empty(nodes + 1, np.int64)
     moved = np.empty(words, np.int64)
+    word = np.empty(1, np.int64)
     for k in range(start, stop):
-        distance[k], pivots[k] = _solve_one(c[k], ci, a[k], b[k], x[k], alpha[k], beta[k], shift, row_order,
-                               regret, rb, parent, tflow, closed, desc, pot, up_row, up_col,
-                               moved, bits, max_pivots)
+        distance[k], pivots[k] = _solve_one(
+            c[k], ci, a[k], b[k], x[k], alpha[k], beta[k], shift, row_order, regret, rb, parent,
+            tflow, closed, desc, pot, up_row, up_col, moved, word, bits, max_pivots)
 
 
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None
@@ -433,7 +455,11 @@ def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | N
         _solve_threaded(args, bsz, threads)
     else:  # handing work to threads costs more than a few small problems
         _solve_range(*args, 0, bsz)
-    for k in np.flatnonzero(pivots < 0):
+    bad = np.flatnonzero(pivots == NON_FINITE)
+    if len(bad):
+        raise DeepEMDError(f"cost contains NaN or inf values (problem {bad[0]} of {bsz})",
+                           fix="check the network output (diverged training, bad input image)")
+    for k in np.flatnonzero(pivots == CAPPED):
         distance[k], flow[k], alpha[k], beta[k] = _fallback(cost[k], a[k], b[k])
     return ExactSolution(distance, flow, alpha, beta, pivots)
 
