@@ -9,6 +9,7 @@ from scipy.optimize import linprog
 from deepemd.emd import cost_matrix, cross_reference_weights, solve
 from deepemd.emd.exact import solve_batch
 from deepemd.emd.layer import exact_numpy
+from deepemd.errors import DeepEMDError
 
 
 def highs_emd(cost: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
@@ -127,3 +128,23 @@ def test_sinkhorn_tends_to_exact_as_eps_shrinks():
                      - exact).abs().max()) for eps in (1e-1, 1e-2, 1e-3)]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-2
+
+
+def test_integer_costs_keep_differences_far_below_float32_precision():
+    """The kernel scales costs to 52-bit integers: a choice that hinges on a 1e-11 relative
+    difference, next to a cost 1,000x larger, must still come out right (and exactly so)."""
+    eps = 1e-11
+    cost = np.array([[1.0, 1.0 + eps, 1e3], [1.0 + eps, 1.0, 1e3], [1e3, 1e3, 0.0]])
+    for flip in (False, True):
+        c = cost[:, [1, 0, 2]] if flip else cost
+        sol = solve_batch(c[None], np.ones((1, 3)), np.ones((1, 3)))
+        diagonal = np.eye(3)[:, [1, 0, 2]] if flip else np.eye(3)
+        np.testing.assert_array_equal(sol.flow[0], diagonal)
+        assert sol.distance[0] == 2.0
+
+
+def test_non_finite_costs_are_reported_by_the_kernel():
+    cost = np.random.default_rng(0).random((3, 4, 4))
+    cost[1, 2, 3] = np.nan
+    with pytest.raises(DeepEMDError, match=r"cost contains NaN or inf values \(problem 1 of 3\)"):
+        solve_batch(cost, np.ones((3, 4)), np.ones((3, 4)))
