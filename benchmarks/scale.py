@@ -211,7 +211,7 @@ def main() -> None:
             shutil.rmtree(args.dir, ignore_errors=True)
     print()
     print(table(results, args.spec, args.k))
-    print(f"\nloadavg (1, 5, 15 min) after each size: " +
+    print("\nloadavg (1, 5, 15 min) after each size: " +
           ", ".join(f"{n:,}: {tuple(round(x, 2) for x in results[n]['loadavg'])}" for n in results))
 
 
