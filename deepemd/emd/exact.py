@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -57,6 +58,8 @@ NON_FINITE = -2
 EXPONENT_ALL_ONES = 0x7FF0000000000000
 #: Smaller batches run on the calling thread.
 PARALLEL_MIN_BATCH = 16
+#: Fewest problems per range handed to a thread (about 0.3 ms of work at 25x25).
+MIN_RANGE = 32
 
 
 @njit(cache=True)
@@ -408,19 +411,34 @@ def _thread_pool(threads: int) -> ThreadPoolExecutor:
 
 
 def _solve_threaded(args: tuple, bsz: int, threads: int) -> None:
-    """Many small ranges handed out dynamically to ``threads`` workers, so a thread that the
-    OS delays (the machine may be shared) does not hold the whole batch back.
+    """Ranges of the batch taken from one queue by ``threads - 1`` pool threads and the calling
+    thread itself: a thread that the OS delays (the machine may be shared) does not hold the
+    batch back, and the caller works instead of waiting for a hand-off. Ranges hold at least
+    :data:`MIN_RANGE` problems, so a small batch (a rerank's 100) is two or three ranges, not
+    a dozen hand-offs.
 
     Plain threads around a ``nogil`` kernel rather than numba's ``parallel=True``: no OpenMP
     pool whose spinning workers fight torch's own OpenMP pool for the cores between calls (it
     made the matmuls next to a solve ~10x slower on 2 cores), and nothing that numba's disk
     cache has to rebuild from dynamically generated kernels."""
-    n_chunks = max(threads, min(bsz // 8, 8 * threads))
-    bounds = [k * bsz // n_chunks for k in range(n_chunks + 1)]
-    jobs = [_thread_pool(threads).submit(_solve_range, *args, lo, hi)
-            for lo, hi in zip(bounds[:-1], bounds[1:])]
-    for job in jobs:
-        job.result()
+    n_ranges = max(threads, min(bsz // MIN_RANGE, 8 * threads))
+    bounds = [k * bsz // n_ranges for k in range(n_ranges + 1)]
+    ranges: queue.SimpleQueue = queue.SimpleQueue()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        ranges.put((lo, hi))
+
+    def work() -> None:
+        while True:
+            try:
+                lo, hi = ranges.get_nowait()
+            except queue.Empty:
+                return
+            _solve_range(*args, lo, hi)
+
+    helpers = [_thread_pool(threads - 1).submit(work) for _ in range(threads - 1)]
+    work()
+    for helper in helpers:
+        helper.result()
 
 
 class ExactSolution(NamedTuple):

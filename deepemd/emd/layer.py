@@ -26,6 +26,10 @@ def exact_numpy(cost: np.ndarray, a: np.ndarray, b: np.ndarray
     return solution.distance, solution.flow, solution.alpha, solution.beta
 
 
+#: The dtypes ``solve`` hands the layer (half precision is computed in float32).
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 class ExactEMD(torch.autograd.Function):
     """``(cost (B,m,n), wu (B,m), wv (B,n)) -> (distance (B,), flow (B,m,n))``; masses balanced.
 
@@ -36,21 +40,31 @@ class ExactEMD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor):
-        c64 = cost.detach().to("cpu", torch.float64).numpy()
-        a64 = wu.detach().to("cpu", torch.float64).numpy()
-        b64 = wv.detach().to("cpu", torch.float64).numpy()
-        dist, flow, alpha, beta = exact_numpy(c64, a64, b64)
-
-        def back(x: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(x).to(device=cost.device, dtype=cost.dtype)
-
-        flow_t = back(flow)
-        ctx.save_for_backward(flow_t, back(alpha), back(beta))
+        dist, flow, alpha, beta = exact_numpy(_float64_array(cost), _float64_array(wu),
+                                              _float64_array(wv))
+        flow_t = _tensor_like(flow, cost)
+        ctx.save_for_backward(flow_t, _tensor_like(alpha, cost), _tensor_like(beta, cost))
         ctx.mark_non_differentiable(flow_t)
-        return back(dist), flow_t
+        return _tensor_like(dist, cost), flow_t
 
     @staticmethod
     def backward(ctx, grad_dist: torch.Tensor, _grad_flow: torch.Tensor):
         flow, alpha, beta = ctx.saved_tensors
         g = grad_dist.to(flow.dtype)
         return g[:, None, None] * flow, g[:, None] * alpha, g[:, None] * beta
+
+
+def _float64_array(t: torch.Tensor) -> np.ndarray:
+    """A float64 numpy copy (or view) of ``t``. On the CPU numpy converts: a torch copy of a
+    (B, m, n) block opens an OpenMP region whose idle worker then spins into the solve."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu", torch.float64)
+    return t.numpy().astype(np.float64, copy=False)
+
+
+def _tensor_like(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``x`` as a tensor of ``like``'s dtype and device (numpy converts on the CPU, as above)."""
+    if like.device.type == "cpu":
+        return torch.from_numpy(x.astype(NUMPY_DTYPES[like.dtype], copy=False))
+    return torch.from_numpy(x).to(device=like.device, dtype=like.dtype)
