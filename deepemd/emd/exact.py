@@ -71,10 +71,11 @@ def index_bits(n: int) -> int:
 @njit(cache=True)
 def cost_bits(m: int, n: int) -> int:
     """Bits of the integer costs: 52 (a double's precision), fewer for huge problems so that
-    duals (sums of up to ``m + n`` costs) and reduced costs stay inside int64, and so that a
+    duals (sums of up to ``m + n`` reduced costs below ``2**(bits+1)``) and reduced costs stay
+    inside int64 with room to spare, and so that a
     start value (a cost plus the closed-column offset ``4 << bits``, below ``2**(bits+3)``)
     shifted left by :func:`index_bits` stays below :data:`EXCLUDED`."""
-    return min(52, 61 - math.ceil(math.log2(2 * (m + n) + 1)), 58 - index_bits(n))
+    return min(52, 60 - math.ceil(math.log2(2 * (m + n) + 1)), 58 - index_bits(n))
 
 
 @njit(cache=True)
@@ -132,6 +133,29 @@ def _integer_costs(c, ci, bits: int, word) -> float:
         for j in range(n):
             ci[i, j] = np.int64(c[i, j] * scale)
     return scale
+
+
+@njit(cache=True)
+def _reduce(ci, offset, zero) -> None:
+    """Subtract each row's minimum, then each column's (``offset`` keeps them: rows, then
+    columns). The optimal flow does not change (the subtracted amounts are fixed by the
+    marginals), but the greedy start on the reduced costs sees each column's competition: 22
+    pivots instead of 30 from it on DeepEMD's 25x25 problems."""
+    m, n = ci.shape
+    for i in range(m):
+        low = _row_min(ci[i], zero)
+        offset[i] = low
+        for j in range(n):
+            ci[i, j] -= low
+    col = offset[m:]
+    for j in range(n):
+        col[j] = ci[0, j]
+    for i in range(1, m):
+        for j in range(n):
+            col[j] = min(col[j], ci[i, j])
+    for i in range(m):
+        for j in range(n):
+            ci[i, j] -= col[j]
 
 
 @njit(cache=True)
@@ -272,13 +296,17 @@ def _shift_subtree(pot, moved, m: int, d: int) -> None:
 
 @njit(cache=True)
 def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb, parent,
-               tflow, closed, desc, pot, up_row, up_col, moved, word, bits, max_pivots) -> int:
+               tflow, closed, desc, pot, up_row, up_col, moved, word, offset, bits, max_pivots
+               ) -> int:
     """Solve one problem in place (``x`` zeroed on entry): flow, centred duals; returns
     ``(distance, pivot count)``, the count -1 on the cap."""
     m, n = c.shape
     scale = _integer_costs(c, ci, bits, word)
     if scale == 0.0:
         return np.nan, NON_FINITE
+    for j in range(n):
+        shift[j] = 0
+    _reduce(ci, offset, shift)
     root = _greedy_start(ci, a, b, bits, shift, row_order, regret, rb, parent, tflow, closed,
                          desc, pot)
     alpha = pot[:m]
@@ -342,6 +370,8 @@ def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb
             i, j = (v, parent[v] - m) if v < m else (parent[v], v - m)
             x[i, j] = tflow[v]
             distance += tflow[v] * c[i, j]
+    for v in range(m + n):  # duals of the real costs
+        pot[v] += offset[v]
     _centred_duals(alpha, beta, scale, a, b, alpha_out, beta_out)
     return distance, pivots
 
@@ -391,10 +421,11 @@ def _solve_range(c, a, b, x, alpha, beta, distance, pivots, max_pivots, start, s
     up_col = np.empty(nodes + 1, np.int64)
     moved = np.empty(words, np.int64)
     word = np.empty(1, np.int64)
+    offset = np.empty(nodes, np.int64)
     for k in range(start, stop):
         distance[k], pivots[k] = _solve_one(
             c[k], ci, a[k], b[k], x[k], alpha[k], beta[k], shift, row_order, regret, rb, parent,
-            tflow, closed, desc, pot, up_row, up_col, moved, word, bits, max_pivots)
+            tflow, closed, desc, pot, up_row, up_col, moved, word, offset, bits, max_pivots)
 
 
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None
