@@ -10,22 +10,24 @@ problems with one workspace, and a thread pool hands ranges of the batch to its 
    and LLVM vectorises integer minimum reductions, which it does not do for floats under numba
    (the pricing scan is ~3x faster). The answer is optimal for costs within ``max|c| * 2**-52``
    of the real ones; the distance is then computed from the real costs;
-2. start: a row-minimum greedy basic solution, rows by decreasing regret (second-cheapest minus
+2. reduction: each row's minimum and then each column's are subtracted (same optimal flow;
+   the start then sees each column's competition: 22.8 pivots instead of 30.2 at 25x25);
+3. start: a row-minimum greedy basic solution, rows by decreasing regret (second-cheapest minus
    cheapest cost). Each allocation closes exactly one row or column and the closed node hangs
    under the other end of its cell, so the start builds the basis tree (``m + n - 1`` cells,
    zero-flow cells kept where the problem is degenerate) with parents, edge flows, descendant
    masks and duals in the same pass;
-3. price (Dantzig): the cell with the most negative reduced cost enters (a vectorised integer
+4. price (Dantzig): the cell with the most negative reduced cost enters (a vectorised integer
    minimum per row);
-4. pivot: the cycle is the tree path between the entering row and column, found by walking up
+5. pivot: the cycle is the tree path between the entering row and column, found by walking up
    from the row until a node whose descendant bitmask holds the column (the apex); the leaving
    cell is the smallest flow against the cycle, ties broken by Cunningham's rule (last blocking
    cell in cycle order from the apex) so degenerate pivots are deterministic. The cut subtree
    is re-hung by reversing the parents on one path, its bitmask is moved between the two
    ancestor paths, and its duals shift by the entering reduced cost in one vectorised,
    branch-free pass over the bitmask (no traversal of the subtree);
-5. repeat until no reduced cost is negative. Duals are returned as floats, the integer duals
-   divided by the scale.
+6. repeat until no reduced cost is negative. Duals are returned as floats: the integer duals
+   plus the reduction's offsets, divided by the scale, centred.
 
 A problem that reaches the pivot cap (a guard against cycling on degenerate problems; not
 reached in the tests) is re-solved by POT's network simplex, so the result is always exact;
