@@ -3,10 +3,11 @@
 One 5-way 1-shot episode with 15 queries per class and 5x5 maps (25 nodes, 640-d as ResNet-12):
 75 x 5 = 375 EMD problems, forward + backward of the cross-entropy over the temperature-12.5
 EMD logits (cross-reference weights, centred cosine cost), exactly what ``deepemd fewshot train``
-runs per step besides the backbone (``deepemd.fewshot.scoring.episode_similarity``, the solver
-being the only difference). The same random features go to every solver.
+runs per step besides the backbone (``deepemd.emd.pairwise_similarity`` as
+``fewshot/metatrain.py`` calls it, the solver being the only difference). The same random features go to every solver.
 
-qpth solves one problem per call on the CPU (batch >= 2 fails at 625 variables, see DESIGN), so
+qpth solves one problem per call on the CPU (a batch of 2 at 625 variables fails with 2 torch
+threads and gains nothing with 1, see docs/emd.md), so
 a full episode takes minutes: by default it is timed on ``--qpth-pairs`` pairs and extrapolated
 linearly to 375 (the loop is per pair, so time is linear in pairs); ``--qpth-pairs 375`` times
 it all. Also printed: the gradient agreement of the two solvers on those pairs, and forward-only
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from deepemd.eval.tables import to_markdown
-from deepemd.fewshot.scoring import episode_similarity
+from deepemd.emd import pairwise_similarity
 
 
 def episode(way: int, query: int, nodes: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,7 +44,7 @@ def step(queries: torch.Tensor, support: torch.Tensor, labels: torch.Tensor, sol
     s = support.clone().requires_grad_(grad)
     start = time.perf_counter()
     with torch.set_grad_enabled(grad):
-        logits = episode_similarity(q, s, solver=solver, temperature=12.5, center=True)
+        logits = pairwise_similarity(q, s, solver=solver, temperature=12.5, center=True)
         loss = F.cross_entropy(logits, labels, reduction="sum")
         if grad:
             loss.backward()
