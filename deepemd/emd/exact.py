@@ -300,7 +300,7 @@ def _shift_subtree(pot, moved, m: int, d: int) -> None:
 def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb, parent,
                tflow, closed, desc, pot, up_row, up_col, moved, word, offset, bits, max_pivots
                ) -> int:
-    """Solve one problem in place (``x`` zeroed on entry): flow, centred duals; returns
+    """Solve one problem in place: flow (into ``x``), centred duals; returns
     ``(distance, pivot count)``, the count -1 on the cap."""
     m, n = c.shape
     scale = _integer_costs(c, ci, bits, word)
@@ -366,6 +366,9 @@ def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb
             _rehang(parent, tflow, desc, up_row, cut, col, theta, moved, up_row[cut + 1:lr],
                     up_col[:lc])
             _shift_subtree(pot, moved, m, best)
+    for i in range(m):  # here rather than np.zeros: a 5 MB memset is a pass of its own
+        for j in range(n):
+            x[i, j] = 0.0
     distance = 0.0
     for v in range(m + n):
         if v != root:
@@ -494,7 +497,7 @@ def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | N
     a = np.ascontiguousarray(a, dtype=np.float64)
     b = np.ascontiguousarray(b * (a.sum(-1) / b.sum(-1))[:, None], dtype=np.float64)
     bsz, m, n = cost.shape
-    flow = np.zeros((bsz, m, n))
+    flow = np.empty((bsz, m, n))
     alpha = np.empty((bsz, m))
     beta = np.empty((bsz, n))
     distance = np.empty(bsz)
