@@ -101,7 +101,7 @@ def test_half_precision_is_computed_and_returned_in_float32():
     assert dist.dtype == flow.dtype == torch.float32
 
 
-@pytest.mark.parametrize("scale", [1e-12, 1e6])
+@pytest.mark.parametrize("scale", [1e-310, 1e-300, 1e-12, 1e6, 1e300])
 def test_tiny_and_huge_costs(scale):
     rng = np.random.default_rng(5)
     cost = rng.random((6, 7)) * scale

@@ -27,7 +27,7 @@ problems with one workspace, and a thread pool hands ranges of the batch to its 
    ancestor paths, and its duals shift by the entering reduced cost in one vectorised,
    branch-free pass over the bitmask (no traversal of the subtree);
 6. repeat until no reduced cost is negative. Duals are returned as floats: the integer duals
-   plus the reduction's offsets, divided by the scale, centred.
+   plus the reduction's offsets, times the cost of one integer step, centred.
 
 A problem that reaches the pivot cap (a guard against cycling on degenerate problems; not
 reached in the tests) is re-solved by POT's network simplex, so the result is always exact;
@@ -113,8 +113,8 @@ def _packed_min(row, shift, ib: int, skip: int) -> int:
 
 @njit(cache=True)
 def _integer_costs(c, ci, bits: int, word) -> float:
-    """``ci = trunc(c * scale)`` with ``max |ci| = 2**bits``; returns the scale, or 0.0 when a
-    cost is NaN or inf.
+    """``ci = trunc(c * 2**bits / max|c|)``; returns ``max |c|`` (an integer step costs
+    ``max|c| * 2**-bits``), or -1.0 when a cost is NaN or inf.
 
     ``max |c|`` comes from the bit patterns: with the sign bit cleared, floats order like their
     bits read as integers, so the maximum is a vectorised integer reduction (a float one is not
@@ -127,14 +127,22 @@ def _integer_costs(c, ci, bits: int, word) -> float:
         for j in range(n):
             top = max(top, raw[i, j] & 0x7FFFFFFFFFFFFFFF)
     if top >= EXPONENT_ALL_ONES:
-        return 0.0
+        return -1.0
     word[0] = top
     cmax = word.view(np.float64)[0]
-    scale = 2.0 ** bits / cmax if cmax > 0 else 1.0
-    for i in range(m):
-        for j in range(n):
-            ci[i, j] = np.int64(c[i, j] * scale)
-    return scale
+    if cmax == 0.0:
+        ci[:, :] = 0
+        return 0.0
+    scale = 2.0 ** bits / cmax
+    if scale < np.inf:
+        for i in range(m):
+            for j in range(n):
+                ci[i, j] = np.int64(c[i, j] * scale)
+    else:  # max |c| below ~1e-292: 2**bits / max|c| overflows, divide instead
+        for i in range(m):
+            for j in range(n):
+                ci[i, j] = np.int64(c[i, j] / cmax * 2.0 ** bits)
+    return cmax
 
 
 @njit(cache=True)
@@ -303,8 +311,8 @@ def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb
     """Solve one problem in place: flow (into ``x``), centred duals; returns
     ``(distance, pivot count)``, the count -1 on the cap."""
     m, n = c.shape
-    scale = _integer_costs(c, ci, bits, word)
-    if scale == 0.0:
+    cmax = _integer_costs(c, ci, bits, word)
+    if cmax < 0.0:
         return np.nan, NON_FINITE
     for j in range(n):
         shift[j] = 0
@@ -377,24 +385,25 @@ def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb
             distance += tflow[v] * c[i, j]
     for v in range(m + n):  # duals of the real costs
         pot[v] += offset[v]
-    _centred_duals(alpha, beta, scale, a, b, alpha_out, beta_out)
+    _centred_duals(alpha, beta, 2.0 ** -bits, cmax, a, b, alpha_out, beta_out)
     return distance, pivots
 
 
 @njit(cache=True)
-def _centred_duals(alpha, beta, scale: float, a, b, alpha_out, beta_out) -> None:
-    """Float duals shifted by ``(+t, -t)`` so that ``a . alpha == b . beta`` (see
+def _centred_duals(alpha, beta, step: float, cmax: float, a, b, alpha_out, beta_out) -> None:
+    """Float duals ``alpha * step * cmax`` (in that order, so that tiny costs do not underflow
+    to zero duals) shifted by ``(+t, -t)`` so that ``a . alpha == b . beta`` (see
     :mod:`deepemd.emd.layer`: the gauge in which they are the gradient of the distance)."""
     a_alpha = 0.0
     mass_a = 0.0
     for i in range(alpha.shape[0]):
-        alpha_out[i] = alpha[i] / scale
+        alpha_out[i] = alpha[i] * step * cmax
         a_alpha += a[i] * alpha_out[i]
         mass_a += a[i]
     b_beta = 0.0
     mass_b = 0.0
     for j in range(beta.shape[0]):
-        beta_out[j] = beta[j] / scale
+        beta_out[j] = beta[j] * step * cmax
         b_beta += b[j] * beta_out[j]
         mass_b += b[j]
     t = (b_beta - a_alpha) / (mass_a + mass_b)
@@ -524,5 +533,5 @@ def _fallback(cost: np.ndarray, a: np.ndarray, b: np.ndarray):
 
     flow, log = ot.emd(a, b, cost, log=True, numItermax=10**8)
     alpha, beta = np.empty_like(a), np.empty_like(b)
-    _centred_duals(log["u"], log["v"], 1.0, a, b, alpha, beta)
+    _centred_duals(log["u"], log["v"], 1.0, 1.0, a, b, alpha, beta)
     return (cost * flow).sum(), flow, alpha, beta
