@@ -88,8 +88,10 @@ def train_val_splits(opts: DataOptions, val_split: str, val_fraction: float, min
     return keep_classes(train, order[: n_classes - n_val]), keep_classes(train, order[n_classes - n_val:])
 
 
-def _pretrained_arg(opts: ModelOptions) -> bool | str:
-    value = opts.pretrained.strip()
+def _backbone_weights(opts: ModelOptions) -> bool | str:
+    """``--weights`` as the backbone registry's ``pretrained`` argument (the same option and
+    values as in the retrieval job)."""
+    value = opts.weights.strip()
     if value.lower() in ("", "none", "false", "no"):
         return False
     if value.lower() == "imagenet":
@@ -106,7 +108,7 @@ def five_by_five_size(backbone: str) -> int:
 
 
 def create_backbone(opts: ModelOptions, checkpoint: str = "") -> nn.Module:
-    """The backbone with ``checkpoint`` (ours: its ``backbone`` entry) or else ``pretrained`` weights.
+    """The backbone with ``checkpoint`` (ours: its ``backbone`` entry) or else the ``weights`` option.
 
     A fewshot checkpoint stores the backbone's state under ``backbone``, which the backbone
     registry's loader finds by itself, so pre-train, meta-train and test agree on one format.
@@ -117,7 +119,7 @@ def create_backbone(opts: ModelOptions, checkpoint: str = "") -> nn.Module:
             raise DeepEMDError("backbone_widths applies to resnet12 only", None,
                                "drop backbone_widths or use --backbone resnet12")
         kw["channels"] = tuple(opts.backbone_widths)
-    return backbones.create(opts.backbone, pretrained=checkpoint or _pretrained_arg(opts), **kw)
+    return backbones.create(opts.backbone, pretrained=checkpoint or _backbone_weights(opts), **kw)
 
 
 def input_size(opts: DataOptions, net: nn.Module) -> int:

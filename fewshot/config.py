@@ -43,13 +43,13 @@ class DataOptions:
 class ModelOptions(DataOptions):
     backbone: str = "resnet12"
     backbone_widths: tuple[int, ...] = ()
-    pretrained: str = "auto"
+    weights: str = "auto"
     local: str = "fcn"
     pyramid: tuple[int, ...] = ()
     grid_levels: tuple[int, ...] = (3,)
     grid_ratio: float = 2.0
     num_patches: int = 9
-    weights: str = "cross"
+    node_weights: str = "cross"
     solver: str = "exact"
     temperature: float = 12.5
     center: bool = True
@@ -58,14 +58,14 @@ class ModelOptions(DataOptions):
         **DataOptions.__field_docs__,
         "backbone": "resnet12, resnet18, resnet50, efficientnet_lite0, mobilenetv2",
         "backbone_widths": "resnet12 stage widths (default 64 160 320 640; smaller runs fast on a CPU)",
-        "pretrained": "auto (packaged ImageNet weights where the backbone has them), none, imagenet, "
+        "weights": "backbone weights: auto (packaged ImageNet weights where the backbone has them), none, imagenet, "
         "or a checkpoint path (pre-train/train output)",
         "local": "local feature set: fcn, grid or sampling",
         "pyramid": "fcn feature pyramid levels, e.g. 3 2 1 (empty: plain 5x5 cells)",
         "grid_levels": "grid cells per side (several = image pyramid, e.g. 3 2)",
         "grid_ratio": "grid: enlarge each cell by this ratio for context",
         "num_patches": "sampling: random crops per image",
-        "weights": "EMD node weights: cross (cross-reference) or uniform",
+        "node_weights": "EMD node weights: cross (cross-reference) or uniform",
         "solver": "EMD solver: exact, opencv, qpth, sinkhorn",
         "temperature": "logit scale of the EMD score (the authors' 12.5)",
         "center": "centre each node over channels before the cosine cost (the authors' code)",
@@ -133,7 +133,7 @@ class TrainConfig(ModelOptions):
 
     __field_docs__ = {
         **ModelOptions.__field_docs__,
-        "init": "pre-trained checkpoint to start from (pretrain's best.pt); empty: 'pretrained'",
+        "init": "pre-trained checkpoint to start from (pretrain's best.pt); empty: 'weights'",
         "way": "classes per training episode",
         "shot": "support images per class (k > 1 trains on the mean support set per class)",
         "query": "query images per class",
@@ -170,7 +170,7 @@ class EvalConfig(ModelOptions):
 
     __field_docs__ = {
         **ModelOptions.__field_docs__,
-        "checkpoint": "trained checkpoint (pretrain or train output); empty: the 'pretrained' weights",
+        "checkpoint": "trained checkpoint (pretrain or train output); empty: the 'weights' option",
         "split": "split to sample test episodes from",
         "way": "classes per episode",
         "shot": "support images per class",

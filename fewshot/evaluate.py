@@ -27,7 +27,7 @@ from deepemd.io import atomic_path
 
 
 #: Options that change the extracted features (the feature cache key).
-FEATURE_OPTIONS = ("layout", "data_root", "split", "image_size", "backbone", "backbone_widths", "pretrained",
+FEATURE_OPTIONS = ("layout", "data_root", "split", "image_size", "backbone", "backbone_widths", "weights",
                    "checkpoint", "local", "pyramid", "grid_levels", "grid_ratio", "num_patches")
 
 
@@ -36,7 +36,7 @@ def feature_key(cfg: EvalConfig, images) -> dict:
     model at the same path must not reuse stale features) and, for sampling, the crop seed."""
     key = {name: getattr(cfg, name) for name in FEATURE_OPTIONS}
     key.update(images=len(images.paths), first=str(images.paths[0]), last=str(images.paths[-1]))
-    for name in ("checkpoint", "pretrained"):
+    for name in ("checkpoint", "weights"):
         path = Path(str(getattr(cfg, name)))
         if path.is_file():
             key[name + "_stat"] = (path.stat().st_size, path.stat().st_mtime_ns)
@@ -47,7 +47,7 @@ def feature_key(cfg: EvalConfig, images) -> dict:
 
 def method_options(cfg: EvalConfig) -> MethodOptions:
     return MethodOptions(
-        label=build.method_label(cfg), weights=cfg.weights, solver=cfg.solver, temperature=cfg.temperature,
+        label=build.method_label(cfg), weights=cfg.node_weights, solver=cfg.solver, temperature=cfg.temperature,
         center=cfg.center, sfc=SFCFit(steps=cfg.sfc_steps, batch_size=cfg.sfc_batch_size, lr=cfg.sfc_lr),
         finetune_steps=cfg.finetune_steps, knn_k=cfg.knn_k, seed=cfg.seed)
 
@@ -78,7 +78,7 @@ def draw_episode(cfg: EvalConfig, cache: FeatureCache, paths: list[Path], classe
         boxes, sets = node_boxes("fcn", size, map_side, (), (), 1.0), cache.cells
     names = [classes[int(cache.labels[i])] for i in supports]
     return episode_flow_figure([paths[int(i)] for i in [idx[n_support], *supports]], sets[idx[n_support]],
-                               sets[supports], boxes, size, names, cfg.weights, cfg.solver, cfg.center, out)
+                               sets[supports], boxes, size, names, cfg.node_weights, cfg.solver, cfg.center, out)
 
 
 def run_test(cfg: EvalConfig, progress: bool = True) -> pd.DataFrame:

@@ -40,7 +40,7 @@ class EpisodeNet(nn.Module):
         super().__init__()
         self.extractor = extractor
         self.way, self.shot = cfg.way, cfg.shot
-        self.weights, self.solver = cfg.weights, cfg.solver
+        self.weights, self.solver = cfg.node_weights, cfg.solver
         self.temperature, self.center = cfg.temperature, cfg.center
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ def validate(cfg: TrainConfig, backbone: nn.Module, extractor: nn.Module, val_se
     """Mean accuracy (percent) of seeded val episodes with the variant being trained."""
     cache = extract(val_set, backbone, extractor, cfg.local, batch_size=cfg.batch_size, workers=cfg.workers,
                     device=device, seed=cfg.seed, progress=progress)
-    opts = MethodOptions(weights=cfg.weights, solver=cfg.solver, temperature=cfg.temperature, center=cfg.center)
+    opts = MethodOptions(weights=cfg.node_weights, solver=cfg.solver, temperature=cfg.temperature, center=cfg.center)
     method = emd_nn(opts) if cfg.shot == 1 else emd_fusion(opts)
     accs = evaluate(cache, {"val": method}, cfg.way, cfg.shot, cfg.query, cfg.val_episodes, cfg.seed,
                     progress=progress)

@@ -80,7 +80,7 @@ def validate(cfg: PretrainConfig, backbone: nn.Module, val_set, device: torch.de
     fcn = local.create("fcn", backbone)
     cache = extract(val_set, backbone, fcn, "fcn", batch_size=cfg.batch_size, workers=cfg.workers,
                     device=device, seed=cfg.seed, progress=progress)
-    opts = MethodOptions(weights=cfg.weights, solver=cfg.solver, temperature=cfg.temperature, center=cfg.center)
+    opts = MethodOptions(weights=cfg.node_weights, solver=cfg.solver, temperature=cfg.temperature, center=cfg.center)
     method = emd_nn(opts) if cfg.val_method == "fcn" else protonet(opts)
     accs = evaluate(cache, {"val": method}, cfg.val_way, cfg.val_shot, cfg.val_query, cfg.val_episodes,
                     cfg.seed, progress=progress)

@@ -34,7 +34,7 @@ def _images(root: Path, classes: int = 4, per_class: int = 6, size: int = 24) ->
 
 def _fewshot_test(root: Path, out: Path, *extra: str) -> list[str]:
     return ["fewshot", "test", "--layout", "folder", "--data-root", str(root), *TINY_RESNET,
-            "--pretrained", "none", "--way", "2", "--shot", "1", "--query", "2", "--episodes", "2",
+            "--weights", "none", "--way", "2", "--shot", "1", "--query", "2", "--episodes", "2",
             "--out", str(out), *extra]
 
 
@@ -115,7 +115,7 @@ def _unknown_backbone(tmp: Path):
 
 def _missing_checkpoint(tmp: Path):
     ckpt = tmp / "missing.pt"
-    return _fewshot_test(_images(tmp / "data"), tmp / "out", "--pretrained", str(ckpt)), str(ckpt)
+    return _fewshot_test(_images(tmp / "data"), tmp / "out", "--weights", str(ckpt)), str(ckpt)
 
 
 def _truncated_checkpoint(tmp: Path):
@@ -124,7 +124,7 @@ def _truncated_checkpoint(tmp: Path):
     ckpt = tmp / "ckpt.pt"
     torch.save({"model": {"w": torch.randn(64, 64)}}, ckpt)
     ckpt.write_bytes(ckpt.read_bytes()[:500])
-    return _fewshot_test(_images(tmp / "data"), tmp / "out", "--pretrained", str(ckpt)), str(ckpt)
+    return _fewshot_test(_images(tmp / "data"), tmp / "out", "--weights", str(ckpt)), str(ckpt)
 
 
 def _mismatched_checkpoint(tmp: Path):
@@ -135,7 +135,7 @@ def _mismatched_checkpoint(tmp: Path):
 
     ckpt = tmp / "other-model.pt"
     torch.save({"model": create("resnet12").state_dict()}, ckpt)
-    return _fewshot_test(_images(tmp / "data"), tmp / "out", "--pretrained", str(ckpt)), str(ckpt)
+    return _fewshot_test(_images(tmp / "data"), tmp / "out", "--weights", str(ckpt)), str(ckpt)
 
 
 def _gallery(tmp: Path, *extra: str) -> Path:

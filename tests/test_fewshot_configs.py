@@ -29,7 +29,7 @@ def test_config_parses_into_its_dataclass(path):
     assert cfg.data_root in BUILTIN_ROOTS or cfg.layout != "folder" or Path(cfg.data_root).name
     assert cfg.backbone in list_backbones()
     assert cfg.local in ("fcn", "grid", "sampling")
-    assert cfg.solver in SOLVERS and cfg.weights in ("cross", "uniform")
+    assert cfg.solver in SOLVERS and cfg.node_weights in ("cross", "uniform")
     if isinstance(cfg, EvalConfig):
         select(cfg.methods, cfg.shot)  # raises on an unknown method
 

@@ -14,7 +14,7 @@ from deepemd.fewshot import build
 from deepemd.fewshot.config import PretrainConfig, TrainConfig
 from deepemd.io import load_checkpoint
 
-TINY = dict(layout="folder", backbone="resnet12", backbone_widths=(4, 8, 8, 16), pretrained="none",
+TINY = dict(layout="folder", backbone="resnet12", backbone_widths=(4, 8, 8, 16), weights="none",
             image_size=32, batch_size=16, seed=0)
 
 
