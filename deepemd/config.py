@@ -95,13 +95,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
-    """Make a ``cls`` instance from ``values``; unknown keys get a did-you-mean error."""
+    """Make a ``cls`` instance from ``values``; unknown keys get a did-you-mean error, or the
+    new name of a renamed option (``cls.__renamed__``: old key -> what to write instead)."""
     types_ = _field_types(cls)
     unknown = [k for k in values if k not in types_]
     if unknown:
         key = unknown[0]
         close = difflib.get_close_matches(key, types_, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"known options: {', '.join(sorted(types_))}"
+        renamed = getattr(cls, "__renamed__", {})
+        hint = (f"renamed: {renamed[key]}" if key in renamed
+                else f"did you mean '{close[0]}'?" if close
+                else f"known options: {', '.join(sorted(types_))}")
         raise DeepEMDError(f"unknown config key '{key}'", source, hint)
     kwargs = {k: _coerce(k, v, types_[k], source) for k, v in values.items()}
     return cls(**kwargs)

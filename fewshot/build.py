@@ -92,6 +92,10 @@ def _backbone_weights(opts: ModelOptions) -> bool | str:
     """``--weights`` as the backbone registry's ``pretrained`` argument (the same option and
     values as in the retrieval job)."""
     value = opts.weights.strip()
+    if value.lower() in ("cross", "uniform"):
+        raise DeepEMDError(f"weights {value!r} names EMD node weights, but 'weights' is the "
+                           "backbone's weights (auto, imagenet, none or a file)", None,
+                           f"write node_weights: {value} (--node-weights {value})")
     if value.lower() in ("", "none", "false", "no"):
         return False
     if value.lower() == "imagenet":

@@ -70,6 +70,10 @@ class ModelOptions(DataOptions):
         "temperature": "logit scale of the EMD score (the authors' 12.5)",
         "center": "centre each node over channels before the cosine cost (the authors' code)",
     }
+    __renamed__ = {
+        "pretrained": "write 'weights' (the backbone's weights, as in the retrieval job); the old "
+                      "'weights' (cross or uniform) is now 'node_weights'",
+    }
 
 
 @dataclass

@@ -37,3 +37,17 @@ def test_config_parses_into_its_dataclass(path):
 def test_the_protocol_defaults_are_the_papers():
     one, five = EvalConfig(shot=1), EvalConfig(shot=5)
     assert (one.num_episodes(), five.num_episodes(), one.query, one.temperature) == (5000, 600, 15, 12.5)
+
+
+def test_configs_written_before_the_option_rename_get_told_the_new_names():
+    """``pretrained`` became ``weights`` and the old ``weights`` (cross/uniform) ``node_weights``."""
+    from deepemd.errors import DeepEMDError
+    from deepemd.fewshot.build import create_backbone
+
+    with pytest.raises(DeepEMDError) as renamed:
+        build_config(EvalConfig, {"pretrained": "none"}, "old.yaml")
+    assert "renamed" in str(renamed.value) and "node_weights" in str(renamed.value)
+    old_meaning = build_config(EvalConfig, {"weights": "uniform", "backbone": "resnet12"})
+    with pytest.raises(DeepEMDError, match="names EMD node weights") as err:
+        create_backbone(old_meaning)
+    assert "node_weights: uniform" in str(err.value)
