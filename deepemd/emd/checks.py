@@ -36,6 +36,14 @@ def _all_finite(t: torch.Tensor, summary: torch.Tensor | None = None) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def _host_view(t: torch.Tensor):
+    """``t`` as a numpy array when it is a CPU float tensor numpy can hold (no copy), else
+    ``t`` itself: the checks below read the same either way."""
+    if t.device.type == "cpu" and t.dtype in (torch.float16, torch.float32, torch.float64):
+        return t.detach().numpy()
+    return t
+
+
 def require_finite(name: str, t: torch.Tensor, summary: torch.Tensor | None = None) -> None:
     """One clear error if ``t`` holds NaN or inf (``summary``: see :func:`_all_finite`)."""
     if t.numel() and not _all_finite(t, summary):
@@ -99,11 +107,15 @@ def check_problem(cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor,
     if b == 0:
         return
     for name, w in (("wu", wu), ("wv", wv)):
-        if bool((w < 0).any()):
+        values = _host_view(w)  # numpy on the CPU, for the reason given in _all_finite
+        if bool((values < 0).any()):
             raise DeepEMDError(f"{name} has negative weights", fix="weights are masses: clamp at 0")
-        empty = (w.sum(dim=-1) <= 0).nonzero()
+        totals = values.sum(-1)
+        if isinstance(totals, torch.Tensor):
+            totals = totals.float().cpu().numpy()
+        empty = np.flatnonzero(totals <= 0)
         if len(empty):
-            raise DeepEMDError(f"{name} is all zero in problem {int(empty[0, 0])}: that side has "
+            raise DeepEMDError(f"{name} is all zero in problem {int(empty[0])}: that side has "
                                "no mass to transport",
                                fix="give at least one node a positive weight (cross_reference_"
                                    "weights adds 1e-3 to every node for this reason)")
