@@ -74,9 +74,9 @@ def index_bits(n: int) -> int:
 def cost_bits(m: int, n: int) -> int:
     """Bits of the integer costs: 52 (a double's precision), fewer for huge problems so that
     duals (sums of up to ``m + n`` reduced costs below ``2**(bits+1)``) and reduced costs stay
-    inside int64 with room to spare, and so that a
-    start value (a cost plus the closed-column offset ``4 << bits``, below ``2**(bits+3)``)
-    shifted left by :func:`index_bits` stays below :data:`EXCLUDED`."""
+    inside int64 with room to spare, and so that a start value (a cost plus the closed-column
+    offset ``4 << bits``, below ``2**(bits+3)``) shifted left by :func:`index_bits` stays
+    below :data:`EXCLUDED`."""
     return min(52, 60 - math.ceil(math.log2(2 * (m + n) + 1)), 58 - index_bits(n))
 
 
@@ -307,9 +307,10 @@ def _shift_subtree(pot, moved, m: int, d: int) -> None:
 @njit(cache=True)
 def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb, parent,
                tflow, closed, desc, pot, up_row, up_col, moved, word, offset, bits, max_pivots
-               ) -> int:
+               ) -> tuple:
     """Solve one problem in place: flow (into ``x``), centred duals; returns
-    ``(distance, pivot count)``, the count -1 on the cap."""
+    ``(distance, pivot count)``, the count :data:`CAPPED` on the pivot cap and
+    :data:`NON_FINITE` (distance NaN) for NaN or inf costs."""
     m, n = c.shape
     cmax = _integer_costs(c, ci, bits, word)
     if cmax < 0.0:
