@@ -395,23 +395,25 @@ def _centred_duals(alpha, beta, step: float, cmax: float, a, b, alpha_out, beta_
     """Float duals ``alpha * step * cmax`` (in that order, so that tiny costs do not underflow
     to zero duals) shifted by ``(+t, -t)`` so that ``a . alpha == b . beta`` (see
     :mod:`deepemd.emd.layer`: the gauge in which they are the gradient of the distance)."""
-    a_alpha = 0.0
-    mass_a = 0.0
-    for i in range(alpha.shape[0]):
-        alpha_out[i] = alpha[i] * step * cmax
-        a_alpha += a[i] * alpha_out[i]
-        mass_a += a[i]
-    b_beta = 0.0
-    mass_b = 0.0
-    for j in range(beta.shape[0]):
-        beta_out[j] = beta[j] * step * cmax
-        b_beta += b[j] * beta_out[j]
-        mass_b += b[j]
+    a_alpha, mass_a = _float_duals(alpha, step, cmax, a, alpha_out)
+    b_beta, mass_b = _float_duals(beta, step, cmax, b, beta_out)
     t = (b_beta - a_alpha) / (mass_a + mass_b)
-    for i in range(alpha.shape[0]):
+    for i in range(alpha_out.shape[0]):
         alpha_out[i] += t
-    for j in range(beta.shape[0]):
+    for j in range(beta_out.shape[0]):
         beta_out[j] -= t
+
+
+@njit(cache=True)
+def _float_duals(duals, step: float, cmax: float, mass, out) -> tuple:
+    """``out = duals * step * cmax``; returns ``(mass . out, sum(mass))``."""
+    dot = 0.0
+    total = 0.0
+    for i in range(duals.shape[0]):
+        out[i] = duals[i] * step * cmax
+        dot += mass[i] * out[i]
+        total += mass[i]
+    return dot, total
 
 
 @njit(cache=True, nogil=True)
