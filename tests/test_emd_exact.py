@@ -148,3 +148,22 @@ def test_non_finite_costs_are_reported_by_the_kernel():
     cost[1, 2, 3] = np.nan
     with pytest.raises(DeepEMDError, match=r"cost contains NaN or inf values \(problem 1 of 3\)"):
         solve_batch(cost, np.ones((3, 4)), np.ones((3, 4)))
+
+
+def test_problems_that_hit_the_pivot_cap_are_finished_by_pot(monkeypatch):
+    """The cycling guard's path: with a cap of zero pivots every problem goes to POT's network
+    simplex, and distance, flow and centred duals agree with the simplex's own answer."""
+    from deepemd.emd import exact
+
+    rng = np.random.default_rng(11)
+    cost, a, b = rng.random((5, 6, 8)), rng.random((5, 6)), rng.random((5, 8))
+    b *= (a.sum(1) / b.sum(1))[:, None]
+    ours = solve_batch(cost, a, b)
+    monkeypatch.setattr(exact, "MAX_PIVOTS_PER_CELL", 0)
+    monkeypatch.setattr(exact, "MIN_PIVOT_CAP", 0)
+    capped = solve_batch(cost, a, b)
+    assert (capped.pivots == exact.CAPPED).all() and (ours.pivots >= 0).all()
+    np.testing.assert_allclose(capped.distance, ours.distance, rtol=1e-12)
+    np.testing.assert_allclose(capped.flow, ours.flow, atol=1e-12)
+    np.testing.assert_allclose(capped.alpha, ours.alpha, atol=1e-9)
+    np.testing.assert_allclose(capped.beta, ours.beta, atol=1e-9)

@@ -47,7 +47,10 @@ from numba import njit
 
 from deepemd.errors import DeepEMDError
 
+#: Pivot cap per problem: ``MAX_PIVOTS_PER_CELL * m * n + MIN_PIVOT_CAP`` (a guard against
+#: cycling on degenerate problems; the tests never reach it).
 MAX_PIVOTS_PER_CELL = 50
+MIN_PIVOT_CAP = 100
 #: Larger than any reduced cost or packed start value (see cost_bits).
 INT_INF = 1 << 62
 #: Added to the packed value of the one column a second-minimum search skips.
@@ -514,7 +517,7 @@ def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | N
     beta = np.empty((bsz, n))
     distance = np.empty(bsz)
     pivots = np.empty(bsz, np.int64)
-    max_pivots = MAX_PIVOTS_PER_CELL * m * n + 100
+    max_pivots = MAX_PIVOTS_PER_CELL * m * n + MIN_PIVOT_CAP
     threads = torch.get_num_threads() if threads is None else threads
     args = (cost, a, b, flow, alpha, beta, distance, pivots, max_pivots)
     if bsz >= PARALLEL_MIN_BATCH and threads > 1:
