@@ -88,23 +88,6 @@ def train_val_splits(opts: DataOptions, val_split: str, val_fraction: float, min
     return keep_classes(train, order[: n_classes - n_val]), keep_classes(train, order[n_classes - n_val:])
 
 
-def _backbone_weights(opts: ModelOptions) -> bool | str:
-    """``--weights`` as the backbone registry's ``pretrained`` argument (the same option and
-    values as in the retrieval job)."""
-    value = opts.weights.strip()
-    if value.lower() in ("cross", "uniform"):
-        raise DeepEMDError(f"weights {value!r} names EMD node weights, but 'weights' is the "
-                           "backbone's weights (auto, imagenet, none or a file)", None,
-                           f"write node_weights: {value} (--node-weights {value})")
-    if value.lower() in ("", "none", "false", "no"):
-        return False
-    if value.lower() == "imagenet":
-        return True
-    if value.lower() == "auto":
-        return opts.backbone in ("efficientnet_lite0", "mobilenetv2")
-    return value
-
-
 def five_by_five_size(backbone: str) -> int:
     """Input side that gives the paper's 5x5 feature map (25 nodes per image): ResNet-12 halves
     the image four times (84 -> 5), the other backbones have stride 32 (160 -> 5)."""
@@ -123,7 +106,7 @@ def create_backbone(opts: ModelOptions, checkpoint: str = "") -> nn.Module:
             raise DeepEMDError("backbone_widths applies to resnet12 only", None,
                                "drop backbone_widths or use --backbone resnet12")
         kw["channels"] = tuple(opts.backbone_widths)
-    return backbones.create(opts.backbone, pretrained=checkpoint or _backbone_weights(opts), **kw)
+    return backbones.create(opts.backbone, pretrained=checkpoint or backbones.pretrained_from_option(opts.backbone, opts.weights), **kw)
 
 
 def input_size(opts: DataOptions, net: nn.Module) -> int:

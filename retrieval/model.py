@@ -58,32 +58,18 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_pretrained(backbone: str, weights: str) -> bool | str:
-    """``imagenet`` -> packaged weights, ``none`` -> random init, anything else -> a file path."""
-    if weights in ("imagenet", "auto"):
-        return True
-    if weights in ("none", "random", ""):
-        return False
-    return weights
-
-
 def build_backbone(name: str, weights: str, embed_dim: int | None, image_size: int | None,
                    seed: int = 0) -> tuple[nn.Module, ModelInfo]:
     """Create the backbone (``weights="auto"`` falls back to random init where no packaged
     ImageNet weights exist, e.g. ResNet-50 here) and record how it was made."""
-    pretrained = resolve_pretrained(name, weights)
-    source = weights
+    pretrained = backbones.pretrained_from_option(name, weights)
+    source = "random" if weights == "auto" and pretrained is False else weights
     # Randomly initialised parts (a whole random backbone, or the embed_dim head on top of
     # pretrained weights) come from ``seed`` alone, so `index` and a later `search` with the same
     # --seed build the same network and its fingerprint matches the gallery's.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try:
-            net = backbones.create(name, pretrained=pretrained, embed_dim=embed_dim)
-        except DeepEMDError:
-            if weights != "auto":
-                raise
-            net, source = backbones.create(name, pretrained=False, embed_dim=embed_dim), "random"
+        net = backbones.create(name, pretrained=pretrained, embed_dim=embed_dim)
     size = int(image_size or net.default_cfg["input_size"])
     return net, ModelInfo(name, embed_dim, size, str(source))
 

@@ -142,3 +142,18 @@ def test_feature_map_size_leaves_batchnorm_statistics_alone():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     assert backbones.feature_map_size(net, 32) == (2, 2)
     assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_both_jobs_weights_option_maps_to_pretrained():
+    """One reading of ``--weights`` for retrieval and few-shot: ``auto`` follows the registry's
+    packaged weights, node weights given to it get the option they belong to."""
+    from deepemd.backbones import pretrained_from_option
+
+    assert pretrained_from_option("efficientnet_lite0", "auto") is True
+    assert pretrained_from_option("resnet50", "auto") is False
+    assert pretrained_from_option("resnet12", "imagenet") is True
+    for off in ("none", "random", "false", "no", ""):
+        assert pretrained_from_option("resnet12", off) is False
+    assert pretrained_from_option("resnet12", " runs/best.pt ") == "runs/best.pt"
+    with pytest.raises(DeepEMDError, match="--node-weights uniform"):
+        pretrained_from_option("resnet12", "uniform")

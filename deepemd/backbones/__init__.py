@@ -120,6 +120,27 @@ def create(name: str, pretrained: bool | str | Path = False, embed_dim: int | No
     return model
 
 
+def pretrained_from_option(name: str, weights: str) -> bool | str:
+    """Both jobs' ``--weights`` option as :func:`create`'s ``pretrained``: ``imagenet`` ->
+    packaged ImageNet weights, ``none`` (also ``random``, ``false``, ``no`` or empty) -> random
+    init, ``auto`` -> packaged weights where ``name`` has them, else random; anything else is a
+    weights file. ``cross`` / ``uniform`` are EMD node weights given to the wrong option."""
+    value = str(weights).strip()
+    key = value.lower()
+    if key in ("cross", "uniform"):
+        raise DeepEMDError(f"weights {value!r} names EMD node weights, but 'weights' is the "
+                           "backbone's weights (auto, imagenet, none or a file)", None,
+                           f"write node_weights: {value} (--node-weights {value})")
+    if key in ("", "none", "random", "false", "no"):
+        return False
+    if key == "imagenet":
+        return True
+    if key == "auto":
+        entry = _REGISTRY.get(name.lower().replace("-", "_"))
+        return bool(entry and entry.packaged_weights)
+    return value
+
+
 @torch.no_grad()
 def feature_map_size(backbone: nn.Module, input_size: int | None = None) -> tuple[int, int]:
     """``(h, w)`` of the map for a square ``input_size`` image (default: the backbone's own),
