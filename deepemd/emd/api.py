@@ -6,7 +6,7 @@ from typing import Callable, Iterator, Union
 import torch
 
 from deepemd.emd.checks import check_features, check_problem, check_set_pair, require_finite
-from deepemd.emd.features import (working_dtype, cost_matrix, cross_reference_weights,
+from deepemd.emd.features import (working_dtype, centred, cost_matrix, cross_reference_weights,
                                   node_norms, pair_costs, pair_cross_weights, pair_dots,
                                   pair_uniform_weights, uniform_weights)
 from deepemd.emd.layer import ExactEMD
@@ -122,8 +122,7 @@ def pairwise_similarity(a: torch.Tensor, b: torch.Tensor, weights: str = "cross"
     check_set_pair(a, b)
     dtype = working_dtype(a)
     a, b = a.to(dtype), b.to(dtype)
-    ac, bc = (a - a.mean(dim=-1, keepdim=True), b - b.mean(dim=-1, keepdim=True)) if center \
-        else (a, b)
+    ac, bc = (centred(a), centred(b)) if center else (a, b)
     norms_a, norms_b = node_norms(ac), node_norms(bc)
     require_finite("a", a, norms_a)
     require_finite("b", b, norms_b)

@@ -188,7 +188,8 @@ def _order_by_decreasing(key, order, m: int) -> None:
 def _greedy_start(ci, a, b, bits, shift, row_order, regret, rb, parent, tflow, closed, desc,
                   pot) -> int:
     """Row-minimum start, rows by decreasing regret (the Vogel idea at a fraction of Vogel's
-    cost): each row ships to its cheapest open columns until it is empty.
+    cost): each row ships to its cheapest open columns until it is empty. ``shift`` is all
+    zero on entry (every column open); a closed column gets ``-(4 << bits)``.
 
     Every allocation closes exactly one row or column; the closed node becomes the child of the
     cell's other end, which closes later or is the root (the last row, which takes every
@@ -200,8 +201,6 @@ def _greedy_start(ci, a, b, bits, shift, row_order, regret, rb, parent, tflow, c
     nodes = m + n
     ib = index_bits(n)
     low = (1 << ib) - 1
-    for j in range(n):
-        shift[j] = 0
     for i in range(m):
         first = _packed_min(ci[i], shift, ib, -1)
         second = _packed_min(ci[i], shift, ib, first & low)

@@ -36,9 +36,12 @@ def unit_nodes(x: torch.Tensor, dtype: torch.dtype, center: bool = False) -> tor
     """Every node (last axis) scaled to unit norm, centred first if asked, so that the cosine
     of Eq. 2 is a plain dot product; zero-norm nodes stay zero (cosine 0)."""
     x = x.to(dtype)
-    if center:
-        x = x - x.mean(dim=-1, keepdim=True)
-    return F.normalize(x, dim=-1, eps=NORM_EPS)
+    return F.normalize(centred(x) if center else x, dim=-1, eps=NORM_EPS)
+
+
+def centred(x: torch.Tensor) -> torch.Tensor:
+    """Every node minus its mean over channels (the authors' centring before the cosine)."""
+    return x - x.mean(dim=-1, keepdim=True)
 
 
 def node_norms(x: torch.Tensor) -> torch.Tensor:
