@@ -59,6 +59,34 @@ def test_folder_without_classes_is_explained(tmp_path):
         read_layout("folder", tmp_path / "empty", "all")
 
 
+def test_only_regular_files_are_images(folder_dataset):
+    (folder_dataset / "class_a" / "x.png").mkdir()  # a folder with an image suffix
+    (folder_dataset / "class_a" / "x.png" / "inner.png").write_bytes(b"")
+    (folder_dataset / "class_b" / "link.png").symlink_to(folder_dataset / "class_b" / "img00.png")
+    (folder_dataset / "class_c" / "dangling.png").symlink_to(folder_dataset / "nowhere.png")
+    images = read_layout("folder", folder_dataset, "train")
+    names = {(p.parent.name, p.name) for p in images.paths}
+    assert ("class_a", "x.png") not in names and ("class_c", "dangling.png") not in names
+    assert ("class_b", "link.png") in names and len(images) == 18 + 1
+
+
+def test_output_folder_inside_the_data_root_is_never_listed(folder_dataset, tmp_path, monkeypatch):
+    before = read_layout("folder", folder_dataset, "all")
+    out = folder_dataset / "runs" / "eval"  # a previous run's --out, with a picture in it
+    write_image(out / "flows.png")
+    write_image(folder_dataset / "runs" / "other.png")  # beside the output: still a class "runs"
+    monkeypatch.chdir(folder_dataset)
+    after = read_layout("folder", folder_dataset, "all", exclude=[Path("runs/eval"), None])
+    assert after.classes == before.classes + ["runs"] and len(after) == len(before) + 1
+    assert read_layout("folder", folder_dataset, "all", exclude=[folder_dataset / "runs"]).classes == before.classes
+    write_image(folder_dataset / "class_a" / "out" / "results.png")  # --out inside a class folder
+    assert len(read_layout("folder", folder_dataset, "all", exclude=["class_a/out", "runs"])) == len(before)
+    split = tmp_path / "tiered"
+    make_class_folders(split / "train", ["c0", "c1"], 2)
+    write_image(split / "train" / "gallery" / "x.png")
+    assert read_layout("tieredimagenet", split, "train", exclude=[split / "train" / "gallery"]).classes == ["c0", "c1"]
+
+
 def _csv_split_layout(root: Path) -> Path:
     """miniImageNet / CUB few-shot: images/ + split/{train,val,test}.csv (filename,label)."""
     for split, classes in {"train": ["n01", "n02"], "val": ["n03"], "test": ["n04", "n05"]}.items():
@@ -159,6 +187,61 @@ def test_greyscale_becomes_rgb(tmp_path):
     assert image.mode == "RGB" and image.size == (10, 7)
     grey = np.asarray(Image.open(path))
     assert (np.asarray(image) == grey[..., None]).all()
+
+
+def _png16(path: Path, samples: np.ndarray, color_type: int) -> Path:
+    """A 16-bit PNG written byte by byte (big-endian samples, filter 0), not by PIL, so the test
+    does not trust the library it checks. ``color_type``: 0 grey, 2 RGB, 4 grey+alpha, 6 RGBA."""
+    height, width = samples.shape[:2]
+    rows = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows))
+                     + _chunk(b"IEND", b""))
+    return path
+
+
+def _rgb8_of_grey(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    rng = np.random.default_rng(7)
+    eight = rng.integers(0, 256, (12, 10), dtype=np.uint16)
+    image = load_image(_png16(tmp_path / "g16.png", eight * 257, color_type=0))  # 8-bit scaled by 257
+    assert image.mode == "RGB" and (np.asarray(image) == _rgb8_of_grey(eight)).all()
+    any16 = rng.integers(0, 65536, (12, 10), dtype=np.int64)
+    expected = ((any16 * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+    image = load_image(_png16(tmp_path / "any16.png", any16, color_type=0))
+    assert (np.asarray(image) == _rgb8_of_grey(expected)).all()
+    assert (np.asarray(image) == 255).mean() < 0.01
+
+
+@pytest.mark.parametrize("color_type, channels", [(2, 3), (4, 2), (6, 4)], ids=["rgb48", "grey-alpha32", "rgba64"])
+def test_sixteen_bit_colour_and_alpha_pngs_keep_their_values(tmp_path, color_type, channels):
+    eight = np.random.default_rng(color_type).integers(0, 256, (9, 11, channels), dtype=np.uint16)
+    image = np.asarray(load_image(_png16(tmp_path / "c.png", eight * 257, color_type)))
+    colour = eight[..., :3] if channels >= 3 else _rgb8_of_grey(eight[..., 0])
+    assert (image == colour).all()
+
+
+def test_other_high_bit_depth_modes(tmp_path):
+    eight = np.random.default_rng(3).integers(0, 256, (8, 6), dtype=np.uint16)
+    big_endian = Image.frombytes("I;16B", (6, 8), (eight * 257).astype(">u2").tobytes())
+    big_endian.save(tmp_path / "be.tif")
+    assert Image.open(tmp_path / "be.tif").mode == "I;16B"
+    (tmp_path / "12bit.pgm").write_bytes(b"P5 6 8 4095\n" + (eight.astype(np.int64) * 4095 // 255).astype(">u2").tobytes())
+    assert Image.open(tmp_path / "12bit.pgm").mode == "I"
+    Image.fromarray(eight.astype(np.float32) / 255).save(tmp_path / "unit.tif")
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    for name in ("be.tif", "12bit.pgm", "unit.tif"):
+        got = np.asarray(load_image(tmp_path / name)).astype(int)
+        assert np.abs(got - _rgb8_of_grey(eight)).max() <= 1, name  # 4095 steps: rounding differs by 1
+    # a 32-bit image beyond 16 bits declares no white level: its range is stretched to 0..255
+    wide = (eight.astype(np.int32) * 1_000_000 - 50_000_000)
+    Image.fromarray(wide).save(tmp_path / "wide.tif")
+    got = np.asarray(load_image(tmp_path / "wide.tif"))[..., 0].astype(int)
+    stretched = np.rint((eight - eight.min()) * 255 / (eight.max() - eight.min()))
+    assert np.abs(got - stretched).max() <= 1 and got.min() == 0 and got.max() == 255
 
 
 def test_corrupt_png_is_named(tmp_path):

@@ -3,9 +3,16 @@
 Real collections hold surprises (Openclipart has PNGs over 100 megapixels; downloads get cut
 short). ``load_image`` reads the header, refuses images over ``max_pixels`` (default 50 MP) before
 decoding, decodes fully (PIL raises on truncation because ``LOAD_TRUNCATED_IMAGES`` stays off)
-and converts to RGB (greyscale and palette images included). Every failure is one
-DeepEMDError naming the file. ``ImageDataset(skip_bad=True)`` instead checks every image once
-up front and drops the bad ones with one counted warning, so labels and samplers stay aligned.
+and converts to 8-bit RGB (greyscale and palette images included). Every failure is one
+DeepEMDError naming the file.
+
+High bit depths: PIL opens 16-bit greyscale PNG/TIFF as ``I;16*`` and PGM/32-bit TIFF as ``I`` or
+``F``, and its ``convert("RGB")`` clips those values at 255, turning a 16-bit image white. They
+are rescaled here instead (:func:`to_rgb8`). 48/64-bit RGB(A) and 16-bit grey+alpha PNGs need
+nothing: PIL already decodes them to 8 bits per channel.
+
+``ImageDataset(skip_bad=True)`` instead checks every image once up front and drops the bad ones
+with one counted warning, so labels and samplers stay aligned.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -21,6 +29,31 @@ from deepemd.data.layouts import ImageList
 from deepemd.errors import DeepEMDError
 
 DEFAULT_MAX_PIXELS = 50_000_000
+#: Full white of a 16-bit sample.
+_SIXTEEN_BIT_MAX = 65535
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB, scaling high-bit-depth greyscale instead of clipping it.
+
+    ``I;16*`` (and ``I`` holding 0..65535, as PIL gives for PGM and most TIFFs) map 65535 to 255
+    (``round(v / 257)``, so an 8-bit image stored as 16 bits comes back unchanged). ``F`` in
+    [0, 1] maps 1.0 to 255. ``I`` or ``F`` outside those ranges carry no declared white level,
+    so their own min..max is stretched to 0..255 (NaN counts as the minimum).
+    """
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img.convert("RGB")
+    values = np.asarray(img).astype(np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if img.mode.startswith("I;16") or (img.mode == "I" and low >= 0 and high <= _SIXTEEN_BIT_MAX):
+        scaled = values * (255 / _SIXTEEN_BIT_MAX)
+    elif img.mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255
+    else:
+        scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+    grey = np.clip(np.rint(np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -36,7 +69,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
                                        f"{max_pixels / 1e6:g} MP", path,
                                        "shrink or remove the image, raise max_pixels, or skip it with --skip-bad (skip_bad=True in Python)")
                 img.load()
-                return img.convert("RGB")
+                return to_rgb8(img)
     except DeepEMDError:
         raise
     except FileNotFoundError:

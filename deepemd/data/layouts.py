@@ -13,12 +13,18 @@ Layouts (trees in ``docs/data.md``):
 - ``cub-retrieval``: CUB-200-2011 (``images.txt``, ``image_class_labels.txt``, ``classes.txt``,
   ``images/``): classes 1-100 = train, 101-200 = test, ``all`` = both.
 
+Listing rules, the same in every layout that lists folders: an image is a regular file with an
+image suffix (a folder named ``x.png`` is not one), hidden names are skipped, and anything inside
+an ``exclude`` folder (the command's ``--out``, when it lies inside the data root) is never listed,
+so a run's own output never becomes an image or a class of the next run.
+
 Every failure (missing root, split file, class folder, listed image) is one DeepEMDError naming it.
 """
 from __future__ import annotations
 
 import csv
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +48,7 @@ class ImageList:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def subset(self, indices) -> "ImageList":
+    def subset(self, indices) -> ImageList:
         idx = np.asarray(indices, dtype=np.int64)
         return ImageList([self.paths[i] for i in idx], self.labels[idx], self.classes, self.root)
 
@@ -58,20 +64,38 @@ def _require_dir(path: Path, what: str, fix: str) -> None:
         raise DeepEMDError(f"{what} not found", path, fix)
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+def is_image_file(path: Path) -> bool:
+    """A regular file (or a link to one) with an image suffix and a name that is not hidden."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+class _Excluded:
+    """Folders whose contents are never listed (resolved once, compared by resolved path)."""
+
+    def __init__(self, folders: Iterable[str | Path | None] = ()):
+        self.folders = {Path(f).expanduser().resolve() for f in folders if f}
+
+    def __call__(self, path: Path) -> bool:
+        if not self.folders:
+            return False
+        resolved = path.resolve()
+        return any(resolved == f or f in resolved.parents for f in self.folders)
 
 
-def _read_class_folders(root: Path, class_names: list[str]) -> ImageList:
+def _images_in(folder: Path, excluded: _Excluded) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if is_image_file(p) and not excluded(p))
+
+
+def _class_dirs(root: Path, excluded: _Excluded) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and not excluded(p))
+
+
+def _read_class_folders(root: Path, class_names: list[str], excluded: _Excluded) -> ImageList:
     if not class_names:
         raise DeepEMDError("folder has no class sub-folders", root, "the layout is <folder>/<class>/<image>")
     items = []
     for name in class_names:
-        images = _images_in(root / name)
+        images = _images_in(root / name, excluded)
         if not images:
             raise DeepEMDError("class folder holds no images", root / name,
                                f"add images ({', '.join(sorted(IMAGE_SUFFIXES))}) or remove the folder")
@@ -96,14 +120,16 @@ def read_split_file(path: Path) -> dict[str, str]:
     return out
 
 
-def read_folder(root: Path, split: str, split_file: Path | None = None) -> ImageList:
+def read_folder(root: Path, split: str, split_file: Path | None = None,
+                exclude: Iterable[str | Path | None] = ()) -> ImageList:
     _require_dir(root, "dataset root", "give the folder that holds one sub-folder per class")
-    classes = [p.name for p in _class_dirs(root)]
+    excluded = _Excluded(exclude)
+    classes = [p.name for p in _class_dirs(root, excluded)]
     if split_file is not None and not Path(split_file).is_file():
         raise DeepEMDError("split file not found", split_file, "check the path; its format is 'class,split' rows")
     split_file = Path(split_file) if split_file is not None else root / SPLIT_FILE
     if split == "all":
-        return _read_class_folders(root, classes)
+        return _read_class_folders(root, classes, excluded)
     if split_file.is_file():
         assignment = read_split_file(split_file)
         missing = [c for c in assignment if c not in classes]
@@ -113,14 +139,14 @@ def read_folder(root: Path, split: str, split_file: Path | None = None) -> Image
         chosen = [c for c in classes if assignment.get(c) == split]
         if not chosen:
             raise DeepEMDError(f"split file assigns no class to split '{split}'", split_file,
-                               "add rows '<class>,%s'" % split)
-        return _read_class_folders(root, chosen)
+                               f"add rows '<class>,{split}'")
+        return _read_class_folders(root, chosen, excluded)
     if split not in ("train", "test"):
         raise DeepEMDError(f"split '{split}' needs a split file", split_file,
                            "without split.csv the folder layout has only 'train' (first half of the sorted "
                            "classes), 'test' (second half) and 'all'")
     half = (len(classes) + 1) // 2
-    return _read_class_folders(root, classes[:half] if split == "train" else classes[half:])
+    return _read_class_folders(root, classes[:half] if split == "train" else classes[half:], excluded)
 
 
 def _read_csv_split(root: Path, split: str, layout: str) -> ImageList:
@@ -146,13 +172,14 @@ def _read_csv_split(root: Path, split: str, layout: str) -> ImageList:
     return _build(items, root)
 
 
-def _read_split_folders(root: Path, split: str, names: dict[str, str], layout: str) -> ImageList:
+def _read_split_folders(root: Path, split: str, names: dict[str, str], layout: str, excluded: _Excluded
+                        ) -> ImageList:
     _require_dir(root, "dataset root", f"give the {layout} folder that holds {', '.join(names.values())}/")
     if split not in names:
         raise DeepEMDError(f"unknown split '{split}' for layout {layout}", fix=f"choose one of: {', '.join(names)}")
     folder = root / names[split]
     _require_dir(folder, f"split folder for '{split}'", f"the {layout} layout is <root>/{names[split]}/<class>/<image>")
-    return _read_class_folders(folder, [p.name for p in _class_dirs(folder)])
+    return _read_class_folders(folder, [p.name for p in _class_dirs(folder, excluded)], excluded)
 
 
 def _read_table(path: Path) -> list[tuple[str, str]]:
@@ -193,20 +220,23 @@ _CIFARFS_SPLITS = {"train": "meta-train", "val": "meta-val", "test": "meta-test"
 LAYOUTS = ("folder", "miniimagenet", "tieredimagenet", "cifarfs", "fc100", "cub", "cub-retrieval")
 
 
-def read_layout(layout: str, root: str | Path, split: str, split_file: str | Path | None = None) -> ImageList:
-    """Read ``split`` of the dataset at ``root`` stored in ``layout`` (see the module docstring)."""
+def read_layout(layout: str, root: str | Path, split: str, split_file: str | Path | None = None,
+                exclude: Iterable[str | Path | None] = ()) -> ImageList:
+    """Read ``split`` of the dataset at ``root`` stored in ``layout`` (see the module docstring);
+    nothing inside an ``exclude`` folder (pass the command's output folder) is listed."""
     root = Path(root).expanduser()
     layout = layout.lower().replace("_", "-")
     if layout == "folder":
-        return read_folder(root, split, Path(split_file) if split_file else None)
+        return read_folder(root, split, Path(split_file) if split_file else None, exclude)
+    excluded = _Excluded(exclude)
     if split_file is not None:
         raise DeepEMDError(f"a split file is only read by the folder layout, not {layout}", split_file)
     if layout in ("miniimagenet", "cub"):
         return _read_csv_split(root, split, layout)
     if layout in ("tieredimagenet", "fc100"):
-        return _read_split_folders(root, split, _STANDARD_SPLITS, layout)
+        return _read_split_folders(root, split, _STANDARD_SPLITS, layout, excluded)
     if layout == "cifarfs":
-        return _read_split_folders(root, split, _CIFARFS_SPLITS, layout)
+        return _read_split_folders(root, split, _CIFARFS_SPLITS, layout, excluded)
     if layout == "cub-retrieval":
         return read_cub_retrieval(root, split)
     close = difflib.get_close_matches(layout, LAYOUTS, n=1)
