@@ -267,10 +267,10 @@ def test_training_with_the_loss_lowers_it():
     head = torch.nn.Linear(3, 5)
     loss_fn = TreeEMDLoss(tree, rho=2)
     opt = torch.optim.SGD(head.parameters(), lr=0.5)
-    first = float(loss_fn(head(x), y))
+    first = loss_fn(head(x), y).item()
     for _ in range(100):
         opt.zero_grad()
         loss = loss_fn(head(x), y)
         loss.backward()
         opt.step()
-    assert float(loss) < 0.5 * first
+    assert loss.item() < 0.5 * first

@@ -169,6 +169,6 @@ def load_hierarchy(spec: str, classes: Sequence[str], data_root: str | Path | No
         raise DeepEMDError("hierarchy file not found", path, "give a CSV file, or chain / names / folders")
     with open(path, newline="", encoding="utf-8") as fh:
         header = [c.strip().lower() for c in next(csv.reader(fh), [])]
-    if header[:1] == ["class"] and all(c in header for c in CUB_LEVELS):
+    if "class" in header and all(c in header for c in CUB_LEVELS):
         return cub_taxonomy(path, classes)
     return LabelTree.from_csv(path, classes)
