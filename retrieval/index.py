@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -33,7 +32,8 @@ from tqdm.auto import tqdm
 
 from deepemd.errors import DeepEMDError
 from deepemd.io import atomic_path
-from deepemd.retrieval.store import LocalFeatureStore, check_fingerprint, normalise_fingerprint
+from deepemd.manifest import REPAIR_FIX, check_file, check_fingerprint, file_crc32, normalise_fingerprint
+from deepemd.retrieval.store import LocalFeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -292,14 +292,6 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _file_crc32(path: Path, block: int = 1 << 24) -> int:
-    crc = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
 def save_index(index: faiss.Index, path: str | Path, fingerprint: dict[str, Any] | None) -> Path:
     """Write ``index`` (cloned to CPU) to ``path`` (sharded: ``path.shard0``, ...) and then its
     sidecar ``path.json`` with ``fingerprint`` (``count`` defaults to the index size); all atomic.
@@ -314,7 +306,7 @@ def save_index(index: faiss.Index, path: str | Path, fingerprint: dict[str, Any]
         target = path.with_name(name)
         with atomic_path(target) as tmp:
             faiss.write_index(part, str(tmp))
-            files.append({"name": name, "bytes": tmp.stat().st_size, "crc32": _file_crc32(tmp),
+            files.append({"name": name, "bytes": tmp.stat().st_size, "crc32": file_crc32(tmp),
                           "ntotal": int(part.ntotal)})
     fp = normalise_fingerprint(fingerprint)
     fp.setdefault("count", int(cpu.ntotal))
@@ -370,12 +362,7 @@ def load_index(path: str | Path, expected_fingerprint: dict[str, Any] | None = N
     parts = []
     for entry in sidecar["files"]:
         file = path.with_name(entry["name"])
-        size = file.stat().st_size if file.is_file() else None
-        if size != entry["bytes"] or _file_crc32(file) != entry["crc32"]:
-            state = "missing" if size is None else (
-                f"{size} bytes, sidecar says {entry['bytes']}" if size != entry["bytes"] else "checksum differs")
-            raise DeepEMDError(f"index file does not match its sidecar ({state}): truncated, corrupted or "
-                               "replaced after it was saved", file, "delete the index and rebuild it")
+        check_file(file, entry, "index file", "delete the index and rebuild it (in a gallery: " + REPAIR_FIX + ")")
         parts.append(_read_faiss(file))
     if sidecar["sharded"]:
         gpus = max(gpu_count(), 1)

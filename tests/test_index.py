@@ -156,7 +156,7 @@ def test_missing_index(tmp_path):
 def test_truncated_index_file_is_detected(saved):
     data = saved.read_bytes()
     saved.write_bytes(data[: len(data) // 2])
-    with pytest.raises(DeepEMDError, match="does not match its sidecar"):
+    with pytest.raises(DeepEMDError, match="does not match its manifest"):
         ix.load_index(saved)
 
 
