@@ -3,7 +3,10 @@
 The core knows no job. Each job registers its subcommands through the entry-point group
 ``deepemd.commands``: the value is a function ``register(subparsers)`` that adds parsers and sets
 ``func=callable(args) -> int | None`` on them. User errors (:class:`DeepEMDError`) print one
-message and exit 2; ``--debug`` shows the traceback instead.
+message and exit 2; ``--debug`` shows the traceback instead. So do failures of the user's file
+system (permission denied, a file where a folder should be, a full or read-only disk: an
+``OSError`` naming a file, see :data:`deepemd.io.USER_ERRNOS`), and a command's ``--out`` given on
+the command line is checked (:func:`deepemd.io.check_output_folder`) before the command runs.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from importlib.metadata import entry_points
 from typing import Sequence
 
 from deepemd.errors import DeepEMDError
+from deepemd.io import USER_ERRNOS, check_output_folder, os_error
 
 ENTRY_POINT_GROUP = "deepemd.commands"
 
@@ -50,12 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 0 if not argv else 2
+        if getattr(args, "out", None):
+            check_output_folder(args.out)
         result = args.func(args)
         return int(result or 0)
     except DeepEMDError as exc:
         if debug:
             raise
         print(f"deepemd: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if debug or exc.filename is None or exc.errno not in USER_ERRNOS:
+            raise
+        print(f"deepemd: error: {os_error(exc, action='read or write')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("deepemd: interrupted", file=sys.stderr)

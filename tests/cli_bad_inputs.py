@@ -3,12 +3,18 @@
 ``tests/test_cli_errors.py`` runs each case and checks: exit code 2, the expected phrase, the
 offending file named, no traceback. ``python tests/cli_bad_inputs.py`` prints the README table
 from the same cases, so the table and the tests cannot drift apart.
+
+A case with ``as_user`` runs the CLI in a subprocess as that user (``setpriv``, when the tests run
+as root, since root may write any folder), in a world-readable temporary folder.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import pwd
+import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -50,6 +56,7 @@ class Case:
     what: str
     make: Callable[[Path], tuple[list[str], str]]
     expect: str
+    as_user: str | None = None
 
 
 def _missing_folder(tmp: Path):
@@ -174,6 +181,42 @@ def _empty_queries(tmp: Path):
              "--out", str(tmp / "out")], str(empty))
 
 
+def _out_is_a_file(tmp: Path):
+    out = tmp / "results.txt"
+    out.write_text("notes\n")
+    return _retrieval_eval(_images(tmp / "data"), out), str(out)
+
+
+def _out_under_a_file(tmp: Path):
+    blocker = tmp / "notes.txt"
+    blocker.write_text("notes\n")
+    return _retrieval_eval(_images(tmp / "data"), blocker / "run1"), str(blocker)
+
+
+def _out_not_writable(tmp: Path):
+    locked = tmp / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    return _retrieval_eval(_images(tmp / "data"), locked / "out"), str(locked)
+
+
+def _config_out_is_a_file(tmp: Path):
+    """``out`` from the YAML escapes the command-line check: the job's own write must fail cleanly."""
+    out = tmp / "results.txt"
+    out.write_text("notes\n")
+    cfg = tmp / "exp.yaml"
+    cfg.write_text(f"out: {out}\n")
+    argv = _fewshot_test(_images(tmp / "data"), out, "--methods", "protonet", "--config", str(cfg))
+    del argv[argv.index("--out"):argv.index("--out") + 2]
+    return argv, str(out)
+
+
+def _output_file_is_a_folder(tmp: Path):
+    out = tmp / "out"
+    (out / "episodes.csv").mkdir(parents=True)
+    return _fewshot_test(_images(tmp / "data"), out, "--methods", "protonet"), str(out / "episodes.csv")
+
+
 CASES = [
     Case("missing dataset folder", _missing_folder, "not found"),
     Case("layout without its split file", _missing_split_file, "split"),
@@ -191,13 +234,56 @@ CASES = [
     Case("index built by another backbone", _index_from_other_model, "backbone: index has 'efficientnet_lite0'"),
     Case("feature store out of step with the index", _store_out_of_step, "id_map"),
     Case("empty query set", _empty_queries, "no query images"),
+    Case("--out names an existing file", _out_is_a_file, "existing file"),
+    Case("--out under a file", _out_under_a_file, "under a file"),
+    Case("--out in a folder this user may not write", _out_not_writable, "permission denied", as_user="nobody"),
+    Case("out in the config names an existing file", _config_out_is_a_file, "file exists"),
+    Case("a folder where an output file goes", _output_file_is_a_folder, "is a directory"),
 ]
 
 
+def cannot_run(case: Case) -> str | None:
+    """Why ``case`` cannot run on this machine (its user is missing, or root without setpriv)."""
+    if case.as_user is None:
+        return None
+    try:
+        pwd.getpwnam(case.as_user)
+    except KeyError:
+        return f"no user '{case.as_user}' on this machine"
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        return "running as root and setpriv (util-linux) is missing, so the CLI cannot drop root"
+    return None
+
+
+def _run_as_user(case: Case, tmp: Path) -> tuple[int, str, str]:
+    """The CLI in a subprocess as ``case.as_user``, in a world-readable folder (``tmp`` may lie
+    under a private one); paths in the output are reported under ``tmp``."""
+    shared = Path(tempfile.mkdtemp(prefix="deepemd-case-"))
+    try:
+        shared.chmod(0o755)
+        for private in ("home", "cache"):
+            (shared / private).mkdir()
+            (shared / private).chmod(0o777)
+        argv, names = case.make(shared)
+        command = [sys.executable, "-m", "deepemd.cli", *argv]
+        if os.geteuid() == 0:
+            user = pwd.getpwnam(case.as_user)
+            command = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *command]
+        env = dict(os.environ, HOME=str(shared / "home"), DEEPEMD_CACHE=str(shared / "cache"))
+        done = subprocess.run(command, capture_output=True, text=True, cwd=shared, env=env, timeout=300)
+        return (done.returncode, done.stderr.strip().replace(str(shared), str(tmp)),
+                names.replace(str(shared), str(tmp)))
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def run_case(case: Case, tmp: Path) -> tuple[int, str, str]:
-    """Run one case in-process; return (exit code, stderr, path the message must name)."""
+    """Run one case (in-process unless ``as_user``); return (exit code, stderr, path the message
+    must name)."""
     from deepemd.cli import main
 
+    if case.as_user is not None:
+        return _run_as_user(case, tmp)
     argv, names = case.make(tmp)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -211,6 +297,9 @@ def run_case(case: Case, tmp: Path) -> tuple[int, str, str]:
 def markdown_table() -> str:
     rows = ["| bad input | exit | message |", "|---|---|---|"]
     for case in CASES:
+        if cannot_run(case):
+            rows.append(f"| {case.what} | not run | `{cannot_run(case)}` |")
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             os.environ.setdefault("DEEPEMD_CACHE", str(Path(tmp) / "cache"))
             code, stderr, _ = run_case(case, Path(tmp))
