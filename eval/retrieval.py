@@ -17,13 +17,15 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import FaissKNN, return_results
 
 from deepemd.errors import DeepEMDError
+from deepemd.eval.shortlist import Shortlist
 
 METRICS = {"precision_at_1": "P@1", "r_precision": "RP", "mean_average_precision_at_r": "MAP@R"}
 
-#: ``shortlist(query (Q,d), reference (N,d), n) -> (scores (Q,n), ids (Q,n))``, best first.
-Shortlist = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-#: ``reorder(scores, ids, skip_ids or None) -> (scores, ids)``: rescores the head of each row.
-Reorder = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray]], tuple[np.ndarray, np.ndarray]]
+#: ``search(query (Q,d), reference (N,d), n) -> Shortlist`` of n entries per query, best first.
+Search = Callable[[np.ndarray, np.ndarray, int], Shortlist]
+#: ``reorder(shortlist, k, skip_ids or None) -> Shortlist``: the best ``k`` of each row after
+#: rescoring its head (``skip_ids[i]``, the query itself, kept first).
+Reorder = Callable[[Shortlist, int, Optional[np.ndarray]], Shortlist]
 
 
 class TimedKNN:
@@ -51,21 +53,22 @@ class ShortlistKNN:
 
     With ``ref_includes_query`` (leave-one-out) the query's own id is passed to ``reorder`` as
     ``skip_ids`` and removed by pml's ``return_results``, exactly as pml's FaissKNN does.
+    ``last`` keeps the reordered :class:`Shortlist` of the latest call (for figures).
     """
 
-    def __init__(self, shortlist: Shortlist, reorder: Reorder, depth: int) -> None:
-        self.shortlist, self.reorder, self.depth = shortlist, reorder, depth
+    def __init__(self, search: Search, reorder: Reorder, depth: int) -> None:
+        self.search, self.reorder, self.depth = search, reorder, depth
+        self.last: Shortlist | None = None
 
     def __call__(self, query, k, reference, ref_includes_query):
         self_count = int(bool(ref_includes_query))
         n = min(len(reference), max(k, self.depth) + self_count)
         q = query.detach().cpu().numpy().astype(np.float32)
         r = reference.detach().cpu().numpy().astype(np.float32)
-        scores, ids = self.shortlist(q, r, n)
         skip = np.arange(len(q), dtype=np.int64) if ref_includes_query else None
-        scores, ids = self.reorder(scores, ids, skip)
-        distances = torch.from_numpy(np.ascontiguousarray(scores[:, : k + self_count]))
-        indices = torch.from_numpy(np.ascontiguousarray(ids[:, : k + self_count]))
+        self.last = self.reorder(self.search(q, r, n), k + self_count, skip)
+        distances = torch.from_numpy(np.array(self.last.scores[:, : k + self_count]))
+        indices = torch.from_numpy(np.array(self.last.ids[:, : k + self_count]))
         return return_results(distances.to(query.device), indices.to(query.device), ref_includes_query)
 
 

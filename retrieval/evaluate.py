@@ -20,11 +20,14 @@ from deepemd.device import default_device
 from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
 from deepemd.eval.retrieval import ShortlistKNN, depth_note, retrieval_metrics
+from deepemd.eval.shortlist import Shortlist
 from deepemd.io import atomic_path
 from deepemd.retrieval import index as faiss_index
 from deepemd.retrieval.config import EvalConfig
-from deepemd.retrieval.model import Embedder, LocalSpec, build_backbone, embed_loader, load_trained
-from deepemd.retrieval.rerank import RerankSettings, rerank
+from deepemd.retrieval.build import dataset_images, local_specs, make_embedder, make_loader
+from deepemd.retrieval.model import embed_loader
+from deepemd.retrieval.rerank import Reranker, RerankSettings
+from deepemd.timing import stage
 
 METHOD_NAMES = {"fcn": "FCN", "grid": "Grid", "sampling": "Sampling"}
 
@@ -39,61 +42,20 @@ def parse_method(method: str, default_weights: str) -> tuple[str, str, str]:
     return kind, weights, label
 
 
-def dataset_images(cfg) -> ImageList:
-    """The images a command works on: the layout's split, seeded subsample, and (``--skip-bad``)
-    unreadable files dropped before any label or sampler is built from the list."""
-    images = subsample(read_layout(cfg.layout, cfg.data_root, cfg.split), cfg.max_classes, cfg.per_class, cfg.seed)
-    return drop_unreadable(images)[0] if cfg.skip_bad else images
-
-
-def subsample(images: ImageList, max_classes: int | None, per_class: int | None, seed: int) -> ImageList:
-    """At most ``max_classes`` classes and ``per_class`` images each, drawn with ``seed``."""
-    rng = np.random.default_rng(seed)
-    classes = np.unique(images.labels)
-    if max_classes is not None and max_classes < len(classes):
-        classes = np.sort(rng.choice(classes, size=max_classes, replace=False))
-    keep = []
-    for c in classes:
-        idx = np.flatnonzero(images.labels == c)
-        if per_class is not None and per_class < len(idx):
-            idx = np.sort(rng.choice(idx, size=per_class, replace=False))
-        keep.append(idx)
-    return images.subset(np.concatenate(keep)) if keep else images.subset([])
-
-
-def make_embedder(cfg, specs: tuple[LocalSpec, ...]) -> Embedder:
-    """The network named by ``--checkpoint`` (a trained model) or ``--backbone/--weights``."""
-    if cfg.checkpoint:
-        net, info = load_trained(cfg.checkpoint)
-        if cfg.image_size:
-            info.image_size = int(cfg.image_size)
-    else:
-        net, info = build_backbone(cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size, cfg.seed)
-    return Embedder(net, info, specs)
-
-
-def local_specs(cfg, kinds) -> tuple[LocalSpec, ...]:
-    return tuple(LocalSpec(kind, tuple(cfg.pyramid), tuple(cfg.grid_levels), cfg.grid_enlarge, cfg.num_patches,
-                           cfg.patch_size, cfg.seed) for kind in dict.fromkeys(kinds))
-
-
-def make_loader(images: ImageList, model: Embedder, batch_size: int, workers: int, train: bool = False):
-    """Images at the model's size with its backbone's mean/std (test: resize + centre crop)."""
-    cfg = {**model.backbone.default_cfg, "input_size": model.info.image_size}
-    dataset = ImageDataset(images, build_transform(cfg, train=train))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-
-
-def flat_shortlist(query: np.ndarray, reference: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def flat_shortlist(query: np.ndarray, reference: np.ndarray, n: int) -> Shortlist:
     """Exact inner-product top-n over the reference (L2-normalised vectors: cosine order)."""
-    index = faiss_index.build_index(reference, spec="Flat", metric="ip")
-    return faiss_index.search(index, query, n)
+    with stage("faiss"):
+        index = faiss_index.build_index(reference, spec="Flat", metric="ip")
+        scores, ids = faiss_index.search(index, query, n)
+    return Shortlist(ids, scores)
 
 
-def rerank_knn(sets: np.ndarray, settings: RerankSettings) -> ShortlistKNN:
-    """A pml knn_func over in-memory local sets aligned with the evaluated embeddings."""
-    def reorder(scores, ids, skip):
-        return rerank(scores, ids, lambda i: sets[i], lambda rows: sets[rows], settings, skip_ids=skip, progress=True)
+def rerank_knn(sets: np.ndarray, settings: RerankSettings, progress: bool = True) -> ShortlistKNN:
+    """A pml knn_func over in-memory local sets aligned with the evaluated embeddings: every
+    image is a query against the others, so one array serves as queries and as the store."""
+    def reorder(shortlist: Shortlist, k: int, skip: np.ndarray | None) -> Shortlist:
+        reranker = Reranker.from_settings(sets, settings, k=k, progress=progress)
+        return reranker.rerank(sets, shortlist, skip)
     return ShortlistKNN(flat_shortlist, reorder, settings.depth)
 
 
@@ -102,7 +64,8 @@ def evaluate_arrays(glob: np.ndarray, labels: np.ndarray, sets: dict[str, np.nda
     """Rows ``method, P@1, RP, MAP@R, queries/s``: raw first, then each +DeepEMD method."""
     rows = [{"method": "raw", **retrieval_metrics(glob, labels)}]
     for kind, weights, label in methods:
-        knn = rerank_knn(sets[kind], RerankSettings(settings.depth, weights, settings.solver, settings.alpha))
+        knn = rerank_knn(sets[kind], RerankSettings(settings.depth, weights, settings.solver, settings.alpha,
+                                                         settings.center))
         rows.append({"method": label, **retrieval_metrics(glob, labels, knn)})
     return rows
 
@@ -124,7 +87,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     loader = make_loader(images, model, cfg.batch_size, cfg.workers)
     glob, sets, labels = embed_loader(model, loader, device, progress=progress)
     embed_seconds = time.perf_counter() - start
-    settings = RerankSettings(cfg.rerank_k, cfg.node_weights, cfg.solver, cfg.alpha)
+    settings = RerankSettings(cfg.rerank_k, cfg.node_weights, cfg.solver, cfg.alpha, cfg.center)
     rows = evaluate_arrays(glob, labels, sets, methods, settings)
     notes = [f"{len(images)} images in {len(np.unique(labels))} classes ({cfg.layout} layout, split "
              f"'{cfg.split}'), leave-one-out; backbone {model.info.backbone} ({model.info.source}), "

@@ -1,23 +1,46 @@
 """Rescore FAISS shortlists with DeepEMD between local sets (paper 5.8, used as a reranker).
 
-A shortlist is the top-K ids of one query from the global index; the first ``depth`` of them
-are rescored with the EMD similarity between the query's local set and each candidate's, the
-rest keep their global order behind them. Fusion: ``(1 - alpha) * emd + alpha * global``.
+:class:`Reranker` is the public API (Open-Metric-Learning's pairwise postprocessor is the
+model): ``Reranker(store, local="fcn", k=10).rerank(query_sets, shortlist) -> Shortlist``. The
+first ``depth`` entries of each row are rescored with the DeepEMD similarity between the
+query's local set and each candidate's, the rest keep their global order behind them, and the
+best ``k`` are returned. Fusion: ``(1 - alpha) * emd + alpha * global``.
+
+Exact with pruning: the costs and weights of a whole row come from one matmul; the relaxed
+bound (``deepemd.emd.bounds``) then caps every candidate's score, and the LP is solved only for
+candidates whose cap can still reach the row's k-th best exact score. Pruned candidates score
+strictly below every returned one, so the top k and its scores are those of the full rerank.
+
+Where the time goes (measured on EfficientNet features, 63 nodes x 1280-d, top-100): the node
+dot products. Those features are ReLU outputs (88% zeros; a query's nodes together touch ~40%
+of the channels), so the dots run over the query's non-zero channels only -- the same numbers,
+~2.5x fewer multiply-adds -- in numpy's BLAS (3x torch's float32 matmul on this AMD CPU), and
+float16 store rows are converted only on those channels, never as a float32 copy of the row.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from deepemd.emd import pairwise_similarity
+from deepemd.emd import solve
+from deepemd.emd.bounds import relaxed_bound, score_upper_bound
+from deepemd.emd.features import NORM_EPS, pair_costs, pair_cross_weights, pair_uniform_weights
 from deepemd.errors import DeepEMDError
+from deepemd.eval.shortlist import Shortlist
+from deepemd.timing import stage
 
 #: ``fetch(ids (k,) int64) -> (k, n, d)`` local sets of those database ids.
 FetchSets = Callable[[np.ndarray], np.ndarray]
+#: Where candidate sets come from: an ``(N, n, d)`` array or tensor (row = id), an object with
+#: ``get(ids)`` (a :class:`~deepemd.retrieval.store.LocalFeatureStore`), or a fetch function.
+SetStore = Union[np.ndarray, torch.Tensor, Any, FetchSets]
+#: A score cap below the k-th exact score by more than this prunes (float64 bounds vs LP).
+PRUNE_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -28,6 +51,7 @@ class RerankSettings:
     weights: str = "cross"
     solver: str = "exact"
     alpha: float = 0.0
+    center: bool = False
 
     def __post_init__(self) -> None:
         if self.depth < 1:
@@ -35,47 +59,224 @@ class RerankSettings:
         if not 0.0 <= self.alpha <= 1.0:
             raise DeepEMDError(f"alpha must lie in [0, 1], got {self.alpha}",
                                fix="alpha is the weight of the global score in the fused score")
+        if self.weights not in ("cross", "uniform"):
+            raise DeepEMDError(f"unknown node weights {self.weights!r}", fix="use cross or uniform")
+
+
+@dataclass
+class RerankStats:
+    """LPs solved against candidates scored, over every row reranked so far."""
+
+    candidates: int = 0
+    solved: int = 0
+
+    @property
+    def skipped_fraction(self) -> float:
+        return 1.0 - self.solved / self.candidates if self.candidates else 0.0
+
+
+class _Sets:
+    """Candidate sets by id, with their node norms (and channel means, for centring) cached
+    once per row of an in-memory array."""
+
+    def __init__(self, store: SetStore, center: bool):
+        self.center = center
+        self.array: torch.Tensor | None = None
+        self.fetch: FetchSets | None = None
+        if isinstance(store, (np.ndarray, torch.Tensor)):
+            self.array = torch.as_tensor(store)
+            if self.array.ndim != 3:
+                raise DeepEMDError(f"the set store must be (items, nodes, channels), got {tuple(self.array.shape)}")
+            self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        elif hasattr(store, "get"):
+            self.fetch = store.get
+        elif callable(store):
+            self.fetch = store
+        else:
+            raise DeepEMDError(f"cannot read local sets from a {type(store).__name__}",
+                               fix="give an (N, n, d) array, a LocalFeatureStore or a fetch(ids) function")
+
+    def get(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(sets (k,n,d) in the store's dtype, norms (k,n), means (k,n))``; norms are those
+        the cost uses (centred nodes when centring)."""
+        if self.array is not None:
+            norms, means = self._array_stats()
+            rows = torch.from_numpy(ids)
+            return self.array[rows], norms[rows], means[rows]
+        sets = torch.as_tensor(np.asarray(self.fetch(ids)))
+        return (sets, *node_stats(sets, self.center))
+
+    def _array_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stats is None:
+            parts = [node_stats(self.array[s:s + 256], self.center) for s in range(0, len(self.array), 256)]
+            self._stats = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        return self._stats
+
+
+def node_stats(sets: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norms ``(k, n)`` of each node (centred over channels when ``center``), floored as the
+    EMD head floors them, and each node's channel mean, float32."""
+    x = sets.float()
+    means = x.mean(dim=-1)
+    if center:
+        x = x - means[..., None]
+    return torch.linalg.vector_norm(x, dim=-1).clamp_min(NORM_EPS), means
+
+
+class Reranker:
+    """Exact DeepEMD rerank of shortlists against a store of local sets.
+
+    ``store``: the candidates' local sets by id (see :data:`SetStore`). ``local``: the kind
+    those sets are (checked against a store's fingerprint when it has one). ``k``: results
+    returned per query; ``depth``: entries of each shortlist rescored (default all of them);
+    ``prune``: skip the LPs that cannot reach the top k (exact solver only; the result is the
+    same). ``stats`` counts the LPs solved.
+    """
+
+    def __init__(self, store: SetStore, local: str | None = None, k: int = 10, depth: int | None = None,
+                 weights: str = "cross", solver: str = "exact", center: bool = False, alpha: float = 0.0,
+                 prune: bool = True, progress: bool = False):
+        if k < 1:
+            raise DeepEMDError(f"k must be >= 1, got {k}")
+        kind = (getattr(store, "fingerprint", None) or {}).get("local", {}).get("kind")
+        if local is not None and kind is not None and kind != local:
+            raise DeepEMDError(f"the store holds {kind} local sets, not {local}",
+                               fix=f"rerank with local={kind!r} or open the store built for {local}")
+        self.local = local or kind
+        self.settings = RerankSettings(depth or 1 << 30, weights, solver, alpha, center)
+        self.k, self.prune, self.progress = int(k), bool(prune), progress
+        self.sets = _Sets(store, center)
+        self.stats = RerankStats()
+
+    @classmethod
+    def from_settings(cls, store: SetStore, settings: RerankSettings, k: int, **kw) -> "Reranker":
+        return cls(store, k=k, depth=settings.depth, weights=settings.weights, solver=settings.solver,
+                   center=settings.center, alpha=settings.alpha, **kw)
+
+    def rerank(self, query_sets: np.ndarray | torch.Tensor | Callable[[int], np.ndarray],
+               shortlist: Shortlist, skip_ids: np.ndarray | None = None) -> Shortlist:
+        """The best ``k`` of each row after the rerank, as a new :class:`Shortlist`.
+
+        ``query_sets``: ``(Q, m, d)`` or ``query_sets(i) -> (m, d)``. ``skip_ids[i]`` (the
+        query itself in a leave-one-out run) is kept first with score +inf, not scored.
+        """
+        if not isinstance(shortlist, Shortlist):
+            raise DeepEMDError(f"rerank takes a Shortlist, got {type(shortlist).__name__}",
+                               fix="wrap FAISS output as Shortlist(ids, scores)")
+        width = min(self.k, shortlist.width)
+        out_ids = np.full((shortlist.queries, width), -1, dtype=np.int64)
+        out_scores = np.full((shortlist.queries, width), -np.inf, dtype=np.float32)
+        query = query_sets if callable(query_sets) else (lambda i: query_sets[i])
+        for i in tqdm(range(shortlist.queries), desc="DeepEMD rerank", disable=not self.progress, leave=False):
+            skip = None if skip_ids is None else int(skip_ids[i])
+            ids, scores = self._row(query(i), shortlist.ids[i], shortlist.scores[i], skip, width)
+            out_ids[i, :len(ids)], out_scores[i, :len(ids)] = ids, scores
+        return Shortlist(out_ids, out_scores)
+
+    def _row(self, query, ids: np.ndarray, scores: np.ndarray, skip: int | None, width: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+        depth = min(self.settings.depth, len(ids))
+        head, tail = ids[:depth], ids[depth:]
+        valid = head >= 0
+        first = valid & (head == skip) if skip is not None else np.zeros_like(valid)
+        cand = np.flatnonzero(valid & ~first)
+        need = max(0, min(width, depth) - int(first.sum()))
+        emd = self._scores(torch.as_tensor(np.asarray(query)), head[cand], scores[:depth][cand], need)
+        solved = np.isfinite(emd)
+        order = np.argsort(-emd[solved], kind="stable")  # ties keep the shortlist order
+        pos = np.concatenate([np.flatnonzero(first), cand[solved][order]])
+        row_ids = np.concatenate([head[pos], tail[tail >= 0]])[:width]
+        row_scores = np.concatenate([np.full(int(first.sum()), np.inf, np.float32), emd[solved][order],
+                                     scores[depth:][tail >= 0]]).astype(np.float32)[:width]
+        # entries behind the rerank depth keep their global order; their global scores are capped
+        # at the last reranked score so the row stays best first
+        return row_ids, np.minimum.accumulate(row_scores)
+
+    def _scores(self, query: torch.Tensor, cand_ids: np.ndarray, global_scores: np.ndarray, need: int
+                ) -> np.ndarray:
+        """Fused scores of the candidates (float64); NaN for candidates pruned unsolved."""
+        out = np.full(len(cand_ids), np.nan)
+        if len(cand_ids) == 0 or need == 0:
+            return out
+        with stage("rerank: read sets"):
+            sets, norms, means = self.sets.get(cand_ids.astype(np.int64))
+        with stage("rerank: costs + weights"):
+            cost, wu, wv = self._problem(query, sets, norms, means)
+        alpha = self.settings.alpha
+        glob = torch.from_numpy(global_scores.astype(np.float64))
+        todo = torch.arange(len(cand_ids))
+        self.stats.candidates += len(cand_ids)
+        if self.prune and self.settings.solver == "exact" and need < len(cand_ids):
+            with stage("rerank: bounds"):
+                cap = score_upper_bound(relaxed_bound(cost, wu, wv), wu, wv)
+                cap = (1.0 - alpha) * cap + alpha * glob
+                by_cap = torch.argsort(cap, descending=True, stable=True)
+            first = by_cap[:min(len(by_cap), math.ceil(1.25 * need) + 2)]
+            self._solve(cost, wu, wv, glob, first, out)
+            kth = np.sort(out[first.numpy()])[::-1][need - 1]
+            rest = by_cap[len(first):]
+            todo = rest[cap[rest] >= kth - PRUNE_TOLERANCE]
+        self._solve(cost, wu, wv, glob, todo, out)
+        return out
+
+    def _problem(self, query: torch.Tensor, sets: torch.Tensor, norms: torch.Tensor, means: torch.Tensor):
+        """Costs (float64) and weights of the query against every candidate set."""
+        q = query.float()
+        k, n, d = sets.shape
+        m = q.shape[0]
+        if q.ndim != 2 or q.shape[1] != d:
+            raise DeepEMDError(f"query set {tuple(q.shape)} and candidate sets {tuple(sets.shape)} differ in channels")
+        support = torch.nonzero((q != 0).any(dim=0))[:, 0]  # channels where the query has mass
+        qs = q[:, support].numpy()
+        cs = sets[:, :, support].float().reshape(k * n, -1).numpy()
+        dots = torch.from_numpy(cs @ qs.T).reshape(k, n, m).transpose(1, 2)  # (k, m, n)
+        q_norms, q_means = node_stats(q[None], self.settings.center)
+        if self.settings.weights == "cross":
+            wu, wv = pair_cross_weights(q[None], sets, dots=dots)  # shapes only: weights from the dots
+        else:
+            wu, wv = pair_uniform_weights(q[None], sets)
+        if self.settings.center:  # (u - mu) . (v - mv) = u . v - d mu mv
+            dots = dots - d * q_means[0][None, :, None] * means[:, None, :]
+        cost = pair_costs(dots, q_norms, norms)
+        return cost.double(), wu.double(), wv.double()
+
+    def _solve(self, cost, wu, wv, glob, todo: torch.Tensor, out: np.ndarray) -> None:
+        if len(todo) == 0:
+            return
+        with stage("rerank: solve"):
+            dist, _ = solve(cost[todo], wu[todo], wv[todo], solver=self.settings.solver)
+        total = 0.5 * (wu[todo].sum(dim=1) + wv[todo].sum(dim=1))
+        emd = (total - dist) / total
+        alpha = self.settings.alpha
+        fused = emd if alpha == 0.0 else (1.0 - alpha) * emd + alpha * glob[todo]
+        out[todo.numpy()] = fused.numpy()
+        self.stats.solved += len(todo)
 
 
 def rescore(query_set: torch.Tensor, candidate_sets: torch.Tensor, global_scores: torch.Tensor | None,
             settings: RerankSettings) -> torch.Tensor:
-    """Scores ``(K,)`` of one query set ``(m, d)`` against ``K`` candidate sets ``(K, n, d)``."""
+    """Scores ``(K,)`` of one query set ``(m, d)`` against ``K`` candidate sets ``(K, n, d)``
+    (every candidate solved, in the candidates' order; no global scores: no fusion)."""
+    if global_scores is None:
+        settings = RerankSettings(settings.depth, settings.weights, settings.solver, 0.0, settings.center)
+    reranker = Reranker.from_settings(candidate_sets, settings, k=len(candidate_sets), prune=False)
+    glob = np.zeros(len(candidate_sets)) if global_scores is None else np.asarray(global_scores, np.float64)
     with torch.no_grad():
-        emd = pairwise_similarity(query_set[None].float(), candidate_sets.float(),
-                                  weights=settings.weights, solver=settings.solver)[0]
-    if settings.alpha > 0.0 and global_scores is not None:
-        emd = (1.0 - settings.alpha) * emd + settings.alpha * global_scores.to(emd.dtype)
-    return emd
+        scores = reranker._scores(torch.as_tensor(query_set), np.arange(len(candidate_sets)), glob,
+                                  len(candidate_sets))
+    return torch.from_numpy(scores).float()
 
 
 def rerank(scores: np.ndarray, ids: np.ndarray, query_sets: Callable[[int], np.ndarray],
            fetch: FetchSets, settings: RerankSettings, skip_ids: np.ndarray | None = None,
            progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Reorder each row of a shortlist ``(Q, K)`` by DeepEMD within its first ``depth`` ids.
+    """The older array form of :class:`Reranker` (kept for the gallery and figure code):
+    reorder each row of a best-first shortlist ``(Q, K)`` by DeepEMD within its first
+    ``depth`` ids and return the whole width as ``(scores float32, ids int64)``."""
+    shortlist = Shortlist(ids, scores)
+    reranker = Reranker.from_settings(fetch, settings, k=shortlist.width, prune=False, progress=progress)
+    out = reranker.rerank(query_sets, shortlist, skip_ids)
+    return np.array(out.scores), np.array(out.ids)
 
-    ``query_sets(i)`` gives query i's local set. ``skip_ids[i]`` (e.g. the query itself in a
-    leave-one-out run) is kept in place with score +inf rather than scored against itself.
-    ``-1`` ids (FAISS had fewer results) stay at the end. Returns float32 scores and int64 ids.
-    """
-    scores = np.asarray(scores, dtype=np.float32).copy()
-    ids = np.asarray(ids, dtype=np.int64).copy()
-    if scores.shape != ids.shape or ids.ndim != 2:
-        raise DeepEMDError(f"shortlist scores {scores.shape} and ids {ids.shape} must both be (queries, K)")
-    depth = min(settings.depth, ids.shape[1])
-    for i in tqdm(range(ids.shape[0]), desc="DeepEMD rerank", disable=not progress, leave=False):
-        head = ids[i, :depth]
-        score_row = scores[i, :depth]
-        mask = head >= 0
-        if skip_ids is not None:
-            mask &= head != skip_ids[i]
-        if mask.any():
-            cand = torch.from_numpy(np.asarray(fetch(head[mask]), dtype=np.float32))
-            query = torch.from_numpy(np.asarray(query_sets(i), dtype=np.float32))
-            glob = torch.from_numpy(score_row[mask])
-            score_row[mask] = rescore(query, cand, glob, settings).numpy()
-        score_row[~mask & (head >= 0)] = np.inf
-        score_row[head < 0] = -np.inf
-        order = np.argsort(-score_row, kind="stable")
-        ids[i, :depth] = head[order]
-        scores[i, :depth] = score_row[order]
-    return scores, ids
+
+__all__ = ["Reranker", "RerankSettings", "RerankStats", "rerank", "rescore"]

@@ -13,7 +13,7 @@ from deepemd.errors import DeepEMDError
 from deepemd.eval.retrieval import ShortlistKNN, depth_note, retrieval_metrics
 from deepemd.retrieval.distance import DeepEMDSimilarity, flatten_sets
 from deepemd.retrieval.evaluate import flat_shortlist
-from deepemd.retrieval.rerank import RerankSettings, rerank
+from deepemd.retrieval.rerank import Reranker, RerankSettings, rerank
 
 
 def clustered(n_classes=4, per_class=6, dim=8, noise=0.9, seed=0):
@@ -24,8 +24,8 @@ def clustered(n_classes=4, per_class=6, dim=8, noise=0.9, seed=0):
     return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32), labels
 
 
-def keep_order(scores, ids, skip):
-    return scores, ids
+def keep_order(shortlist, k, skip):
+    return shortlist
 
 
 def test_shortlist_knn_without_rerank_equals_pml_default_knn():
@@ -40,11 +40,9 @@ def test_shortlist_knn_without_rerank_equals_pml_default_knn():
 def test_perfect_rescoring_within_depth_gives_perfect_metrics():
     emb, labels = clustered()
 
-    def oracle(scores, ids, skip):  # same-class candidates first: what a perfect metric would do
-        def fetch(rows):
-            return np.eye(4, dtype=np.float32)[labels[rows]][:, None, :]
-        return rerank(scores, ids, lambda i: np.eye(4, dtype=np.float32)[labels[i]][None], fetch,
-                      RerankSettings(depth=len(labels), weights="uniform"), skip_ids=skip)
+    def oracle(shortlist, k, skip):  # same-class candidates first: what a perfect metric would do
+        onehot = np.eye(4, dtype=np.float32)[labels][:, None, :]
+        return Reranker(onehot, k=k, weights="uniform").rerank(onehot, shortlist, skip)
 
     row = retrieval_metrics(emb, labels, ShortlistKNN(flat_shortlist, oracle, depth=len(labels)))
     assert row["P@1"] == row["RP"] == row["MAP@R"] == pytest.approx(100.0)
@@ -143,7 +141,8 @@ def test_every_bundled_retrieval_config_is_valid():
     from pathlib import Path
 
     from deepemd.config import build_config, read_yaml
-    from deepemd.retrieval.config import LOSSES, EvalConfig, TrainConfig
+    from deepemd.retrieval.config import EvalConfig, TrainConfig
+    from deepemd.retrieval.losses import LOSSES
 
     folder = Path(__file__).resolve().parents[1] / "configs" / "retrieval"
     for loss in LOSSES:

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from deepemd.errors import DeepEMDError
 from deepemd.local.fcn import FCN
 from deepemd.local.grid import Grid
 from deepemd.local.sampling import Sampling
+from deepemd.registry import Registry
 
-_KINDS = {"fcn": FCN, "grid": Grid, "sampling": Sampling}
+#: The local-set kinds of paper 4.4, by name (options list them; ``create`` builds from them).
+KINDS: Registry[type[nn.Module]] = Registry("local feature kind")
+KINDS.add("fcn", FCN, label="FCN")
+KINDS.add("grid", Grid, label="Grid")
+KINDS.add("sampling", Sampling, label="Sampling")
 
 
 def create(kind: str, backbone: nn.Module, **kw) -> nn.Module:
-    if kind not in _KINDS:
-        raise DeepEMDError(f"unknown local feature kind '{kind}'", fix=f"choose one of: {', '.join(_KINDS)}")
-    return _KINDS[kind](backbone, **kw)
+    return KINDS.get(kind)(backbone, **kw)
 
 
 def global_features(feature_map: Tensor) -> Tensor:
@@ -29,4 +31,4 @@ def global_features(feature_map: Tensor) -> Tensor:
     return feature_map.mean(dim=(2, 3))
 
 
-__all__ = ["create", "global_features", "FCN", "Grid", "Sampling"]
+__all__ = ["KINDS", "create", "global_features", "FCN", "Grid", "Sampling"]

@@ -1,0 +1,123 @@
+"""The Shortlist value, the EMD bounds (never above the exact optimum) and the pruned Reranker
+(same top k and scores as the full rerank), on random problems and on real CNN features
+(EfficientNet-Lite0 ImageNet maps of the bundled Omniglot images)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepemd.emd import cost_matrix, cross_reference_weights, pairwise_similarity, solve, uniform_weights
+from deepemd.emd.bounds import centroid_bound, relaxed_bound, score_upper_bound
+from deepemd.errors import DeepEMDError
+from deepemd.eval.shortlist import Shortlist
+from deepemd.retrieval.rerank import Reranker
+
+
+@pytest.fixture(scope="module")
+def real_sets():
+    """FCN + pyramid sets (23 nodes x 1280-d, float16 as eval keeps them) of 40 demo images."""
+    from deepemd.build import read_images
+    from deepemd.retrieval.build import local_specs, make_embedder, make_loader
+    from deepemd.retrieval.config import EvalConfig
+    from deepemd.retrieval.model import embed_loader
+
+    cfg = EvalConfig(data_root="demo", max_classes=8, per_class=5, image_size=96, methods=("fcn",))
+    images = read_images(cfg, cfg.split, cfg.seed)
+    model = make_embedder(cfg, local_specs(cfg, ["fcn"]))
+    glob, sets, _ = embed_loader(model, make_loader(images, model, 20, 0), torch.device("cpu"), progress=False)
+    return glob, sets["fcn"]
+
+
+def random_problems(seed: int, b: int = 40, m: int = 7, n: int = 9, d: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.relu(torch.randn(b, m, d, generator=g, dtype=torch.float64))
+    v = torch.relu(torch.randn(b, n, d, generator=g, dtype=torch.float64))
+    return u, v
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("weights", [cross_reference_weights, uniform_weights])
+def test_bounds_never_exceed_the_exact_optimum_on_random_problems(seed, weights):
+    u, v = random_problems(seed)
+    cost = cost_matrix(u, v)
+    wu, wv = weights(u, v)
+    dist, _ = solve(cost, wu, wv)
+    relaxed = relaxed_bound(cost, wu, wv)
+    centroid = centroid_bound(F.normalize(u, dim=-1), F.normalize(v, dim=-1), wu, wv)
+    assert (relaxed <= dist + 1e-9).all() and (centroid <= dist + 1e-9).all()
+    assert (relaxed > 0.5 * dist).any()  # a real bound, not a trivial zero
+    total = 0.5 * (wu.sum(1) + wv.sum(1))
+    assert (score_upper_bound(relaxed, wu, wv) >= (total - dist) / total - 1e-12).all()
+
+
+def test_bounds_are_valid_on_real_features_and_tight_when_one_side_is_a_point(real_sets):
+    _, sets = real_sets
+    u = torch.from_numpy(sets[:20]).double()
+    v = torch.from_numpy(sets[20:]).double()
+    cost = cost_matrix(u, v)
+    wu, wv = cross_reference_weights(u, v)
+    dist, _ = solve(cost, wu, wv)
+    assert (relaxed_bound(cost, wu, wv) <= dist + 1e-9).all()
+    assert (centroid_bound(F.normalize(u, dim=-1), F.normalize(v, dim=-1), wu, wv) <= dist + 1e-9).all()
+    # one node on a side: every row must send its mass to it, so the relaxation is exact
+    one = cost[:, :, :1].contiguous()
+    w1 = wu.sum(1, keepdim=True)
+    d1, _ = solve(one, wu, w1)
+    torch.testing.assert_close(relaxed_bound(one, wu, w1), d1)
+
+
+def test_shortlist_checks_its_rules_once():
+    ok = Shortlist(np.array([[3, 1, -1]]), np.array([[0.9, 0.5, 7.0]]))
+    assert ok.scores[0, 2] == -np.inf and ok.ids.dtype == np.int64 and ok.width == 3
+    with pytest.raises(DeepEMDError, match="not sorted"):
+        Shortlist(np.array([[1, 2]]), np.array([[0.1, 0.5]]))
+    with pytest.raises(DeepEMDError, match="after a -1"):
+        Shortlist(np.array([[1, -1, 2]]), np.array([[0.9, 0.5, 0.1]]))
+    with pytest.raises(DeepEMDError, match="must both be"):
+        Shortlist(np.zeros((2, 3)), np.zeros((2, 2)))
+    fixed = Shortlist.from_unsorted(np.array([[1, 2, -1, 4]]), np.array([[0.1, 0.5, 0.9, 0.5]]))
+    assert fixed.ids.tolist() == [[2, 4, 1, -1]]
+
+
+def test_pruned_rerank_equals_the_full_rerank_on_real_features(real_sets):
+    glob, sets = real_sets
+    sims = glob @ glob.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :30]
+    shortlist = Shortlist(order, np.take_along_axis(sims, order, 1))
+    for kw in ({}, {"weights": "uniform"}, {"center": True}, {"alpha": 0.3}):
+        full = Reranker(sets, k=30, prune=False, **kw).rerank(sets, shortlist)
+        pruned_reranker = Reranker(sets, k=5, **kw)
+        pruned = pruned_reranker.rerank(sets, shortlist)
+        assert np.array_equal(pruned.ids, full.ids[:, :5]), kw
+        assert np.array_equal(pruned.scores, full.scores[:, :5]), kw
+        assert pruned_reranker.stats.skipped_fraction > 0.2, kw
+    # and the full rerank's scores are the EMD head's own pairwise scores
+    q = 3
+    full = Reranker(sets, k=30, prune=False).rerank(sets, shortlist)
+    expected = pairwise_similarity(torch.from_numpy(sets[q:q + 1]).float(),
+                                   torch.from_numpy(sets[full.ids[q]]).float())[0]
+    np.testing.assert_allclose(full.scores[q], expected.numpy(), atol=2e-6)
+
+
+def test_reranker_keeps_the_query_first_padding_last_and_checks_the_store_kind(real_sets):
+    _, sets = real_sets
+    shortlist = Shortlist(np.array([[0, 5, 9, 2, -1]]), np.array([[1.0, 0.9, 0.8, 0.7, 0.0]]))
+    out = Reranker(sets, k=5, depth=3).rerank(sets, shortlist, skip_ids=np.array([0]))
+    assert out.ids[0, 0] == 0 and out.scores[0, 0] == np.inf
+    assert sorted(out.ids[0, 1:3].tolist()) == [5, 9] and out.ids[0, 3] == 2 and out.ids[0, 4] == -1
+
+    class Store:
+        fingerprint = {"local": {"kind": "grid"}}
+
+        def get(self, ids):
+            return sets[ids].astype(np.float32)
+
+    with pytest.raises(DeepEMDError, match="holds grid local sets"):
+        Reranker(Store(), local="fcn")
+    from_store = Reranker(Store(), local="grid", k=3).rerank(sets, shortlist)
+    from_array = Reranker(sets, k=3).rerank(sets, shortlist)
+    assert np.array_equal(from_store.ids, from_array.ids)
+    np.testing.assert_allclose(from_store.scores, from_array.scores, atol=1e-6)
