@@ -167,3 +167,40 @@ def test_another_user_reads_what_the_umask_allows_and_cannot_write_a_locked_fold
         assert list(locked.iterdir()) == []
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_gallery_built_by_root_is_searched_by_another_user():
+    """Finding 9 end to end: ``index`` under umask 022, then ``search`` as user nobody."""
+    from cli_bad_inputs import LITE0, _images
+
+    from deepemd.cli import main
+
+    shared = Path(tempfile.mkdtemp(prefix="deepemd-io-"))
+    try:
+        shared.chmod(0o755)
+        gallery = shared / "gallery"
+        old = os.umask(0o022)
+        try:
+            code = main(["retrieval", "index", "--layout", "folder", "--data-root", str(_images(shared / "data")),
+                         *LITE0, "--split", "all", "--out", str(gallery)])
+        finally:
+            os.umask(old)
+        assert code == 0
+        files = [p for p in gallery.rglob("*") if p.is_file()]
+        assert files and {oct(_mode(p)) for p in files} == {oct(0o644)}
+        writable = shared / "theirs"
+        writable.mkdir(mode=0o777)
+        writable.chmod(0o777)
+        query = shared / "data" / "class0" / "0.png"
+        done = _as_nobody(f"""
+            import os, sys
+            os.environ.update(HOME={str(writable)!r}, DEEPEMD_CACHE={str(writable / "cache")!r})
+            from deepemd.cli import main
+            sys.exit(main(["retrieval", "search", "--gallery", {str(gallery)!r}, *{LITE0!r},
+                           "--queries", {str(query)!r}, "--top", "3", "--out", {str(writable / "out")!r}]))
+            """, shared)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (writable / "out" / "search.csv").is_file()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
