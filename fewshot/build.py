@@ -6,46 +6,20 @@ or ``train`` is read back by ``test`` with exactly the same architecture.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from deepemd import backbones, data, local
+from deepemd import build as core
 from deepemd.errors import DeepEMDError
-from deepemd.fewshot.config import BUILTIN_ROOTS, DataOptions, ModelOptions
-
-#: Checkpoint key holding the backbone's weights (pre-train and meta-train both write it).
-BACKBONE_KEY = "backbone"
+from deepemd.fewshot.config import FewShotOptions
 
 
-def resolve_root(opts: DataOptions) -> Path:
-    """``data_root`` as a folder; the built-in names are materialised once into a cache."""
-    if opts.data_root == "demo":
-        return data.demo_root()
-    if opts.data_root == "fashion-mnist":
-        return data.export_fashion_mnist(Path.home() / ".cache" / "deepemd" / "fashion-mnist-200",
-                                         per_class=200)
-    if not opts.data_root:
-        raise DeepEMDError("no dataset given", None,
-                           f"pass --data-root DIR (or one of {', '.join(BUILTIN_ROOTS)}) with --layout")
-    root = Path(opts.data_root).expanduser()
-    if not root.is_dir():
-        raise DeepEMDError("dataset folder not found", root, "check --data-root")
-    return root
-
-
-def layout_of(opts: DataOptions) -> str:
-    """The built-in data sets are written in the generic folder layout."""
-    return "folder" if opts.data_root in BUILTIN_ROOTS else opts.layout
-
-
-def read_split(opts: DataOptions, split: str) -> data.ImageList:
-    """A split's images; with ``--skip-bad`` unreadable files are dropped (counted in a warning)
-    before any episode or label is built from the list."""
-    images = data.read_layout(layout_of(opts), resolve_root(opts), split)
-    return data.drop_unreadable(images)[0] if opts.skip_bad else images
+def read_split(opts: FewShotOptions, split: str) -> data.ImageList:
+    """A split's images (``deepemd.build.read_images``, seeded by the run's seed)."""
+    return core.read_images(opts, split, opts.seed)
 
 
 def keep_classes(images: data.ImageList, keep: np.ndarray) -> data.ImageList:
@@ -59,7 +33,7 @@ def keep_classes(images: data.ImageList, keep: np.ndarray) -> data.ImageList:
     return replace(images, paths=paths, labels=labels, classes=classes)
 
 
-def train_val_splits(opts: DataOptions, val_split: str, val_fraction: float, min_val_classes: int = 2,
+def train_val_splits(opts: FewShotOptions, val_split: str, val_fraction: float, min_val_classes: int = 2,
                      validate: bool = True) -> tuple[data.ImageList, data.ImageList | None]:
     """The train split and a validation split of *other* classes.
 
@@ -83,7 +57,7 @@ def train_val_splits(opts: DataOptions, val_split: str, val_fraction: float, min
     n_val = max(min_val_classes, int(round(n_classes * val_fraction)))
     if n_classes - n_val < 2:
         raise DeepEMDError(f"only {n_classes} train classes: too few to hold out validation classes",
-                           resolve_root(opts), "add classes or give the layout a val split")
+                           core.resolve_data(opts)[1], "add classes or give the layout a val split")
     order = np.arange(n_classes)
     return keep_classes(train, order[: n_classes - n_val]), keep_classes(train, order[n_classes - n_val:])
 
@@ -94,50 +68,31 @@ def five_by_five_size(backbone: str) -> int:
     return 84 if backbone == "resnet12" else 160
 
 
-def create_backbone(opts: ModelOptions, checkpoint: str = "") -> nn.Module:
+def create_backbone(opts: FewShotOptions, checkpoint: str | None = None) -> nn.Module:
     """The backbone with ``checkpoint`` (ours: its ``backbone`` entry) or else the ``weights`` option.
 
     A fewshot checkpoint stores the backbone's state under ``backbone``, which the backbone
     registry's loader finds by itself, so pre-train, meta-train and test agree on one format.
     """
-    kw: dict = {"input_size": int(opts.image_size or five_by_five_size(opts.backbone))}
-    if opts.backbone_widths:
-        if opts.backbone != "resnet12":
-            raise DeepEMDError("backbone_widths applies to resnet12 only", None,
-                               "drop backbone_widths or use --backbone resnet12")
-        kw["channels"] = tuple(opts.backbone_widths)
+    kw = core.backbone_kwargs(opts, five_by_five_size(opts.backbone))
     return backbones.create(opts.backbone, pretrained=checkpoint or backbones.pretrained_from_option(opts.backbone, opts.weights), **kw)
 
 
-def input_size(opts: DataOptions, net: nn.Module) -> int:
+def input_size(opts: FewShotOptions, net: nn.Module) -> int:
     return int(opts.image_size or net.default_cfg["input_size"])  # create_backbone set the default
 
 
-def create_extractor(opts: ModelOptions, net: nn.Module) -> nn.Module:
+def create_extractor(opts: FewShotOptions, net: nn.Module) -> nn.Module:
     """The local feature set the EMD compares: FCN cells (+ pyramid), grid crops or samples."""
-    kind = opts.local
-    if kind == "fcn":
-        return local.create("fcn", net, pyramid=tuple(opts.pyramid))
-    if kind == "grid":
-        return local.create("grid", net, levels=tuple(opts.grid_levels), ratio=opts.grid_ratio)
-    if kind == "sampling":
-        return local.create("sampling", net, num_patches=opts.num_patches, seed=opts.seed)
-    raise DeepEMDError(f"unknown local feature set '{kind}'", None, "use --local fcn, grid or sampling")
+    return core.create_extractor(opts.local, net, opts, opts.seed)
 
 
-def method_label(opts: ModelOptions) -> str:
+def method_label(opts: FewShotOptions) -> str:
     """The paper's name of the DeepEMD variant these options describe."""
-    return {"fcn": "DeepEMD-FCN", "grid": "DeepEMD-Grid", "sampling": "DeepEMD-Sampling"}[opts.local]
+    return "DeepEMD-" + local.KINDS.info(opts.local)["label"]
 
 
-def dataset(images: data.ImageList, opts: DataOptions, net: nn.Module, train: bool) -> data.ImageDataset:
+def dataset(images: data.ImageList, opts: FewShotOptions, net: nn.Module, train: bool) -> data.ImageDataset:
     cfg = dict(net.default_cfg)
     cfg["input_size"] = input_size(opts, net)
     return data.ImageDataset(images, data.build_transform(cfg, train=train))
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed torch and numpy; return a generator for the job's own draws."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
-    return torch.Generator().manual_seed(seed)

@@ -17,30 +17,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from deepemd import distributed
+from deepemd.checkpoints import restore_rng, rng_state
 from deepemd.errors import DeepEMDError
-from deepemd.fewshot import distributed
 from deepemd.io import load_checkpoint, load_state_dict_checked, save_checkpoint
 
 LAST, BEST = "last.pt", "best.pt"
-
-
-def rng_state() -> dict[str, Any]:
-    """Generator states as tensors and ints (numpy's tuple is split so weights_only can load it)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-                             "numpy_pos": int(pos), "numpy_gauss": (int(has_gauss), float(cached))}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    has_gauss, cached = state["numpy_gauss"]
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
-                         has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_training_state(path: Path, *, backbone: nn.Module, optimizer: torch.optim.Optimizer,

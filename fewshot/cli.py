@@ -8,35 +8,36 @@ from __future__ import annotations
 
 import argparse
 
-from deepemd.config import add_dataclass_arguments, config_from_args
+from deepemd.config import add_command, config_from_args
 from deepemd.fewshot.config import EvalConfig, PretrainConfig, TrainConfig
 
 
-def _pretrain(args: argparse.Namespace) -> int:
+def _pretrain(cfg: PretrainConfig) -> int:
     from deepemd.fewshot.pretrain import pretrain
 
-    pretrain(config_from_args(PretrainConfig, args))
+    pretrain(cfg)
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(cfg: TrainConfig) -> int:
     from deepemd.fewshot.metatrain import meta_train
 
-    meta_train(config_from_args(TrainConfig, args))
+    meta_train(cfg)
     return 0
 
 
-def _test(args: argparse.Namespace) -> int:
-    if args.list_methods:
-        from deepemd.fewshot.methods import METHODS
+def _list_methods() -> int:
+    from deepemd.fewshot.methods import METHODS
 
-        for key, spec in METHODS.items():
-            print(f"{key:12s} {'(k-shot only) ' if spec.kshot_only else ''}{spec.summary}")
-        return 0
+    for key, spec in METHODS.items():
+        print(f"{key:12s} {'(k-shot only) ' if spec.kshot_only else ''}{spec.summary}")
+    return 0
+
+
+def _test(cfg: EvalConfig) -> int:
     from deepemd.eval.tables import to_markdown
     from deepemd.fewshot.evaluate import run_test
 
-    cfg = config_from_args(EvalConfig, args)
     frame = run_test(cfg)
     print(to_markdown(frame[["method", "way", "shot", "accuracy", "ci95"]]))
     print(f"wrote {cfg.out}/results.csv, results.md, episodes.csv" + (", flows.png" if cfg.flow_picture else ""))
@@ -52,10 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("train", TrainConfig, _train, "episodic meta-training through the differentiable EMD layer"),
         ("test", EvalConfig, _test, "seeded test episodes: every method on the same episodes, mean and 95% CI"),
     )
-    for name, cls, func, help_ in commands:
-        parser = sub.add_parser(name, help=help_.replace("%", "%%"), description=help_)
-        parser.add_argument("--config", help="YAML file of options (see configs/fewshot/)")
-        add_dataclass_arguments(parser, cls)
+    for name, cls, run, help_ in commands:
+        parser = add_command(sub, name, cls, run, help_)
         if name == "test":
             parser.add_argument("--list-methods", action="store_true", help="list the methods and exit")
-        parser.set_defaults(func=func)
+            parser.set_defaults(func=lambda args: _list_methods() if args.list_methods
+                                else _test(config_from_args(EvalConfig, args)))

@@ -24,6 +24,7 @@ from deepemd.fewshot.features import FeatureCache, cached, extract
 from deepemd.fewshot.methods import METHODS, MethodOptions, select
 from deepemd.fewshot.pictures import episode_flow_figure, node_boxes
 from deepemd.io import atomic_path
+from deepemd.seeding import seed_everything
 
 
 #: Options that change the extracted features (the feature cache key).
@@ -85,7 +86,7 @@ def run_test(cfg: EvalConfig, progress: bool = True) -> pd.DataFrame:
     """The whole ``test`` command; returns the results table it wrote."""
     start = time.perf_counter()
     device = default_device(cfg.device)
-    build.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     images = build.read_split(cfg, cfg.split)
     check_episode_size(images.labels, cfg.way, cfg.shot, cfg.query, f"{cfg.data_root} ({cfg.split} split)")
     net = build.create_backbone(cfg, cfg.checkpoint).to(device)

@@ -8,15 +8,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from deepemd.config import add_dataclass_arguments, config_from_args
+from deepemd.config import add_command
 from deepemd.retrieval.config import DemoConfig, EvalConfig, IndexConfig, SearchConfig, TrainConfig
-
-
-def _add(sub, name: str, cls: type, func, help_: str) -> None:
-    parser = sub.add_parser(name, help=help_, description=(cls.__doc__ or help_).strip())
-    parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
-    add_dataclass_arguments(parser, cls)
-    parser.set_defaults(func=lambda args: func(config_from_args(cls, args)))
 
 
 def _print_table(frame, notes=()) -> None:
@@ -91,14 +84,14 @@ def cmd_demo(cfg: DemoConfig) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     retrieval = subparsers.add_parser("retrieval", help="train, index, search and evaluate image retrieval")
     sub = retrieval.add_subparsers(dest="retrieval_command", required=True, metavar="{train,index,search,eval}")
-    _add(sub, "train", TrainConfig, cmd_train, "train an embedding with a pytorch-metric-learning loss")
-    _add(sub, "index", IndexConfig, cmd_index, "build a FAISS index + local-feature store (or a store for your index)")
-    _add(sub, "search", SearchConfig, cmd_search, "search a gallery, rerank the shortlist with DeepEMD")
-    _add(sub, "eval", EvalConfig, cmd_eval, "leave-one-out P@1 / RP / MAP@R, raw vs +DeepEMD")
+    add_command(sub, "train", TrainConfig, cmd_train, "train an embedding with a pytorch-metric-learning loss")
+    add_command(sub, "index", IndexConfig, cmd_index, "build a FAISS index + local-feature store (or a store for your index)")
+    add_command(sub, "search", SearchConfig, cmd_search, "search a gallery, rerank the shortlist with DeepEMD")
+    add_command(sub, "eval", EvalConfig, cmd_eval, "leave-one-out P@1 / RP / MAP@R, raw vs +DeepEMD")
 
 
 def register_demo(subparsers: argparse._SubParsersAction) -> None:
-    _add(subparsers, "demo", DemoConfig, cmd_demo,
+    add_command(subparsers, "demo", DemoConfig, cmd_demo,
          "retrieval on the bundled demo set: raw vs +DeepEMD table and a flow picture")
 
 

@@ -1,180 +1,129 @@
 """Options of every `deepemd retrieval` command, one dataclass each.
 
 Every field is also a command-line flag (``--field-name``) and a YAML key (``--config``); an
-unknown key is an error (``deepemd.config``). Shared groups are plain base classes so that a
-flag means the same thing in every command.
+unknown key is an error (``deepemd.config``). The groups shared with the few-shot job live in
+``deepemd.options``; this module adds the retrieval options and the paper 5.8 defaults
+(FCN feature pyramid {3,2,1}, Grid image pyramid {3,2}, 25 Sampling patches).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-LOSSES = ("normsoftmax", "contrastive", "softtriple", "arcface", "multisimilarity", "snr")
-LOCAL_KINDS = ("fcn", "grid", "sampling")
+from deepemd.config import option, registry_choices, same_option
+from deepemd.options import BatchNormOptions, DataOptions, LocalKindOption, LocalOptions, ModelOptions, out_option, split_option
 
 
 @dataclass
-class ModelOptions:
-    """Which network turns images into a global vector and a local set."""
+class RetrievalModelOptions(ModelOptions):
+    """The shared network options plus the paper's linear embedding head and trained checkpoints."""
 
-    backbone: str = "efficientnet_lite0"
-    weights: str = "imagenet"
-    checkpoint: Optional[str] = None
-    embed_dim: Optional[int] = None
-    image_size: Optional[int] = None
-    device: Optional[str] = None
-    batch_size: int = 32
-    workers: int = 0
-    seed: int = 0
+    checkpoint: Optional[str] = option(
+        None, "a `deepemd retrieval train` checkpoint (rebuilds its backbone; overrides --backbone)")
+    embed_dim: Optional[int] = option(
+        None, "1x1 linear head to this many channels (paper: 128); none = backbone channels", minimum=1)
 
 
 @dataclass
-class LocalOptions:
-    """How local sets are cut (paper 4.4) and scored (paper 4.2-4.3)."""
+class RetrievalLocalOptions(LocalOptions):
+    """Local sets and scoring with the retrieval defaults, plus the rerank depth and fusion."""
 
-    pyramid: tuple[int, ...] = (3, 2, 1)
-    grid_levels: tuple[int, ...] = (3, 2)
-    grid_enlarge: float = 1.0
-    num_patches: int = 25
-    patch_size: Optional[int] = 96
-    node_weights: str = "cross"
-    solver: str = "exact"
-    rerank_k: int = 100
-    alpha: float = 0.0
-
-
-@dataclass
-class DataOptions:
-    layout: str = "folder"
-    data_root: Optional[str] = None
-    split: str = "test"
-    max_classes: Optional[int] = None
-    per_class: Optional[int] = None
-    skip_bad: bool = False
+    pyramid: tuple[int, ...] = same_option(LocalOptions, "pyramid", (3, 2, 1))
+    grid_levels: tuple[int, ...] = same_option(LocalOptions, "grid_levels", (3, 2))
+    grid_ratio: float = same_option(LocalOptions, "grid_ratio", 1.0)
+    num_patches: int = same_option(LocalOptions, "num_patches", 25)
+    patch_size: Optional[int] = option(
+        96, "Grid/Sampling: crop side fed to the backbone; 96 keeps 13-25 crops per image affordable on a CPU "
+        "(the paper feeds each crop at the full input size: give 224 / 227 for that; none = input size)", minimum=8)
+    center: bool = same_option(LocalOptions, "center", False)
+    rerank_k: int = option(100, "rerank depth K: the FAISS top-K rescored with DeepEMD", minimum=1)
+    alpha: float = option(0.0, "fused score = (1 - alpha) * DeepEMD + alpha * global cosine", minimum=0.0, maximum=1.0)
 
 
 @dataclass
-class EvalConfig(ModelOptions, LocalOptions, DataOptions):
+class RetrievalDataOptions(DataOptions):
+    split: str = split_option("test")
+
+
+@dataclass
+class EvalConfig(RetrievalModelOptions, RetrievalLocalOptions, RetrievalDataOptions):
     """`deepemd retrieval eval`: leave-one-out P@1 / RP / MAP@R, raw vs +DeepEMD."""
 
-    methods: tuple[str, ...] = ("fcn", "grid", "sampling")
-    flow_queries: int = 3
-    out: str = "runs/retrieval-eval"
+    methods: tuple[str, ...] = option(
+        ("fcn", "grid", "sampling"), "rows after 'raw': local kinds (append :uniform or :cross to override "
+        "the node weights)", choices=registry_choices("deepemd.local", "KINDS"))
+    flow_queries: int = option(3, "queries drawn in flows.png (0: no picture)", minimum=0)
+    out: str = out_option("runs/retrieval-eval")
 
 
 @dataclass
-class TrainConfig(ModelOptions, DataOptions):
+class TrainConfig(BatchNormOptions, RetrievalModelOptions, RetrievalDataOptions):
     """`deepemd retrieval train`: a pml loss on the train classes, checkpoint every epoch."""
 
-    backbone: str = "resnet50"
-    weights: str = "auto"
-    embed_dim: Optional[int] = 128
-    split: str = "train"
-    loss: str = "normsoftmax"
-    distance: str = "cosine"
-    pyramid: tuple[int, ...] = ()
-    node_weights: str = "cross"
-    solver: str = "exact"
-    m_per_class: int = 4
-    epochs: int = 10
-    steps_per_epoch: Optional[int] = None
-    lr: float = 1e-5
-    loss_lr: float = 1e-3
-    weight_decay: float = 1e-4
-    augment: bool = True
-    out: str = "runs/retrieval-train"
-    resume: bool = True
+    backbone: str = same_option(ModelOptions, "backbone", "resnet50")
+    weights: str = same_option(ModelOptions, "weights", "auto")
+    embed_dim: Optional[int] = same_option(RetrievalModelOptions, "embed_dim", 128)
+    split: str = split_option("train")
+    loss: str = option("normsoftmax", "pytorch-metric-learning loss",
+                       choices=registry_choices("deepemd.retrieval.losses", "LOSSES"))
+    distance: str = option("cosine", "cosine (global vector) or deepemd (FCN local sets through the EMD layer; "
+                           "pair losses)", choices=("cosine", "deepemd"))
+    pyramid: tuple[int, ...] = same_option(LocalOptions, "pyramid", ())
+    node_weights: str = same_option(LocalOptions, "node_weights", "cross")
+    solver: str = same_option(LocalOptions, "solver", "exact")
+    m_per_class: int = option(4, "images per class in every batch (pml MPerClassSampler)", minimum=1)
+    epochs: int = option(10, "training epochs (a checkpoint after each)", minimum=0)
+    steps_per_epoch: Optional[int] = option(None, "batches per epoch (default: images / global batch)", minimum=1)
+    lr: float = option(1e-5, "backbone + head learning rate (Adam)", minimum=0.0)
+    loss_lr: float = option(1e-3, "learning rate of the loss's own parameters (proxy losses)", minimum=0.0)
+    weight_decay: float = option(1e-4, "Adam weight decay", minimum=0.0)
+    augment: bool = option(True, "random resized crops + flips while training")
+    out: str = out_option("runs/retrieval-train")
+    resume: bool = option(True, "continue from <out>/checkpoint.pt when it exists")
 
 
 @dataclass
-class IndexConfig(ModelOptions, LocalOptions, DataOptions):
+class IndexConfig(RetrievalModelOptions, RetrievalLocalOptions, LocalKindOption, RetrievalDataOptions):
     """`deepemd retrieval index`: FAISS index of global vectors + aligned local-feature store.
 
     With ``index`` + ``id_map`` (a user's own FAISS index and the image behind each id) only the
     local-feature store is built, for those images."""
 
-    split: str = "all"
-    local: str = "fcn"
-    index_spec: str = "Flat"
-    index: Optional[str] = None
-    id_map: Optional[str] = None
-    out: str = "runs/retrieval-gallery"
+    split: str = split_option("all")
+    index_spec: str = option("Flat", "FAISS index_factory string: Flat, IVF256,Flat, IVF1024,PQ32, HNSW32")
+    index: Optional[str] = option(None, "your own FAISS index file (built outside deepemd) to rerank")
+    id_map: Optional[str] = option(None, "text file '<id> <image path>' per line, naming the image behind each "
+                                   "id of --index")
+    repair: bool = option(False, "re-embed the images whose rows in the existing gallery fail their checksum "
+                          "(without it a damaged gallery is an error)")
+    store_dtype: str = option("float16", "local-feature store values: float16 (scaled per set, half the disk) "
+                              "or float32", choices=("float16", "float32"))
+    out: str = out_option("runs/retrieval-gallery")
 
 
 @dataclass
-class SearchConfig(ModelOptions, LocalOptions):
+class SearchConfig(RetrievalModelOptions, RetrievalLocalOptions, LocalKindOption):
     """`deepemd retrieval search`: FAISS top-K for query images, reranked by DeepEMD."""
 
-    gallery: str = "runs/retrieval-gallery"
-    local: str = "fcn"
-    index: Optional[str] = None
-    id_map: Optional[str] = None
-    queries: Optional[str] = None
-    query_vectors: Optional[str] = None
-    top: int = 10
-    out: str = "runs/retrieval-search"
+    gallery: str = option("runs/retrieval-gallery", "gallery folder written by `deepemd retrieval index`")
+    index: Optional[str] = option(None, "your own FAISS index file (built outside deepemd) to rerank")
+    id_map: Optional[str] = option(None, "text file '<id> <image path>' per line, naming the image behind each "
+                                   "id of --index")
+    queries: Optional[str] = option(None, "query image, folder of images, or text file of paths")
+    query_vectors: Optional[str] = option(None, ".npy of query vectors from the model that built --index "
+                                          "(one row per query)")
+    top: int = option(10, "results written per query", minimum=1)
+    out: str = out_option("runs/retrieval-search")
 
 
 @dataclass
 class DemoConfig:
     """`deepemd demo`: the bundled set, pretrained efficientnet_lite0, raw vs +DeepEMD."""
 
-    out: str = "demo-out"
-    max_classes: int = 40
-    per_class: int = 20
-    image_size: int = 96
-    methods: tuple[str, ...] = ("fcn",)
-    rerank_k: int = 20
-    seed: int = 0
-
-
-FIELD_DOCS = {
-    "backbone": "feature network: efficientnet_lite0, mobilenetv2, resnet12, resnet18, resnet50",
-    "weights": "imagenet (packaged), none (random), auto (imagenet where packaged), or a weights file",
-    "checkpoint": "a `deepemd retrieval train` checkpoint (rebuilds its backbone; overrides --backbone)",
-    "embed_dim": "1x1 linear head to this many channels (paper: 128); none = backbone channels",
-    "image_size": "input size in pixels",
-    "device": "cpu, cuda, cuda:1 (default: cuda if available)",
-    "batch_size": "images per batch (per process under torchrun)",
-    "workers": "DataLoader worker processes",
-    "seed": "seed for subsampling, random patches, batch order and augmentation",
-    "layout": "folder, cub-retrieval, cub, miniimagenet, tieredimagenet, cifarfs, fc100",
-    "data_root": "dataset root (folder layout: <root>/<class>/<image>)",
-    "split": "train / test / all (folder layout: first / second half of the sorted classes)",
-    "max_classes": "use at most this many classes (random, seeded)",
-    "per_class": "use at most this many images per class (random, seeded)",
-    "skip_bad": "skip unreadable, truncated or oversized images (counted in a warning) instead of stopping",
-    "pyramid": "FCN feature pyramid levels added to the raw cells (paper: 3 2 1)",
-    "grid_levels": "Grid image pyramid levels (paper: 3 2)",
-    "grid_enlarge": "Grid: enlarge each cell by this ratio around its centre",
-    "num_patches": "Sampling: random patches per image (paper: 25)",
-    "patch_size": "Grid/Sampling: crop size fed to the backbone; 96 keeps 13-25 crops per image affordable "
-    "on a CPU (the paper feeds each crop at the full input size: give 224 / 227 for that; none = input size)",
-    "node_weights": "cross (cross-reference, paper Eq. 11-12) or uniform",
-    "solver": "EMD solver: exact, sinkhorn, opencv, qpth",
-    "rerank_k": "rerank depth K: the FAISS top-K rescored with DeepEMD",
-    "alpha": "fused score = (1 - alpha) * DeepEMD + alpha * global cosine",
-    "methods": "rows after 'raw': fcn, grid, sampling (append :uniform or :cross to override weights)",
-    "flow_queries": "queries drawn in flows.png (0: no picture)",
-    "out": "output folder",
-    "loss": "normsoftmax, contrastive, softtriple, arcface, multisimilarity, snr",
-    "distance": "cosine (global vector) or deepemd (FCN local sets through the EMD layer; pair losses)",
-    "m_per_class": "images per class in every batch (pml MPerClassSampler)",
-    "epochs": "training epochs (a checkpoint after each)",
-    "steps_per_epoch": "batches per epoch (default: images / global batch)",
-    "lr": "backbone + head learning rate (Adam)",
-    "loss_lr": "learning rate of the loss's own parameters (proxy losses)",
-    "weight_decay": "Adam weight decay",
-    "augment": "random resized crops + flips while training",
-    "resume": "continue from <out>/checkpoint.pt when it exists",
-    "local": "local set kind stored in the gallery: fcn, grid or sampling",
-    "index_spec": "FAISS index_factory string: Flat, IVF256,Flat, IVF1024,PQ32, HNSW32",
-    "index": "your own FAISS index file (built outside deepemd) to rerank",
-    "id_map": "text file '<id> <image path>' per line, naming the image behind each id of --index",
-    "gallery": "gallery folder written by `deepemd retrieval index`",
-    "queries": "query image, folder of images, or text file of paths",
-    "query_vectors": ".npy of query vectors from the model that built --index (one row per query)",
-    "top": "results written per query",
-}
-for _cls in (EvalConfig, TrainConfig, IndexConfig, SearchConfig, DemoConfig):
-    _cls.__field_docs__ = FIELD_DOCS
+    out: str = out_option("demo-out")
+    max_classes: int = same_option(DataOptions, "max_classes", 40)
+    per_class: int = same_option(DataOptions, "per_class", 20)
+    image_size: int = same_option(ModelOptions, "image_size", 96)
+    methods: tuple[str, ...] = same_option(EvalConfig, "methods", ("fcn",))
+    rerank_k: int = same_option(RetrievalLocalOptions, "rerank_k", 20)
+    seed: int = same_option(ModelOptions, "seed", 0)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepemd import backbones, local
+from deepemd.build import local_kwargs
 from deepemd.errors import DeepEMDError
 from deepemd.io import load_checkpoint, load_state_dict_checked
 
@@ -28,20 +29,13 @@ class LocalSpec:
     kind: str
     pyramid: tuple[int, ...] = (3, 2, 1)
     grid_levels: tuple[int, ...] = (3, 2)
-    grid_enlarge: float = 1.0
+    grid_ratio: float = 1.0
     num_patches: int = 25
     patch_size: int | None = None
     seed: int = 0
 
     def kwargs(self) -> dict[str, Any]:
-        if self.kind == "fcn":
-            return {"pyramid": tuple(self.pyramid)}
-        if self.kind == "grid":
-            return {"levels": tuple(self.grid_levels), "ratio": float(self.grid_enlarge),
-                    "patch_size": self.patch_size}
-        if self.kind == "sampling":
-            return {"num_patches": int(self.num_patches), "patch_size": self.patch_size, "seed": int(self.seed)}
-        raise DeepEMDError(f"unknown local feature kind '{self.kind}'", fix="use fcn, grid or sampling")
+        return local_kwargs(self.kind, self, self.seed)  # type: ignore[arg-type]  # a LocalSpec reads as LocalOptions
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs().items()}}
@@ -59,7 +53,7 @@ class ModelInfo:
 
 
 def build_backbone(name: str, weights: str, embed_dim: int | None, image_size: int | None,
-                   seed: int = 0) -> tuple[nn.Module, ModelInfo]:
+                   seed: int = 0, widths: tuple[int, ...] = ()) -> tuple[nn.Module, ModelInfo]:
     """Create the backbone (``weights="auto"`` falls back to random init where no packaged
     ImageNet weights exist, e.g. ResNet-50 here) and record how it was made."""
     pretrained = backbones.pretrained_from_option(name, weights)
@@ -69,9 +63,10 @@ def build_backbone(name: str, weights: str, embed_dim: int | None, image_size: i
     # --seed build the same network and its fingerprint matches the gallery's.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = backbones.create(name, pretrained=pretrained, embed_dim=embed_dim)
+        net = backbones.create(name, pretrained=pretrained, embed_dim=embed_dim,
+                               **({"channels": tuple(widths)} if widths else {}))
     size = int(image_size or net.default_cfg["input_size"])
-    return net, ModelInfo(name, embed_dim, size, str(source))
+    return net, ModelInfo(name, embed_dim, size, str(source), {"widths": list(widths)} if widths else {})
 
 
 def load_trained(path: str) -> tuple[nn.Module, ModelInfo]:
@@ -81,9 +76,11 @@ def load_trained(path: str) -> tuple[nn.Module, ModelInfo]:
     if not isinstance(meta, dict) or "model" not in ckpt:
         raise DeepEMDError("not a deepemd retrieval checkpoint (no model_info / model)", path,
                            "give a checkpoint written by `deepemd retrieval train`")
-    net, _ = build_backbone(meta["backbone"], "none", meta.get("embed_dim"), meta.get("image_size"))
+    widths = tuple(meta.get("widths", ()))
+    net, _ = build_backbone(meta["backbone"], "none", meta.get("embed_dim"), meta.get("image_size"), widths=widths)
     load_state_dict_checked(net, ckpt["model"], path)
-    info = ModelInfo(meta["backbone"], meta.get("embed_dim"), int(meta["image_size"]), str(path))
+    info = ModelInfo(meta["backbone"], meta.get("embed_dim"), int(meta["image_size"]), str(path),
+                     {"widths": list(widths)} if widths else {})
     return net, info
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 from deepemd.fewshot import build
 from deepemd.fewshot.config import PretrainConfig, TrainConfig
 from deepemd.io import load_checkpoint
+from deepemd.seeding import seed_everything
 
 TINY = dict(layout="folder", backbone="resnet12", backbone_widths=(4, 8, 8, 16), weights="none",
             image_size=32, batch_size=16, seed=0)
@@ -78,7 +79,7 @@ def test_two_process_gloo_ddp_meta_training_keeps_ranks_identical(folder, tmp_pa
     mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    build.seed_everything(cfg.seed)  # what meta_train does before building: the starting weights
+    seed_everything(cfg.seed)  # what meta_train does before building: the starting weights
     start = build.create_backbone(cfg).state_dict()
     for key in r0:
         torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=key)

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from deepemd.errors import DeepEMDError
 from deepemd.io import load_checkpoint
 from deepemd.retrieval.config import TrainConfig
-from deepemd.retrieval.distributed import DistributedMPerClassSampler
+from deepemd.data import DistributedMPerClassSampler
 from deepemd.retrieval.train import train
 
 
@@ -98,13 +98,13 @@ RUNNER = textwrap.dedent("""
     cfg = TrainConfig(**eval(sys.argv[1]))
     hang_at = int(sys.argv[2])
     if hang_at >= 0:
-        seed_fn = T.epoch_seed
-        def hanging(seed, epoch, rank):
-            if epoch == hang_at:  # mid-run: the checkpoint of the epoch before is on disk
+        seed_fn = T.derive_seed
+        def hanging(seed, *keys):
+            if keys[:2] == ("epoch", hang_at):  # mid-run: the checkpoint of the epoch before is on disk
                 pathlib.Path(cfg.out, "HANGING").write_text("1")
                 time.sleep(600)
-            return seed_fn(seed, epoch, rank)
-        T.epoch_seed = hanging
+            return seed_fn(seed, *keys)
+        T.derive_seed = hanging
     T.train(cfg, progress=False)
 """)
 

@@ -8,7 +8,6 @@ local checkpoint. Nothing is ever downloaded.
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,14 +17,25 @@ from torch import Tensor, nn
 
 from deepemd.backbones.weights import has_head_keys, load_state_into, read_state
 from deepemd.errors import DeepEMDError
+from deepemd.registry import Registry
 
 
 @dataclass(frozen=True)
-class _Entry:
+class BackboneEntry:
+    """How to build one backbone, and what its checkpoints may carry."""
+
     build: Callable[..., nn.Module]
     packaged_weights: bool  # ImageNet weights ship in an installed package
     ignore_prefixes: tuple[str, ...]  # classifier keys a user's checkpoint may carry
     summary: str
+
+
+def _normalise(name: str) -> str:
+    return name.lower().replace("-", "_")
+
+
+#: Every backbone by name; ``create`` builds from it and the options list its names.
+BACKBONES: Registry[BackboneEntry] = Registry("backbone", normalise=_normalise)
 
 
 def _resnet12(**kw) -> nn.Module:
@@ -59,19 +69,18 @@ def _mobilenetv2(**kw) -> nn.Module:
     return MobileNetV2Features(**kw)
 
 
-_REGISTRY: dict[str, _Entry] = {
-    "resnet12": _Entry(_resnet12, False, ("fc.",), "few-shot ResNet-12, 640 x 5 x 5 at 84 px (from scratch)"),
-    "resnet18": _Entry(_resnet(18), False, ("fc.",), "torchvision ResNet-18, 512 x H/32 x W/32"),
-    "resnet50": _Entry(_resnet(50), False, ("fc.",), "torchvision ResNet-50, 2048 x H/32 x W/32"),
-    "efficientnet_lite0": _Entry(_efficientnet_lite0, True, ("_fc.",),
-                                 "EfficientNet-Lite0, 1280 x H/32 x W/32, packaged ImageNet weights"),
-    "mobilenetv2": _Entry(_mobilenetv2, True, ("classifier.",),
-                          "MobileNetV2, 1280 x H/32 x W/32, packaged ImageNet weights"),
-}
+BACKBONES.add("resnet12", BackboneEntry(_resnet12, False, ("fc.",),
+                                       "few-shot ResNet-12, 640 x 5 x 5 at 84 px (from scratch)"))
+BACKBONES.add("resnet18", BackboneEntry(_resnet(18), False, ("fc.",), "torchvision ResNet-18, 512 x H/32 x W/32"))
+BACKBONES.add("resnet50", BackboneEntry(_resnet(50), False, ("fc.",), "torchvision ResNet-50, 2048 x H/32 x W/32"))
+BACKBONES.add("efficientnet_lite0", BackboneEntry(_efficientnet_lite0, True, ("_fc.",),
+                                                  "EfficientNet-Lite0, 1280 x H/32 x W/32, packaged ImageNet weights"))
+BACKBONES.add("mobilenetv2", BackboneEntry(_mobilenetv2, True, ("classifier.",),
+                                           "MobileNetV2, 1280 x H/32 x W/32, packaged ImageNet weights"))
 
 
 def list_backbones() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(BACKBONES)
 
 
 class ProjectedBackbone(nn.Module):
@@ -89,12 +98,6 @@ class ProjectedBackbone(nn.Module):
         return self.head(self.body(x))
 
 
-def _unknown(name: str) -> DeepEMDError:
-    close = difflib.get_close_matches(name, _REGISTRY, n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(list_backbones())}"
-    return DeepEMDError(f"unknown backbone '{name}'", fix=hint)
-
-
 def create(name: str, pretrained: bool | str | Path = False, embed_dim: int | None = None, **kw) -> nn.Module:
     """Build backbone ``name``; see the module docstring for ``pretrained``.
 
@@ -102,9 +105,7 @@ def create(name: str, pretrained: bool | str | Path = False, embed_dim: int | No
     With ``embed_dim`` a checkpoint holding ``head.*`` keys is loaded into backbone + head;
     otherwise it is loaded into the backbone and the head keeps its random init.
     """
-    entry = _REGISTRY.get(name.lower().replace("-", "_")) if isinstance(name, str) else None
-    if entry is None:
-        raise _unknown(str(name))
+    entry = BACKBONES.get(str(name))
     body = entry.build(**kw)
     model = body if embed_dim is None else ProjectedBackbone(body, int(embed_dim))
     if pretrained is True:
@@ -136,8 +137,7 @@ def pretrained_from_option(name: str, weights: str) -> bool | str:
     if key == "imagenet":
         return True
     if key == "auto":
-        entry = _REGISTRY.get(name.lower().replace("-", "_"))
-        return bool(entry and entry.packaged_weights)
+        return name in BACKBONES and BACKBONES.get(name).packaged_weights
     return value
 
 
@@ -157,4 +157,4 @@ def feature_map_size(backbone: nn.Module, input_size: int | None = None) -> tupl
     return int(h), int(w)
 
 
-__all__ = ["create", "list_backbones", "feature_map_size", "ProjectedBackbone"]
+__all__ = ["BACKBONES", "BackboneEntry", "create", "list_backbones", "feature_map_size", "ProjectedBackbone"]

@@ -11,11 +11,11 @@ from deepemd.data.demo import demo_root
 from deepemd.data.fashion_mnist import export_fashion_mnist
 from deepemd.data.images import DEFAULT_MAX_PIXELS, ImageDataset, drop_unreadable, load_image
 from deepemd.data.layouts import LAYOUTS, ImageList, read_layout
-from deepemd.data.samplers import EpisodeSampler, class_balanced_sampler
+from deepemd.data.samplers import DistributedMPerClassSampler, EpisodeSampler, class_balanced_sampler
 from deepemd.data.transforms import build_transform
 
 __all__ = [
     "ImageList", "read_layout", "LAYOUTS", "ImageDataset", "drop_unreadable", "load_image", "DEFAULT_MAX_PIXELS",
-    "build_transform", "EpisodeSampler", "class_balanced_sampler", "demo_root",
+    "build_transform", "EpisodeSampler", "DistributedMPerClassSampler", "class_balanced_sampler", "demo_root",
     "export_fashion_mnist", "cache_dir",
 ]

@@ -5,14 +5,25 @@
 followed by ``way*query`` query indices in the same class-major order, so the episode label of
 support/query item j is ``j // shot`` / ``j // query``. Episodes depend only on
 ``(seed, epoch)``: identical seeds give identical episodes; ``set_epoch`` draws fresh ones.
+
+``DistributedMPerClassSampler`` is pml's class-balanced sampler for several ranks: pml's
+``MPerClassSampler`` has no notion of ranks, so the *global* list of class-balanced batches is
+drawn once per epoch from a seed every rank shares, and each rank takes its slice of every global
+batch: each rank's batch still holds whole classes (``m`` images each), all ranks together see
+exactly the single-process global batch, and the order depends only on (seed, epoch), so a
+resumed run replays it.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from torch.utils.data import Sampler
+
 from deepemd.errors import DeepEMDError
+from deepemd.seeding import derive_seed
 
 
 class EpisodeSampler:
@@ -70,3 +81,46 @@ def class_balanced_sampler(labels, m: int, batch_size: int, length_before_new_it
                            f"= {m * n_classes}", fix="change --batch-size or m")
     return MPerClassSampler(labels, m, batch_size=batch_size,
                             length_before_new_iter=length_before_new_iter or max(len(labels), batch_size))
+
+
+@contextmanager
+def seeded_pml(seed: int) -> Iterator[None]:
+    """pml samplers draw from the module-level ``NUMPY_RANDOM``; point it at a seeded generator."""
+    from pytorch_metric_learning.utils import common_functions as c_f
+
+    saved = c_f.NUMPY_RANDOM
+    c_f.NUMPY_RANDOM = np.random.RandomState(seed)
+    try:
+        yield
+    finally:
+        c_f.NUMPY_RANDOM = saved
+
+
+class DistributedMPerClassSampler(Sampler[int]):
+    """pml's MPerClassSampler, seeded per epoch and split across ranks (``set_epoch`` like
+    ``DistributedSampler``). ``batch_size`` is per rank; it must be a multiple of ``m``."""
+
+    def __init__(self, labels: np.ndarray, m: int, batch_size: int, batches_per_epoch: int,
+                 seed: int = 0, rank: int = 0, world: int = 1):
+        if batch_size % m:
+            raise DeepEMDError(f"batch size {batch_size} is not a multiple of m_per_class={m}",
+                               fix="make --batch-size a multiple of --m-per-class")
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.m, self.batch_size, self.batches = int(m), int(batch_size), int(batches_per_epoch)
+        self.seed, self.rank, self.world, self.epoch = int(seed), int(rank), int(world), 0
+        self.global_batch = self.batch_size * self.world
+        # validates m x classes >= global batch with one clear error
+        class_balanced_sampler(self.labels, self.m, self.global_batch, self.global_batch * self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.batches * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        with seeded_pml(derive_seed(self.seed, "m-per-class", self.epoch) % (2**32)):
+            sampler = class_balanced_sampler(self.labels, self.m, self.global_batch, self.global_batch * self.batches)
+            order = np.fromiter(iter(sampler), dtype=np.int64)
+        batches = order[: self.batches * self.global_batch].reshape(self.batches, self.world, self.batch_size)
+        return iter(batches[:, self.rank].reshape(-1).tolist())

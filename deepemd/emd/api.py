@@ -7,12 +7,13 @@ import torch
 
 from deepemd.emd.checks import check_features, check_problem, check_set_pair, require_finite
 from deepemd.emd.features import (working_dtype, centred, cost_matrix, cross_reference_weights,
-                                  node_norms, pair_costs, pair_cross_weights, pair_dots,
-                                  pair_uniform_weights, uniform_weights)
+                                  pair_costs, pair_cross_weights, pair_dots, pair_uniform_weights,
+                                  safe_norms, uniform_weights)
 from deepemd.emd.layer import ExactEMD
 from deepemd.emd.reference import solve_opencv, solve_qpth
 from deepemd.emd.sinkhorn import solve_sinkhorn
 from deepemd.errors import DeepEMDError
+from deepemd.registry import Registry
 
 Weights = Union[str, tuple]
 
@@ -21,12 +22,12 @@ def _solve_exact(cost, wu, wv):
     return ExactEMD.apply(cost, wu, wv)
 
 
-SOLVERS: dict[str, Callable] = {
-    "exact": _solve_exact,
-    "opencv": solve_opencv,
-    "qpth": solve_qpth,
-    "sinkhorn": solve_sinkhorn,
-}
+#: Every EMD solver by name: ``solver(cost, wu, wv, **opts) -> (distance, flow)``.
+SOLVERS: Registry[Callable] = Registry("EMD solver")
+SOLVERS.add("exact", _solve_exact, summary="ours: batched transportation simplex, dual gradients")
+SOLVERS.add("opencv", solve_opencv, summary="cv2.EMD loop, forward only (reference)")
+SOLVERS.add("qpth", solve_qpth, summary="the paper's interior-point QP (reference)")
+SOLVERS.add("sinkhorn", solve_sinkhorn, summary="entropic, batched, any device")
 WEIGHTS = {"cross": cross_reference_weights, "uniform": uniform_weights}
 PAIR_WEIGHTS = {"cross": pair_cross_weights, "uniform": pair_uniform_weights}
 
@@ -54,8 +55,7 @@ def solve(cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor, solver: str = 
     interior-point QP, one problem at a time; ``l2``, ``max_iter``). Half-precision inputs are
     computed and returned in float32.
     """
-    if solver not in SOLVERS:
-        raise DeepEMDError(f"unknown EMD solver {solver!r}", fix=f"use one of {sorted(SOLVERS)}")
+    run = SOLVERS.get(solver)
     check_problem(cost, wu, wv, cost_values=solver != "exact")
     if cost.dtype not in (torch.float32, torch.float64):
         cost = cost.float()
@@ -64,7 +64,7 @@ def solve(cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor, solver: str = 
     if bsz == 0:
         return cost.new_zeros(0) + cost.sum(), cost.new_zeros(0, m, n) + cost.sum()
     wu, wv = balance(wu, wv)
-    return SOLVERS[solver](cost, wu, wv, **opts)
+    return run(cost, wu, wv, **opts)
 
 
 def _weights(weights: Weights, u: torch.Tensor, v: torch.Tensor):
@@ -123,13 +123,18 @@ def pairwise_similarity(a: torch.Tensor, b: torch.Tensor, weights: str = "cross"
     dtype = working_dtype(a)
     a, b = a.to(dtype), b.to(dtype)
     ac, bc = (centred(a), centred(b)) if center else (a, b)
-    norms_a, norms_b = node_norms(ac), node_norms(bc)
+    norms_a = torch.linalg.vector_norm(ac, dim=-1)
+    norms_b = torch.linalg.vector_norm(bc, dim=-1)
     require_finite("a", a, norms_a)
     require_finite("b", b, norms_b)
+    # Nodes too small or too large for their dtype's squares come back scaled per node (their
+    # dot products then no longer give the raw cross-reference weights).
+    (ac, norms_a), (bc, norms_b) = safe_norms(ac, norms_a), safe_norms(bc, norms_b)
+    raw_dots = ac is a and bc is b
     scores = []
     for rows, cols in _pair_blocks(a.shape[0], b.shape[0], chunk):
         dots = pair_dots(ac[rows], bc[cols])
-        if weights == "cross" and not center:
+        if weights == "cross" and raw_dots:
             wu, wv = pair_cross_weights(a[rows], b[cols], dots=dots)
         else:
             wu, wv = PAIR_WEIGHTS[weights](a[rows], b[cols])
@@ -143,7 +148,9 @@ def pairwise_similarity(a: torch.Tensor, b: torch.Tensor, weights: str = "cross"
 
 def _pair_blocks(p: int, q: int, chunk: int) -> Iterator[tuple[slice, slice]]:
     """Blocks ``(rows of a, columns of b)`` of at most ``chunk`` pairs, in row-major pair
-    order: whole rows while a row fits, else pieces of one row."""
+    order: whole rows while a row fits, else pieces of one row; none when P or Q is 0."""
+    if p == 0 or q == 0:
+        return
     if q <= chunk:
         step = chunk // q
         for start in range(0, p, step):

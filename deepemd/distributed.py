@@ -1,8 +1,8 @@
-"""Data-parallel training under ``torchrun`` (DDP): gloo on CPU, NCCL on CUDA.
+"""Data-parallel training under ``torchrun`` (DDP), for both jobs: gloo on CPU, NCCL on CUDA.
 
 Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything here is a no-op and the
 run is an ordinary single process. Under ``torchrun`` each rank trains on its own share of the
-episodes / images, DDP averages the gradients, and only rank 0 validates and writes files.
+batches / episodes, DDP averages the gradients, and only the main rank validates and writes.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from deepemd.device import default_device
 
 @dataclass(frozen=True)
 class Rank:
+    """This process's place in the run."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -34,12 +36,13 @@ class Rank:
 
 
 def setup(requested_device: str | None) -> tuple[Rank, torch.device]:
-    """Join the process group when launched by ``torchrun``; pick this rank's device."""
+    """Join the process group when launched by ``torchrun``; pick this rank's device
+    (``cuda:LOCAL_RANK`` on a GPU machine)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Rank(), default_device(requested_device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = default_device(requested_device)
+    if world <= 1:
+        return Rank(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -66,7 +69,7 @@ def barrier(rank: Rank) -> None:
 
 
 def broadcast_float(value: float, rank: Rank) -> float:
-    """Rank 0's value on every rank (e.g. the validation accuracy only rank 0 computed)."""
+    """The main rank's value on every rank (e.g. the validation accuracy only it computed)."""
     if not rank.distributed:
         return value
     box = [value]
@@ -75,7 +78,7 @@ def broadcast_float(value: float, rank: Rank) -> float:
 
 
 def sync_buffers(module: nn.Module, rank: Rank) -> None:
-    """Rank 0's BatchNorm running statistics on every rank.
+    """The main rank's buffers (BatchNorm running statistics) on every rank.
 
     DDP broadcasts buffers before each forward, but each rank's forward then updates its own
     copy from its own batch; syncing at epoch end makes every rank hold identical weights.
@@ -85,6 +88,22 @@ def sync_buffers(module: nn.Module, rank: Rank) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def average_loss_gradients(module: nn.Module, rank: Rank) -> None:
+    """Proxy-loss parameters see the gathered batch on every rank (pml's DistributedLossWrapper
+    scales the loss by ``world``): sum over ranks and divide by ``world**2`` to get the gradient
+    of the one global loss, identical on every rank."""
+    if not rank.distributed:
+        return
+    for param in module.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad /= rank.world * rank.world
+
+
 def teardown(rank: Rank) -> None:
     if rank.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+__all__ = ["Rank", "setup", "wrap", "unwrap", "barrier", "broadcast_float", "sync_buffers",
+           "average_loss_gradients", "teardown"]

@@ -1,0 +1,47 @@
+"""The retrieval job's builder: options -> images, the embedding network and its loader.
+
+Every stage (``train``, ``index``, ``search``, ``eval``) builds here on top of the core builder
+(``deepemd.build``), so no stage imports another stage's module to get its network or data.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from deepemd import build as core
+from deepemd.data import ImageList
+from deepemd.retrieval.config import EvalConfig, IndexConfig, SearchConfig, TrainConfig
+from deepemd.retrieval.model import Embedder, LocalSpec, build_backbone, load_trained
+
+
+def dataset_images(cfg: EvalConfig | IndexConfig | TrainConfig) -> ImageList:
+    """The images a command works on (``deepemd.build.read_images`` of its split)."""
+    return core.read_images(cfg, cfg.split, cfg.seed)
+
+
+def local_specs(cfg: EvalConfig | IndexConfig | SearchConfig, kinds: Iterable[str]) -> tuple[LocalSpec, ...]:
+    """One :class:`LocalSpec` per distinct local kind, from the shared local options."""
+    return tuple(LocalSpec(kind, tuple(cfg.pyramid), tuple(cfg.grid_levels), cfg.grid_ratio, cfg.num_patches,
+                           cfg.patch_size, cfg.seed) for kind in dict.fromkeys(kinds))
+
+
+def make_embedder(cfg: EvalConfig | IndexConfig | SearchConfig, specs: tuple[LocalSpec, ...]) -> Embedder:
+    """The network named by ``--checkpoint`` (a trained model) or ``--backbone/--weights``."""
+    if cfg.checkpoint:
+        net, info = load_trained(cfg.checkpoint)
+        if cfg.image_size:
+            info.image_size = int(cfg.image_size)
+    else:
+        net, info = build_backbone(cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size, cfg.seed,
+                                   widths=tuple(cfg.backbone_widths))
+    return Embedder(net, info, specs)
+
+
+def make_loader(images: ImageList, model: Embedder, batch_size: int, workers: int,
+                train: bool = False) -> torch.utils.data.DataLoader:
+    """Images at the model's size with its backbone's mean/std (test: resize + centre crop)."""
+    return core.image_loader(images, model.backbone, model.info.image_size, batch_size, workers, train)
+
+
+__all__ = ["dataset_images", "local_specs", "make_embedder", "make_loader"]
