@@ -4,18 +4,39 @@ Layout of a gallery folder (``deepemd retrieval index --out G``)::
 
     G/index.faiss (+ .json sidecar)   global vectors; id i = row i            (retrieval.index)
     G/local/                          local sets, row i = image i             (retrieval.store)
-    G/ids.txt                         "<faiss id>\\t<image path>" per row
+    G/ids.txt                         "<faiss id>\\t<image path>" per row, paths relative to G
+    G/sources.npy                     (size, mtime_ns) of each image when it was embedded
+    G/gallery.json                    model fingerprint, store dtype, length + CRC-32 of ids.txt
+                                      and sources.npy; written last (the gallery's commit point)
+
+Every read is verified: ``ids.txt`` and ``sources.npy`` against ``gallery.json``, the index
+against its sidecar, every store row against its CRC (see ``retrieval.store``). Both halves carry
+the model fingerprint plus the id map's checksum, so a store out of step with its index or model
+is refused rather than searched.
+
+Writes go through :mod:`deepemd.retrieval.transaction` (a lock, a staging folder, an atomic
+swap): a failed, killed or concurrent ``index`` leaves the previous gallery exactly as it was.
+Re-running ``index`` after the data changed is an **incremental** update: the rows of images
+whose path, size and modification time are unchanged are copied from the previous gallery's
+store (each one CRC-checked), only new or changed images go through the network, and the result
+is the gallery a fresh build over the new image list gives (row order = the new list). With
+``repair`` a damaged previous gallery is not an error: rows that fail their checksum are
+re-embedded instead of copied; without it, damage is reported and nothing is written.
 
 A user's own FAISS index (built outside deepemd) is reranked the same way: its id map names the
-image behind every id, the store is built for those images once (``G/local``), and the user's
-index file is searched in place. Both halves carry the model fingerprint, and the store's also
-records the id map's checksum, so a store out of step with its index or model is refused.
+image behind every id, the store is built for those images (``G/local``), and the user's index
+file is searched in place.
 """
 from __future__ import annotations
 
-import zlib
-from dataclasses import dataclass
+import io
+import json
+import os
+import shutil
+import unicodedata
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -24,14 +45,24 @@ import torch
 from deepemd.data import ImageList
 from deepemd.errors import DeepEMDError
 from deepemd.io import atomic_path
+from deepemd.manifest import REPAIR_FIX, check_file, crc32, fingerprint_diffs, read_checked
 from deepemd.retrieval import index as faiss_index
 from deepemd.retrieval.model import Embedder
 from deepemd.retrieval.rerank import RerankSettings, rerank
+from deepemd.retrieval.store import MANIFEST as STORE_MANIFEST
 from deepemd.retrieval.store import LocalFeatureStore, build_store
+from deepemd.retrieval.transaction import GalleryLock, staging_path, swap_in
+from deepemd.seeding import derive_seed
 
 INDEX_FILE = "index.faiss"
 STORE_DIR = "local"
 ID_MAP = "ids.txt"
+SOURCES = "sources.npy"
+GALLERY_MANIFEST = "gallery.json"
+GALLERY_FORMAT = "deepemd-gallery"
+GALLERY_VERSION = 1
+CHUNK_SIZE = 4096  # store rows per chunk file
+SOURCE_DTYPE = np.dtype([("size", "<i8"), ("mtime_ns", "<i8")])
 
 
 @dataclass
@@ -39,7 +70,8 @@ class Gallery:
     index: faiss.Index
     store: LocalFeatureStore
     ids: np.ndarray          # FAISS id of each store row
-    paths: list[Path]        # image of each store row
+    paths: list[Path]        # image of each store row (absolute)
+    stats: dict[str, int] = field(default_factory=dict)  # reused / embedded rows of the last write
 
     def rows(self, faiss_ids: np.ndarray) -> np.ndarray:
         """Store rows of FAISS ids (identity for deepemd-built indexes)."""
@@ -54,65 +86,109 @@ class Gallery:
         return rows
 
 
-def read_id_map(path: str | Path) -> tuple[np.ndarray, list[Path]]:
-    """Lines ``<id>\\t<path>`` (or ``<id> <path>``), or just ``<path>`` (id = line number).
-    Relative paths are taken from the id map's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise DeepEMDError("id map not found", path, "give a text file with one '<id> <image path>' line per indexed image")
+# ---------------------------------------------------------------------------- id maps
+def check_names(paths: list[Path]) -> None:
+    """Refuse paths an id map line cannot hold: control characters (newline, tab, ...)."""
+    for path in paths:
+        text = str(path)
+        if any(unicodedata.category(ch) == "Cc" for ch in text):
+            raise DeepEMDError(f"the image path contains a control character ({_controls(text)}), which a "
+                               "one-line-per-image id map cannot hold", repr(text),
+                               "rename the file (or move it out of the data root)")
+
+
+def _controls(text: str) -> str:
+    return ", ".join(sorted({repr(ch) for ch in text if unicodedata.category(ch) == "Cc"}))
+
+
+def parse_id_map(text: str, folder: Path, path: Path) -> tuple[np.ndarray, list[Path]]:
+    """Lines ``<id>\\t<path>`` (path taken verbatim), ``<id> <path>``, or just ``<path>`` (id =
+    line number). Relative paths are taken from ``folder`` (the id map's own folder); returned
+    paths are absolute and normalised."""
     ids, paths = [], []
-    for number, line in enumerate(l for l in path.read_text().splitlines() if l.strip()):
-        head, _, rest = line.strip().partition("\t") if "\t" in line else line.strip().partition(" ")
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    for number, line in enumerate(line for line in lines if line.strip()):
+        if "\t" in line:
+            head, _, rest = line.partition("\t")
+            head = head.strip()
+        else:
+            head, _, rest = line.strip().partition(" ")
+            rest = rest.strip()
         if rest and head.lstrip("-").isdigit():
             ids.append(int(head))
-            paths.append(Path(rest.strip()))
+            paths.append(rest)
         else:
             ids.append(number)
-            paths.append(Path(line.strip()))
+            paths.append(line.strip())
     if not ids:
         raise DeepEMDError("id map is empty", path, "list the indexed images, one per line")
-    paths = [p if p.is_absolute() else path.parent / p for p in paths]
     arr = np.asarray(ids, dtype=np.int64)
     if len(np.unique(arr)) != len(arr):
         raise DeepEMDError("id map lists an id twice", path, "every FAISS id must name exactly one image")
-    return arr, paths
+    base = os.path.abspath(folder)
+    return arr, [Path(os.path.normpath(os.path.join(base, p))) for p in paths]
+
+
+def read_id_map(path: str | Path) -> tuple[np.ndarray, list[Path]]:
+    """A user's id map (see :func:`parse_id_map`); relative paths from the id map's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeepEMDError("id map not found", path, "give a text file with one '<id> <image path>' line per indexed image")
+    return parse_id_map(path.read_text(), path.parent, path)
+
+
+def id_map_text(folder: Path, ids: np.ndarray, paths: list[Path]) -> str:
+    """The id map for ``folder``: ``<id>\\t<path relative to folder>`` (paths as seen from the
+    current directory are made absolute first, so reading from any directory finds them)."""
+    check_names(paths)
+    base = os.path.abspath(folder)
+    return "".join(f"{int(i)}\t{os.path.relpath(os.path.abspath(p), base)}\n" for i, p in zip(ids, paths))
 
 
 def write_id_map(path: Path, ids: np.ndarray, paths: list[Path]) -> None:
+    text = id_map_text(path.parent, ids, paths)
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(f"{int(i)}\t{p}\n" for i, p in zip(ids, paths)))
+        tmp.write_text(text)
 
 
-def _crc(path: Path) -> int:
-    return zlib.crc32(Path(path).read_bytes())
+def store_fingerprint(model: Embedder, kind: str, id_map_bytes: bytes) -> dict:
+    return {**model.fingerprint(kind), "id_map_crc32": crc32(id_map_bytes)}
 
 
-def store_fingerprint(model: Embedder, kind: str, id_map: Path) -> dict:
-    return {**model.fingerprint(kind), "id_map_crc32": _crc(id_map)}
+def sources_of(paths: list[Path]) -> np.ndarray:
+    """(size, mtime_ns) of each image: what tells an unchanged image from a replaced one."""
+    out = np.full(len(paths), -1, SOURCE_DTYPE).view(np.recarray)
+    for i, path in enumerate(paths):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # the embedding step reports the missing image
+        out[i] = (st.st_size, st.st_mtime_ns)
+    return np.asarray(out).view(SOURCE_DTYPE)
 
 
+# ---------------------------------------------------------------------------- the network side
 def make_producer(model: Embedder, kind: str, paths: list[Path], batch_size: int, workers: int,
                   device: torch.device, with_vectors: bool):
-    """``produce(start, stop)`` for ``build_store``: embeds images [start, stop) only, reseeding
-    random patches from ``start`` so a resumed build writes the same bytes."""
-    from deepemd.retrieval.evaluate import make_loader
+    """``produce(rows)`` for the images at positions ``rows``: (vectors, local sets), reseeding
+    random patches from the first row so a resumed build writes the same bytes."""
+    from deepemd.retrieval.build import make_loader
 
     images = ImageList(list(paths), np.zeros(len(paths), dtype=np.int64), ["gallery"], Path("."))
     extractor = model.extractors[kind]
 
     @torch.no_grad()
-    def produce(start: int, stop: int):
+    def produce(rows: np.ndarray):
         if hasattr(extractor, "reseed"):
-            extractor.reseed(model.specs[kind].seed * 1_000_003 + start)
-        loader = make_loader(images.subset(np.arange(start, stop)), model, batch_size, workers)
+            extractor.reseed(derive_seed(model.specs[kind].seed, "crops", int(rows[0])))
+        loader = make_loader(images.subset(rows), model, batch_size, workers)
         model.eval().to(device)
         vecs, sets = [], []
         for batch, _ in loader:
             g, s = model(batch.to(device))
             vecs.append(g.float().cpu().numpy())
-            sets.append(s[kind].cpu().numpy())
-        local = np.concatenate(sets)
-        return (np.concatenate(vecs), local) if with_vectors else local
+            sets.append(s[kind].float().cpu().numpy())
+        return np.concatenate(vecs), np.concatenate(sets)
     return produce
 
 
@@ -125,44 +201,54 @@ def set_shape(model: Embedder, kind: str, device: torch.device) -> tuple[int, in
     return int(sets[kind].shape[1]), int(sets[kind].shape[2])
 
 
-def build_gallery(model: Embedder, kind: str, paths: list[Path], out: Path, spec: str, batch_size: int,
-                  workers: int, device: torch.device, progress: bool = True) -> Gallery:
-    """Index + store for ``paths`` in ``out`` (resumes a killed store build)."""
-    out.mkdir(parents=True, exist_ok=True)
-    ids = np.arange(len(paths), dtype=np.int64)
-    write_id_map(out / ID_MAP, ids, paths)
-    fp = store_fingerprint(model, kind, out / ID_MAP)
-    m, d = set_shape(model, kind, device)
-    produce = make_producer(model, kind, paths, batch_size, workers, device, with_vectors=True)
-    store = build_store(out / STORE_DIR, len(paths), produce, m, d, fp, vector_dim=model.dim, progress=progress)
-    index = faiss_index.build_index_from_store(store, spec=spec, metric="ip", progress=progress)
-    faiss_index.save_index(index, out / INDEX_FILE, fp)
-    return Gallery(index, LocalFeatureStore.open(out / STORE_DIR, fp), ids, list(paths))
+# ---------------------------------------------------------------------------- reading a gallery
+def read_manifest(out: Path) -> dict[str, Any]:
+    path = out / GALLERY_MANIFEST
+    if not out.is_dir():
+        raise DeepEMDError("gallery not found", out, "build it with `deepemd retrieval index --out ...`, "
+                                                     "or check --gallery")
+    if not path.is_file():
+        raise DeepEMDError("not a complete deepemd gallery (gallery.json missing: never finished, or written by "
+                           "an older deepemd)", out, "build it again with `deepemd retrieval index`")
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != GALLERY_FORMAT or manifest.get("version") != GALLERY_VERSION:
+            raise ValueError(f"format {manifest.get('format')!r} version {manifest.get('version')!r}")
+        for key in ("fingerprint", "files", "count", "index", "store_dtype"):
+            manifest[key]  # noqa: B018 - presence check
+        for name in (ID_MAP, SOURCES):
+            manifest["files"][name]["crc32"]  # noqa: B018
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DeepEMDError(f"unreadable gallery manifest ({exc})", path, REPAIR_FIX) from None
+    return manifest
 
 
-def build_foreign_store(model: Embedder, kind: str, index_path: Path, id_map: Path, out: Path, batch_size: int,
-                        workers: int, device: torch.device, progress: bool = True) -> Gallery:
-    """Local sets for the images behind a user's FAISS index (built once, then reused)."""
-    index = faiss_index.load_foreign_index(index_path)
-    ids, paths = read_id_map(id_map)
-    if len(ids) != index.ntotal:
-        raise DeepEMDError(f"id map lists {len(ids)} images but the index holds {index.ntotal} vectors", id_map,
-                           "give the id map written together with this index")
-    out.mkdir(parents=True, exist_ok=True)
-    write_id_map(out / ID_MAP, ids, paths)
-    fp = store_fingerprint(model, kind, out / ID_MAP)
-    m, d = set_shape(model, kind, device)
-    produce = make_producer(model, kind, paths, batch_size, workers, device, with_vectors=False)
-    store = build_store(out / STORE_DIR, len(paths), produce, m, d, fp, progress=progress)
-    return Gallery(index, store, ids, paths)
+def _read_pieces(out: Path, manifest: dict[str, Any]) -> tuple[bytes, np.ndarray, list[Path], np.ndarray]:
+    """(id map bytes, ids, paths, sources), each checked against ``gallery.json``."""
+    raw = read_checked(out / ID_MAP, manifest["files"][ID_MAP], "id map (id_map)")
+    ids, paths = parse_id_map(raw.decode(), out, out / ID_MAP)
+    try:
+        sources = np.load(io.BytesIO(read_checked(out / SOURCES, manifest["files"][SOURCES], "image sources")),
+                          allow_pickle=False)
+    except (ValueError, EOFError) as exc:
+        raise DeepEMDError(f"unreadable image sources ({exc})", out / SOURCES, REPAIR_FIX) from None
+    if len(ids) != manifest["count"] or len(sources) != manifest["count"] or sources.dtype != SOURCE_DTYPE:
+        raise DeepEMDError(f"id map lists {len(ids)} images, sources {len(sources)}, the manifest says "
+                           f"{manifest['count']}", out, REPAIR_FIX)
+    return raw, ids, paths, sources
 
 
 def open_gallery(out: Path, model: Embedder, kind: str, index_path: Path | None = None) -> Gallery:
-    """Open a built gallery; the index and store must match the model (fingerprint) and each other."""
+    """Open a built gallery; every piece is checked against its checksum, and the index and store
+    must match the model (fingerprint) and each other."""
     out = Path(out)
-    ids, paths = read_id_map(out / ID_MAP)
-    fp = store_fingerprint(model, kind, out / ID_MAP)
+    manifest = read_manifest(out)
+    raw, ids, paths, _ = _read_pieces(out, manifest)
+    fp = store_fingerprint(model, kind, raw)
     if index_path is None:
+        if not manifest["index"]:
+            raise DeepEMDError("this gallery holds only a feature store for your own FAISS index", out,
+                               "give --index (your FAISS file) and --id-map with it")
         index = faiss_index.load_index(out / INDEX_FILE, expected_fingerprint=fp)
     else:
         index = faiss_index.load_foreign_index(index_path)
@@ -175,6 +261,172 @@ def open_gallery(out: Path, model: Embedder, kind: str, index_path: Path | None 
         raise DeepEMDError(f"index dimension {index.d} differs from the model's {model.dim}", out / INDEX_FILE,
                            "use the backbone / checkpoint the gallery was built with")
     return Gallery(index, store, ids, paths)
+
+
+# ---------------------------------------------------------------------------- writing a gallery
+@dataclass
+class _Previous:
+    """What a previous gallery offers for reuse: store rows keyed by (path, size, mtime)."""
+
+    store: LocalFeatureStore
+    rows: dict[tuple[str, int, int], int]
+
+
+def _previous(out: Path, model: Embedder, kind: str, store_dtype: str, with_index: bool,
+              repair: bool) -> _Previous | None:
+    """The previous gallery's reusable rows, None when there is none (or, with ``repair``, when
+    it is too damaged to tell which rows are whose). Damage without ``repair`` is an error."""
+    if not (out / GALLERY_MANIFEST).exists():
+        if (out / STORE_DIR / STORE_MANIFEST).exists() and not repair:
+            raise DeepEMDError("the folder holds a gallery deepemd cannot verify (no gallery.json: unfinished, or "
+                               "written by an older deepemd)", out, REPAIR_FIX)
+        return None
+    try:
+        manifest = read_manifest(out)
+        if fingerprint_diffs(manifest["fingerprint"], model.fingerprint(kind), "gallery") or \
+                manifest["store_dtype"] != store_dtype:
+            return None  # another model or store type: nothing is reusable, the new gallery replaces it
+        raw, ids, paths, sources = _read_pieces(out, manifest)
+        fp = store_fingerprint(model, kind, raw)
+        store = LocalFeatureStore.open(out / STORE_DIR, expected_fingerprint=fp)
+        if len(store) != len(ids):
+            raise DeepEMDError(f"feature store holds {len(store)} sets, the id map {len(ids)}", out / STORE_DIR,
+                               REPAIR_FIX)
+        if manifest["index"]:
+            sidecar = faiss_index.read_sidecar(out / INDEX_FILE)
+            for entry in sidecar["files"]:
+                check_file((out / INDEX_FILE).with_name(entry["name"]), entry, "index file")
+    except DeepEMDError:
+        if repair:
+            return None
+        raise
+    keys = {(str(p), int(s["size"]), int(s["mtime_ns"])): row
+            for row, (p, s) in enumerate(zip(paths, sources)) if s["size"] >= 0}
+    if with_index and store.vector_dim != model.dim:
+        return None  # a store for a user's own index keeps no global vectors to build ours from
+    return _Previous(store, keys)
+
+
+def _staging_matches(staging: Path, id_map: bytes, fp: dict, store_dtype: str) -> bool:
+    """True when ``staging`` holds (part of) a build of exactly this gallery: resume it."""
+    try:
+        if (staging / ID_MAP).read_bytes() != id_map:
+            return False
+        manifest = json.loads((staging / STORE_DIR / STORE_MANIFEST).read_text())
+        return not fingerprint_diffs(manifest["fingerprint"], fp, "store") and \
+            np.dtype(manifest["dtype"]).name == store_dtype
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def write_gallery(model: Embedder, kind: str, paths: list[Path], out: Path, spec: str | None, batch_size: int,
+                  workers: int, device: torch.device, ids: np.ndarray | None = None, repair: bool = False,
+                  store_dtype: str = "float16", progress: bool = True) -> Gallery:
+    """Build (or update) gallery ``out`` for ``paths`` as one transaction.
+
+    ``spec`` is the FAISS index to build over the global vectors; None builds only the store (for
+    a user's own index, whose ids are ``ids``). Rows of unchanged images are reused from the
+    previous gallery in ``out``; the new gallery is built in a staging folder, verified and
+    swapped in whole (see the module doc)."""
+    out = Path(out)
+    paths = [Path(os.path.abspath(p)) for p in paths]
+    ids = np.arange(len(paths), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    with GalleryLock(out):
+        staging = staging_path(out)
+        id_map = id_map_text(staging, ids, paths).encode()
+        fp = store_fingerprint(model, kind, id_map)
+        sources = sources_of(paths)
+        previous = _previous(out, model, kind, store_dtype, spec is not None, repair)
+        if staging.exists() and not _staging_matches(staging, id_map, fp, store_dtype):
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True, exist_ok=True)
+        with atomic_path(staging / ID_MAP) as tmp:
+            tmp.write_bytes(id_map)
+        with atomic_path(staging / SOURCES) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, sources, allow_pickle=False)
+        stats = {"reused": 0, "embedded": 0}
+        embed = make_producer(model, kind, paths, batch_size, workers, device, with_vectors=True)
+        reuse = [previous.rows.get((str(p), int(s["size"]), int(s["mtime_ns"])), -1) if previous else -1
+                 for p, s in zip(paths, sources)]
+        reuse = np.asarray(reuse, dtype=np.int64)
+
+        def produce(start: int, stop: int):
+            vectors = np.zeros((stop - start, model.dim), np.float32)
+            local = None
+            rows = np.arange(start, stop)
+            old = reuse[start:stop]
+            take = old >= 0
+            if take.any():
+                try:
+                    sets = previous.store.get(old[take])
+                    if spec is not None:
+                        vectors[take] = previous.store.get_vectors(old[take])
+                except DeepEMDError:
+                    if not repair:
+                        raise
+                    take[:] = False  # rows of a damaged chunk: embed them again
+                else:
+                    local = np.empty((stop - start, *sets.shape[1:]), np.float32)
+                    local[take] = sets
+            if (~take).any():
+                vecs, sets = embed(rows[~take])
+                local = np.empty((stop - start, *sets.shape[1:]), np.float32) if local is None else local
+                local[~take], vectors[~take] = sets, vecs
+            stats["reused"] += int(take.sum())
+            stats["embedded"] += int((~take).sum())
+            return (vectors, local) if spec is not None else local
+
+        m, d = set_shape(model, kind, device)
+        store = build_store(staging / STORE_DIR, len(paths), produce, m, d, fp, chunk_size=CHUNK_SIZE,
+                            vector_dim=model.dim if spec is not None else None, progress=progress,
+                            dtype=store_dtype)
+        if spec is not None:
+            index = faiss_index.build_index_from_store(store, spec=spec, metric="ip", progress=progress)
+            faiss_index.save_index(index, staging / INDEX_FILE, fp)
+        manifest = {"format": GALLERY_FORMAT, "version": GALLERY_VERSION, "fingerprint": model.fingerprint(kind),
+                    "count": len(paths), "index": spec is not None, "store_dtype": store_dtype,
+                    "files": {name: {"bytes": (staging / name).stat().st_size,
+                                     "crc32": crc32((staging / name).read_bytes())} for name in (ID_MAP, SOURCES)}}
+        with atomic_path(staging / GALLERY_MANIFEST) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        _verify_staging(staging, model, kind, spec is None)
+        swap_in(staging, out)
+    gallery = open_gallery(out, model, kind, index_path=None) if spec is not None else None
+    if gallery is None:
+        gallery = Gallery(None, LocalFeatureStore.open(out / STORE_DIR, fp), ids, read_id_map(out / ID_MAP)[1])
+    gallery.stats = stats
+    return gallery
+
+
+def build_foreign_store(model: Embedder, kind: str, index_path: Path, id_map: Path, out: Path, batch_size: int,
+                        workers: int, device: torch.device, progress: bool = True, repair: bool = False,
+                        store_dtype: str = "float16") -> Gallery:
+    """Local sets for the images behind a user's FAISS index (``out`` then holds the store, the id
+    map rewritten relative to ``out``, and the manifest); an update reuses unchanged images' rows."""
+    index = faiss_index.load_foreign_index(index_path)
+    ids, paths = read_id_map(id_map)
+    if len(ids) != index.ntotal:
+        raise DeepEMDError(f"id map lists {len(ids)} images but the index holds {index.ntotal} vectors", id_map,
+                           "give the id map written together with this index")
+    gallery = write_gallery(model, kind, paths, out, None, batch_size, workers, device, ids=ids, repair=repair,
+                            store_dtype=store_dtype, progress=progress)
+    gallery.index = index
+    return gallery
+
+
+def _verify_staging(staging: Path, model: Embedder, kind: str, store_only: bool) -> None:
+    """Read the new gallery back in full (every CRC) before it may replace the old one."""
+    try:
+        manifest = read_manifest(staging)
+        raw, *_ = _read_pieces(staging, manifest)
+        store = LocalFeatureStore.open(staging / STORE_DIR, expected_fingerprint=store_fingerprint(model, kind, raw))
+        store.verify()
+        if not store_only:
+            faiss_index.load_index(staging / INDEX_FILE, store_fingerprint(model, kind, raw), gpu=False)
+    except DeepEMDError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DeepEMDError(f"the new gallery failed verification before it was swapped in ({exc}); the previous "
+                           "gallery is unchanged", staging, "check the disk, then run the command again") from None
 
 
 def search_gallery(gallery: Gallery, query_vectors: np.ndarray, query_sets: np.ndarray, k: int,

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import faiss
 import numpy as np
@@ -387,7 +388,19 @@ def load_foreign_index(path: str | Path, gpu: bool = True) -> faiss.Index:
 
 
 __all__ = [
-    "build_index", "build_index_from_store", "train_index", "add_in_batches", "set_search_params",
-    "search", "save_index", "load_index", "load_foreign_index", "read_sidecar", "sidecar_path",
-    "to_gpu", "to_cpu", "gpu_count", "METRICS",
+    "METRICS",
+    "add_in_batches",
+    "build_index",
+    "build_index_from_store",
+    "gpu_count",
+    "load_foreign_index",
+    "load_index",
+    "read_sidecar",
+    "save_index",
+    "search",
+    "set_search_params",
+    "sidecar_path",
+    "to_cpu",
+    "to_gpu",
+    "train_index",
 ]

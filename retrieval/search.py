@@ -6,16 +6,14 @@ from typing import Any
 
 import numpy as np
 
-from deepemd.data import ImageList
 from deepemd.data.layouts import IMAGE_SUFFIXES
 from deepemd.device import default_device
 from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
+from deepemd.retrieval.build import dataset_images, local_specs, make_embedder
 from deepemd.retrieval.config import IndexConfig, SearchConfig
-from deepemd.retrieval.evaluate import dataset_images, local_specs, make_embedder, make_loader
-from deepemd.retrieval.gallery import (STORE_DIR, build_foreign_store, build_gallery, open_gallery,
-                                       search_gallery)
-from deepemd.retrieval.model import embed_loader
+from deepemd.retrieval.gallery import (GALLERY_MANIFEST, ID_MAP, build_foreign_store, make_producer, open_gallery,
+                                       read_id_map, read_manifest, search_gallery, write_gallery)
 from deepemd.retrieval.rerank import RerankSettings
 
 
@@ -27,22 +25,39 @@ def _foreign(cfg) -> bool:
 
 
 def run_index(cfg: IndexConfig, progress: bool = True) -> dict[str, Any]:
-    """Build ``cfg.out``: index + store for a dataset, or only the store for a user's index."""
+    """Build or update ``cfg.out`` (one transaction: the previous gallery stays intact until the new
+    one is complete and verified): index + store for a dataset, or only the store for a user's
+    index. Images already in the gallery (same path, size and mtime) are not embedded again."""
     model = make_embedder(cfg, local_specs(cfg, [cfg.local]))
     device = default_device(cfg.device)
     out = Path(cfg.out)
+    repair, dtype = bool(cfg.repair), cfg.store_dtype
     if _foreign(cfg):
         gallery = build_foreign_store(model, cfg.local, Path(cfg.index), Path(cfg.id_map), out, cfg.batch_size,
-                                      cfg.workers, device, progress)
+                                      cfg.workers, device, progress, repair=repair, store_dtype=dtype)
     else:
         if not cfg.data_root:
             raise DeepEMDError("no --data-root given", fix="point --data-root at the gallery images")
         images = dataset_images(cfg)
         if len(images) == 0:
             raise DeepEMDError(f"split '{cfg.split}' holds no images", cfg.data_root, "check --split / --layout")
-        gallery = build_gallery(model, cfg.local, images.paths, out, cfg.index_spec, cfg.batch_size, cfg.workers,
-                                device, progress)
-    return {"gallery": gallery, "out": out}
+        gallery = write_gallery(model, cfg.local, images.paths, out, cfg.index_spec, cfg.batch_size, cfg.workers,
+                                device, repair=repair, store_dtype=dtype, progress=progress)
+    return {"gallery": gallery, "out": out, **gallery.stats}
+
+
+def _check_id_map_agrees(gallery_dir: Path, id_map: Path) -> None:
+    """``--id-map`` must name the images the gallery's store was built for (or the store is rebuilt)."""
+    given_ids, given_paths = read_id_map(id_map)
+    read_manifest(gallery_dir)
+    ids, paths = read_id_map(gallery_dir / ID_MAP)
+    if not (np.array_equal(given_ids, ids) and given_paths == paths):
+        differ = next((i for i in range(min(len(ids), len(given_ids)))
+                       if ids[i] != given_ids[i] or paths[i] != given_paths[i]), min(len(ids), len(given_ids)))
+        raise DeepEMDError(f"--id-map disagrees with the feature store in {gallery_dir} (first difference at line "
+                           f"{differ + 1}; {len(given_ids)} lines against the store's {len(ids)})", id_map,
+                           f"update the store for this id map: deepemd retrieval index --index ... --id-map {id_map} "
+                           f"--out {gallery_dir} (reuses the rows of unchanged images), or give another --gallery")
 
 
 def list_queries(path: str | Path) -> list[Path]:
@@ -71,21 +86,23 @@ def run_search(cfg: SearchConfig, progress: bool = True) -> dict[str, Any]:
     index_path = None
     if _foreign(cfg):
         index_path = Path(cfg.index)
-        if not (gallery_dir / STORE_DIR).exists():
+        if (gallery_dir / GALLERY_MANIFEST).exists():
+            _check_id_map_agrees(gallery_dir, Path(cfg.id_map))
+        else:
             build_foreign_store(model, cfg.local, index_path, Path(cfg.id_map), gallery_dir, cfg.batch_size,
                                 cfg.workers, device, progress)
     gallery = open_gallery(gallery_dir, model, cfg.local, index_path)
     paths = list_queries(cfg.queries)
-    images = ImageList(paths, np.zeros(len(paths), dtype=np.int64), ["query"], Path("."))
-    glob, sets, _ = embed_loader(model, make_loader(images, model, cfg.batch_size, cfg.workers), device,
-                                 progress=progress, desc="queries")
+    # float32 query sets: a network with tiny features (~1e-9) would lose them all in float16
+    glob, sets = make_producer(model, cfg.local, paths, cfg.batch_size, cfg.workers, device,
+                               with_vectors=True)(np.arange(len(paths)))
     if cfg.query_vectors:
         glob = np.load(cfg.query_vectors).astype(np.float32)
         if glob.ndim != 2 or len(glob) != len(paths):
             raise DeepEMDError(f"query vectors have shape {glob.shape}, expected ({len(paths)}, dim)", cfg.query_vectors,
                                "save one row per query image, in the order the queries are listed")
-    settings = RerankSettings(cfg.rerank_k, cfg.node_weights, cfg.solver, cfg.alpha)
-    scores, ids, raw = search_gallery(gallery, glob, sets[cfg.local], cfg.top, settings, progress)
+    settings = RerankSettings(cfg.rerank_k, cfg.node_weights, cfg.solver, cfg.alpha, cfg.center)
+    scores, ids, raw = search_gallery(gallery, glob, sets, cfg.top, settings, progress)
     rows = []
     for q, path in enumerate(paths):
         raw_rank = {int(i): r + 1 for r, i in enumerate(raw[q])}

@@ -42,8 +42,9 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -146,7 +147,7 @@ class LocalFeatureStore:
     # ------------------------------------------------------------------ create / open
     @classmethod
     def create(cls, path: str | Path, m: int, d: int, fingerprint: dict[str, Any] | None,
-               chunk_size: int = 4096, vector_dim: int | None = None, dtype: str = "float16") -> "LocalFeatureStore":
+               chunk_size: int = 4096, vector_dim: int | None = None, dtype: str = "float16") -> LocalFeatureStore:
         """Start an empty store in folder ``path`` (which must not already hold one)."""
         path = Path(path)
         if (path / MANIFEST).exists():
@@ -168,7 +169,7 @@ class LocalFeatureStore:
 
     @classmethod
     def open(cls, path: str | Path, expected_fingerprint: dict[str, Any] | None = None,
-             mode: str = "r") -> "LocalFeatureStore":
+             mode: str = "r") -> LocalFeatureStore:
         """Open a store; ``mode="a"`` also allows :meth:`append` (resuming a build).
 
         Checks the manifest, the fingerprint and that every listed chunk file exists with the
@@ -543,4 +544,4 @@ def build_store(path: str | Path, n_items: int, produce_fn: ProduceFn, m: int, d
     return store
 
 
-__all__ = ["LocalFeatureStore", "build_store", "check_fingerprint", "normalise_fingerprint", "encode", "DTYPES"]
+__all__ = ["DTYPES", "LocalFeatureStore", "build_store", "check_fingerprint", "encode", "normalise_fingerprint"]

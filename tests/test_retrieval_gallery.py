@@ -74,14 +74,14 @@ def test_empty_query_folder_and_missing_gallery_are_clear_errors(gallery, tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(DeepEMDError, match="no query images"):
         run_search(search_cfg(gallery, tmp_path / "empty", tmp_path / "s"), progress=False)
-    with pytest.raises(DeepEMDError, match="id map not found"):
+    with pytest.raises(DeepEMDError, match="gallery not found"):
         run_search(search_cfg(tmp_path / "nowhere", tmp_path / "empty", tmp_path / "s"), progress=False)
 
 
 def test_users_own_faiss_index_is_reranked(folder_dataset, tmp_path):
     """An IndexIDMap with ids 1000+ built outside deepemd, plus the id -> image text file."""
     from deepemd.data import read_layout
-    from deepemd.retrieval.evaluate import local_specs, make_embedder, make_loader
+    from deepemd.retrieval.build import local_specs, make_embedder, make_loader
     from deepemd.retrieval.model import embed_loader
 
     cfg = search_cfg(tmp_path / "g", folder_dataset / "class_c", tmp_path / "s")

@@ -11,9 +11,9 @@ import json
 
 import numpy as np
 import pytest
+from deepemd.retrieval.store import LocalFeatureStore, build_store
 
 from deepemd.errors import DeepEMDError
-from deepemd.retrieval.store import LocalFeatureStore, build_store
 
 M, DIM, VDIM, CHUNK = 4, 6, 3, 16
 FP = {"backbone": "resnet12", "local": {"kind": "fcn", "pyramid": [3, 2, 1]}}
@@ -227,7 +227,7 @@ def test_fingerprint_and_shape_errors(tmp_path):
 
 
 def test_leftovers_of_a_killed_write_are_ignored_and_removed(tmp_path):
-    local, vecs = make(tmp_path / "s", n=32)
+    local, _ = make(tmp_path / "s", n=32)
     # what a kill leaves: a temp file mid-write, and a renamed chunk the manifest never listed
     (tmp_path / "s" / ".chunk_000002.16.npy.abc.tmp").write_bytes(b"half")
     (tmp_path / "s" / "chunk_000002.16.npy").write_bytes(b"not listed")
