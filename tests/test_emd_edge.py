@@ -136,3 +136,44 @@ def test_opencv_refuses_to_pretend_it_has_a_gradient():
     with torch.no_grad():
         torch.testing.assert_close(similarity(u, rand(1, 3, 4, seed=1), solver="opencv"),
                                    similarity(u, rand(1, 3, 4, seed=1)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-12, 1e-9, 1e19, 1e25, 1e35])
+@pytest.mark.parametrize("center", [False, True])
+def test_tiny_and_huge_float32_nodes_get_their_true_cosine(scale, center):
+    """float32 norms below ~1e-8 (the old floor) or above ~1.8e19 (squares overflow) used to
+    give cosine 0, i.e. score 0. The reference is the same computation in float64, where
+    these norms are unremarkable."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.relu(torch.randn(3, 5, 32, generator=gen)) * scale
+    b = torch.relu(torch.randn(4, 6, 32, generator=gen)) * scale
+    for weights in ("cross", "uniform"):
+        ref = pairwise_similarity(a.double(), b.double(), weights=weights, center=center)
+        got = pairwise_similarity(a, b, weights=weights, center=center)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-6)
+        one = similarity(a[:1].expand(4, -1, -1), b, weights=weights, center=center)
+        torch.testing.assert_close(one.double(), ref[0], rtol=0, atol=2e-6)
+    assert ref.abs().min() > 0.05  # the scores are not the old 0
+
+
+def test_nodes_of_very_different_norms_in_one_set():
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.rand(2, 4, 16, generator=gen), torch.rand(3, 5, 16, generator=gen)
+    a[0, 0] *= 1e-25
+    a[1, 2] *= 1e18
+    b[2, 1] *= 1e-20
+    for weights in ("cross", "uniform"):  # uniform: the tiny nodes carry real mass
+        ref = pairwise_similarity(a.double(), b.double(), weights=weights)
+        got = pairwise_similarity(a, b, weights=weights)
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-6)
+    cost = cost_matrix(a[:1], b[:1])
+    torch.testing.assert_close(cost.double(), cost_matrix(a[:1].double(), b[:1].double()),
+                               rtol=0, atol=1e-6)
+
+
+def test_pairwise_similarity_with_an_empty_side_is_empty():
+    a, b = rand(3, 4, 8, dtype=torch.float32), rand(2, 5, 8, seed=1, dtype=torch.float32)
+    assert pairwise_similarity(a, b[:0]).shape == (3, 0)
+    assert pairwise_similarity(a[:0], b).shape == (0, 2)
+    assert pairwise_similarity(a[:0], b[:0], weights="uniform").shape == (0, 0)

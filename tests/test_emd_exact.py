@@ -167,3 +167,48 @@ def test_problems_that_hit_the_pivot_cap_are_finished_by_pot(monkeypatch):
     np.testing.assert_allclose(capped.flow, ours.flow, atol=1e-12)
     np.testing.assert_allclose(capped.alpha, ours.alpha, atol=1e-9)
     np.testing.assert_allclose(capped.beta, ours.beta, atol=1e-9)
+
+
+def highs_restricted(cost: np.ndarray, a: np.ndarray, b: np.ndarray, allowed: np.ndarray):
+    """The transport LP over the allowed cells only (the others bounded to 0), or None when
+    the marginals cannot be met without a forbidden cell."""
+    m, n = cost.shape
+    rows = sp.kron(sp.eye(m), np.ones((1, n)))
+    cols = sp.kron(np.ones((1, m)), sp.eye(n))
+    res = linprog(np.where(allowed, cost, 0.0).ravel(), A_eq=sp.vstack([rows, cols]).tocsr(),
+                  b_eq=np.concatenate([a, b]), method="highs",
+                  bounds=[(0, None) if ok else (0, 0) for ok in allowed.ravel()])
+    return res.fun if res.status == 0 else None
+
+
+@pytest.mark.parametrize("forbidden", [1e15, 1e300])
+def test_forbidden_cells_far_beyond_the_integer_grid_give_the_right_distance(forbidden):
+    """Costs in [0, 1] with ~20% of the cells at 1e15 or 1e300 (the usual way to forbid a
+    match): the grid scaled to the huge costs cannot see the small ones, so the certificate
+    sends the problem to the capped re-solve. The oracle is HiGHS on the allowed cells alone
+    (POT's float potentials are no oracle here: they lose the small costs)."""
+    rng = np.random.default_rng(5)
+    checked = 0
+    for _ in range(30):
+        m, n = rng.integers(2, 30, size=2)
+        cost, a, b = rng.random((m, n)), rng.random(m) + 0.1, rng.random(n) + 0.1
+        b *= a.sum() / b.sum()
+        allowed = rng.random((m, n)) > 0.2
+        ref = highs_restricted(cost, a, b, allowed)
+        if ref is None:
+            continue
+        sol = solve_batch(np.where(allowed, cost, forbidden)[None], a[None], b[None])
+        assert abs(sol.distance[0] - ref) <= 1e-9 * ref
+        assert sol.pivots[0] >= 0  # the capped integer re-solve, not POT
+        assert sol.flow[0][~allowed].max(initial=0.0) == 0.0
+        np.testing.assert_allclose(sol.flow[0].sum(1), a, rtol=1e-9)
+        checked += 1
+    assert checked >= 25
+
+
+def test_forced_forbidden_flow_is_priced_at_full_precision():
+    """When a forbidden cell must carry flow the huge cost dominates and the grid is fine."""
+    cost = np.array([[1e15, 0.5], [1e15, 0.25]])
+    sol = solve_batch(cost[None], np.array([[1.0, 1.0]]), np.array([[1.5, 0.5]]))
+    ref = highs_emd(cost, np.array([1.0, 1.0]), np.array([1.5, 0.5]))
+    assert abs(sol.distance[0] - ref) <= 1e-12 * ref and sol.pivots[0] >= 0

@@ -29,9 +29,15 @@ problems with one workspace, and a thread pool hands ranges of the batch to its 
 6. repeat until no reduced cost is negative. Duals are returned as floats: the integer duals
    plus the reduction's offsets, times the cost of one integer step, centred.
 
+Every answer carries a certificate: the flow is optimal for the grid costs (rounded down), so
+its distance exceeds the optimum by at most ``sum (c - grid) x`` over the basic cells. Where
+that is above :data:`PRECISION_RTOL` of ``|c|.x`` (a few costs 1e15+ times the ones the flow
+uses coarsen the grid: forbidden cells), the problem is re-solved with its costs capped just
+above the costs in play (:func:`_refine`), which the same certificate then proves right.
+
 A problem that reaches the pivot cap (a guard against cycling on degenerate problems; not
-reached in the tests) is re-solved by POT's network simplex, so the result is always exact;
-``ExactSolution.pivots`` says which (-1).
+reached in the tests), or that the refinement cannot certify, is re-solved by POT's network
+simplex; ``ExactSolution.pivots`` says which (-1).
 """
 from __future__ import annotations
 
@@ -59,6 +65,17 @@ EXCLUDED = 1 << 61
 CAPPED = -1
 #: ``pivots`` of a problem whose costs hold NaN or inf (solve_batch raises).
 NON_FINITE = -2
+#: The kernel's mark for a problem whose integer grid was too coarse for its costs (a few costs
+#: ~1e15+ times the ones the flow uses: the usual way to forbid a match); solve_batch re-solves
+#: it with capped costs (:func:`_refine`), so no returned ``pivots`` holds it.
+IMPRECISE = -3
+#: A solution is accepted when its certified distance error (see :func:`_solve_one`) is at
+#: most this fraction of ``sum |c_ij| x_ij``: an eighth of float32's epsilon.
+PRECISION_RTOL = 2.0 ** -26
+#: A refinement caps the costs at this factor times the largest cost the flow uses.
+CAP_FACTOR = 2.0 ** 20
+#: Refinements tried before POT's network simplex finishes a problem.
+MAX_REFINES = 8
 #: Bits of a float64 with the exponent all ones, i.e. inf or NaN.
 EXPONENT_ALL_ONES = 0x7FF0000000000000
 #: Smaller batches run on the calling thread.
@@ -116,13 +133,16 @@ def _packed_min(row, shift, ib: int, skip: int) -> int:
 
 @njit(cache=True)
 def _integer_costs(c, ci, bits: int, word) -> float:
-    """``ci = trunc(c * 2**bits / max|c|)``; returns ``max |c|`` (an integer step costs
+    """``ci = floor(c * 2**bits / max|c|)``; returns ``max |c|`` (an integer step costs
     ``max|c| * 2**-bits``), or -1.0 when a cost is NaN or inf.
 
     ``max |c|`` comes from the bit patterns: with the sign bit cleared, floats order like their
     bits read as integers, so the maximum is a vectorised integer reduction (a float one is not
     vectorised under numba) and NaN and inf (exponent all ones) show up in it for free, which
-    spares callers a separate pass over the costs. ``word``: one int64 of workspace."""
+    spares callers a separate pass over the costs. ``word``: one int64 of workspace.
+
+    Rounding down (not toward zero) makes every grid cost at most the real one whatever its
+    sign, which is what the precision certificate of :func:`_solve_one` rests on."""
     m, n = c.shape
     raw = c.view(np.int64)
     top = 0
@@ -140,11 +160,11 @@ def _integer_costs(c, ci, bits: int, word) -> float:
     if scale < np.inf:
         for i in range(m):
             for j in range(n):
-                ci[i, j] = np.int64(c[i, j] * scale)
+                ci[i, j] = np.int64(np.floor(c[i, j] * scale))
     else:  # max |c| below ~1e-292: 2**bits / max|c| overflows, divide instead
         for i in range(m):
             for j in range(n):
-                ci[i, j] = np.int64(c[i, j] / cmax * 2.0 ** bits)
+                ci[i, j] = np.int64(np.floor(c[i, j] / cmax * 2.0 ** bits))
     return cmax
 
 
@@ -311,12 +331,20 @@ def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb
                tflow, closed, desc, pot, up_row, up_col, moved, word, offset, bits, max_pivots
                ) -> tuple:
     """Solve one problem in place: flow (into ``x``), centred duals; returns
-    ``(distance, pivot count)``, the count :data:`CAPPED` on the pivot cap and
-    :data:`NON_FINITE` (distance NaN) for NaN or inf costs."""
+    ``(distance, pivot count, certified error)``, the count :data:`CAPPED` on the pivot cap,
+    :data:`NON_FINITE` (distance NaN) for NaN or inf costs and :data:`IMPRECISE` when the
+    certified error exceeds :data:`PRECISION_RTOL` of ``sum |c_ij| x_ij``.
+
+    The certificate: the flow ``x`` is optimal for the grid costs ``g <= c`` (rounded down),
+    so for the optimal ``x*`` of the real costs ``c.x* >= g.x* >= g.x``, and the distance
+    ``c.x`` is at most ``(c - g).x`` above the optimum: a sum over the ``m + n - 1`` basic
+    cells, no pass over the costs. It is small whenever the costs the flow uses are large
+    against the grid step ``max|c| * 2**-52``, and it fails exactly when a few huge costs
+    (forbidden cells at 1e15..1e300) coarsen the grid under the costs that matter."""
     m, n = c.shape
     cmax = _integer_costs(c, ci, bits, word)
     if cmax < 0.0:
-        return np.nan, NON_FINITE
+        return np.nan, NON_FINITE, np.nan
     for j in range(n):
         shift[j] = 0
     _reduce(ci, offset, shift)
@@ -381,15 +409,23 @@ def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb
         for j in range(n):
             x[i, j] = 0.0
     distance = 0.0
+    error = 0.0  # (c - g).x, the certificate
+    size = 0.0   # |c|.x
     for v in range(m + n):
         if v != root:
             i, j = (v, parent[v] - m) if v < m else (parent[v], v - m)
-            x[i, j] = tflow[v]
-            distance += tflow[v] * c[i, j]
+            f = tflow[v]
+            x[i, j] = f
+            distance += f * c[i, j]
+            grid = np.float64(ci[i, j] + offset[i] + offset[m + j]) * 2.0 ** -bits * cmax
+            error += f * (c[i, j] - grid)
+            size += f * abs(c[i, j])
+    if pivots != CAPPED and error > PRECISION_RTOL * size:
+        pivots = IMPRECISE
     for v in range(m + n):  # duals of the real costs
         pot[v] += offset[v]
     _centred_duals(alpha, beta, 2.0 ** -bits, cmax, a, b, alpha_out, beta_out)
-    return distance, pivots
+    return distance, pivots, error
 
 
 @njit(cache=True)
@@ -419,7 +455,7 @@ def _float_duals(duals, step: float, cmax: float, mass, out) -> tuple:
 
 
 @njit(cache=True, nogil=True)
-def _solve_range(c, a, b, x, alpha, beta, distance, pivots, max_pivots, start, stop):
+def _solve_range(c, a, b, x, alpha, beta, distance, pivots, error, max_pivots, start, stop):
     """Problems ``start..stop-1`` with one workspace (allocated once, reused per problem).
     ``nogil``: threads of :func:`solve_batch` run it concurrently on disjoint ranges."""
     m, n = c.shape[1], c.shape[2]
@@ -442,7 +478,7 @@ def _solve_range(c, a, b, x, alpha, beta, distance, pivots, max_pivots, start, s
     word = np.empty(1, np.int64)
     offset = np.empty(nodes, np.int64)
     for k in range(start, stop):
-        distance[k], pivots[k] = _solve_one(
+        distance[k], pivots[k], error[k] = _solve_one(
             c[k], ci, a[k], b[k], x[k], alpha[k], beta[k], shift, row_order, regret, rb, parent,
             tflow, closed, desc, pot, up_row, up_col, moved, word, offset, bits, max_pivots)
 
@@ -496,7 +532,8 @@ class ExactSolution(NamedTuple):
     flow: np.ndarray      # (B, m, n) optimal flow
     alpha: np.ndarray     # (B, m) optimal row duals, centred: a . alpha == b . beta
     beta: np.ndarray      # (B, n) optimal column duals
-    pivots: np.ndarray    # (B,) simplex pivots per problem; -1 where POT finished the problem
+    pivots: np.ndarray    # (B,) simplex pivots per problem (all solves of a refined one); -1
+    #                       where POT finished the problem
 
 
 def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | None = None
@@ -516,9 +553,10 @@ def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | N
     beta = np.empty((bsz, n))
     distance = np.empty(bsz)
     pivots = np.empty(bsz, np.int64)
+    error = np.empty(bsz)
     max_pivots = MAX_PIVOTS_PER_CELL * m * n + MIN_PIVOT_CAP
     threads = torch.get_num_threads() if threads is None else threads
-    args = (cost, a, b, flow, alpha, beta, distance, pivots, max_pivots)
+    args = (cost, a, b, flow, alpha, beta, distance, pivots, error, max_pivots)
     if bsz >= PARALLEL_MIN_BATCH and threads > 1:
         _solve_threaded(args, bsz, threads)
     else:  # handing work to threads costs more than a few small problems
@@ -527,9 +565,49 @@ def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | N
     if len(bad):
         raise DeepEMDError(f"cost contains NaN or inf values (problem {bad[0]} of {bsz})",
                            fix="check the network output (diverged training, bad input image)")
+    for k in np.flatnonzero(pivots == IMPRECISE):
+        pivots[k] = _refine(cost[k], a[k], b[k], flow[k], max_pivots, (distance, flow, alpha, beta),
+                            k)
     for k in np.flatnonzero(pivots == CAPPED):
         distance[k], flow[k], alpha[k], beta[k] = _fallback(cost[k], a[k], b[k])
     return ExactSolution(distance, flow, alpha, beta, pivots)
+
+
+def _refine(cost: np.ndarray, a: np.ndarray, b: np.ndarray, flow: np.ndarray, max_pivots: int,
+            out: tuple, k: int) -> int:
+    """Re-solve a problem whose grid was too coarse (:data:`IMPRECISE`) with its costs capped at
+    ``K`` = :data:`CAP_FACTOR` x the largest cost its flow uses, which puts the grid step under
+    those costs. Capping only lowers costs, so a flow ``x`` optimal for the capped costs
+    ``c_K`` is within ``error_K + (c - c_K).x`` of the real optimum: accepted when that is
+    below :data:`PRECISION_RTOL` of ``|c|.x`` (the capped cells then carry no flow to speak of),
+    else ``K`` grows. Writes ``out[...][k]``; returns the pivots of all solves, or
+    :data:`CAPPED` for POT's network simplex to finish it. (POT alone is no answer here: with
+    costs at 1e300 beside ones in [0, 1] its float potentials lose the small costs.)"""
+    top = float(np.abs(cost).max())
+    total = 0
+    cap = CAP_FACTOR * float(np.abs(cost[flow > 0]).max(initial=0.0))
+    for _ in range(MAX_REFINES):
+        if not 0.0 < cap < top:
+            break
+        capped = np.minimum(cost, cap)[None]
+        result = [np.empty((1,) + x.shape[1:]) for x in out]
+        pivots, error = np.empty(1, np.int64), np.empty(1)
+        dist, x1, alpha, beta = result
+        _solve_range(capped, a[None], b[None], x1, alpha, beta, dist, pivots, error, max_pivots,
+                     0, 1)
+        if pivots[0] == CAPPED:
+            break
+        total += max(int(pivots[0]), 0)
+        x = result[1][0]
+        spill = float((x * (cost - capped[0])).sum())
+        if error[0] + spill <= PRECISION_RTOL * float((x * np.abs(cost)).sum()):
+            for dst, src in zip(out, result):
+                dst[k] = src[0]
+            out[0][k] = float((x * cost).sum())
+            return total
+        cap = cap * CAP_FACTOR if spill > error[0] else \
+            CAP_FACTOR * float(np.abs(cost[x > 0]).max(initial=0.0))
+    return CAPPED
 
 
 def _fallback(cost: np.ndarray, a: np.ndarray, b: np.ndarray):

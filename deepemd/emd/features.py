@@ -5,20 +5,77 @@ both the cost (Eq. 2) and the cross-reference weights (Eq. 11-12).
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from deepemd.emd.checks import check_features
 
 #: Added to every cross-reference weight so that no node is dead (the authors' 1e-3).
 WEIGHT_EPS = 1e-3
-#: Norms below this count as zero: such a vector has cosine 0 (cost 1) to everything.
+#: The norm floor F.normalize-style code uses (kept for callers that clamp their own norms).
+#: The EMD head itself treats only an exactly zero node as zero (cosine 0, cost 1) and gives
+#: every other node its true cosine, however small or large its norm (see :func:`safe_norms`).
 NORM_EPS = 1e-8
+#: Margin (a power of two) inside a dtype's range for norms whose squares and products are
+#: computed as they are: ``sqrt(tiny) * 2**20 <= norm <= sqrt(max) * 2**-10``.
+RANGE_MARGIN_LOW, RANGE_MARGIN_HIGH = 2.0 ** 20, 2.0 ** -10
 
 
 def working_dtype(t: torch.Tensor) -> torch.dtype:
     """float16/bfloat16 are computed in float32: EMD needs more mantissa than half gives."""
     return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def norm_range(dtype: torch.dtype) -> tuple[float, float]:
+    """Node norms whose sum of squares neither underflows (float32: below ~1e-19 per channel)
+    nor overflows (float32: norms above ~1.8e19), and whose pairwise dot products stay finite:
+    float32 about 1.1e-13 .. 1.8e16, float64 about 1.6e-148 .. 1.3e151."""
+    info = torch.finfo(dtype)
+    return math.sqrt(info.tiny) * RANGE_MARGIN_LOW, math.sqrt(info.max) * RANGE_MARGIN_HIGH
+
+
+def node_scales(x: torch.Tensor, dims=(-1,)) -> torch.Tensor:
+    """A power of two per node (``dims=(-1,)``) or per set (``dims=(-2, -1)``) that brings the
+    largest ``|x|`` there into [0.5, 1): exact (no rounding), so cosines are unchanged, and
+    constant (no gradient). All-zero nodes get 1."""
+    top = x.detach().abs().amax(dim=dims, keepdim=True)
+    _, exponent = torch.frexp(top)
+    limit = int(math.log2(torch.finfo(x.dtype).max))  # 2**-exponent must stay finite
+    return torch.ldexp(torch.ones_like(top), (-exponent).clamp(max=limit))
+
+
+def safe_norms(x: torch.Tensor, norms: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x', norms)``: every node's norm (zero nodes 1, so that dot products over norms give
+    cosine 0 for them) and the features those norms belong to: ``x`` itself when every nonzero
+    norm is inside :func:`norm_range` (one reduction, the usual case), else ``x`` times
+    :func:`node_scales` (a power of two per node), whose norms and dot products are then safe.
+    Without this, float32 nodes below ~1e-19 per channel or with norms above ~1.8e19 get a
+    zero or infinite norm and so cosine 0 to everything. ``norms``: ``x``'s plain norms,
+    when the caller has them."""
+    norms = torch.linalg.vector_norm(x, dim=-1) if norms is None else norms
+    if _outside_range(norms, x):
+        x = x * node_scales(x)
+        norms = torch.linalg.vector_norm(x, dim=-1)
+    return x, torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def _outside_range(norms: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a node's norm is outside :func:`norm_range` (zero norms count only where the
+    node is not all zero: an underflow). Read with numpy on the CPU (no torch reduction whose
+    OpenMP worker would spin into a solve, see deepemd.emd.checks)."""
+    if norms.numel() == 0:
+        return False
+    low, high = norm_range(x.dtype)
+    n = norms.detach()
+    values = n.numpy() if n.device.type == "cpu" else n.cpu().numpy()
+    nonzero = values[values != 0]
+    if nonzero.size and (nonzero.min() < low or not nonzero.max() <= high):
+        return True
+    zero = n == 0
+    return bool(zero.any()) and bool(x.detach()[zero].abs().amax() > 0)
 
 
 def cost_matrix(u: torch.Tensor, v: torch.Tensor, center: bool = False) -> torch.Tensor:
@@ -34,20 +91,29 @@ def cost_matrix(u: torch.Tensor, v: torch.Tensor, center: bool = False) -> torch
 
 def unit_nodes(x: torch.Tensor, dtype: torch.dtype, center: bool = False) -> torch.Tensor:
     """Every node (last axis) scaled to unit norm, centred first if asked, so that the cosine
-    of Eq. 2 is a plain dot product; zero-norm nodes stay zero (cosine 0)."""
+    of Eq. 2 is a plain dot product; zero nodes stay zero (cosine 0). Scale-safe: any nonzero
+    finite node gets its true direction (:func:`safe_norms`)."""
     x = x.to(dtype)
-    return F.normalize(centred(x) if center else x, dim=-1, eps=NORM_EPS)
+    x, norms = safe_norms(centred(x) if center else x)
+    return x / norms[..., None]
 
 
 def centred(x: torch.Tensor) -> torch.Tensor:
-    """Every node minus its mean over channels (the authors' centring before the cosine)."""
-    return x - x.mean(dim=-1, keepdim=True)
+    """Every node minus its mean over channels (the authors' centring before the cosine). A
+    node that is constant up to the mean's rounding (its spread at most ``d * eps`` of its
+    largest value) becomes exactly zero, i.e. cosine 0, rather than a direction of noise."""
+    out = x - x.mean(dim=-1, keepdim=True)
+    noise = x.shape[-1] * torch.finfo(x.dtype).eps * x.detach().abs().amax(dim=-1, keepdim=True)
+    return torch.where(out.detach().abs().amax(dim=-1, keepdim=True) <= noise,
+                       torch.zeros_like(out), out)
 
 
 def node_norms(x: torch.Tensor) -> torch.Tensor:
-    """``(sets, nodes, d) -> (sets, nodes)``: each node's norm, at least ``NORM_EPS`` (the
-    floor F.normalize uses, so zero-norm nodes get cosine 0 either way)."""
-    return torch.linalg.vector_norm(x, dim=-1).clamp_min(NORM_EPS)
+    """``(sets, nodes, d) -> (sets, nodes)``: each node's norm, zero-norm nodes 1 (their dot
+    products are 0, so cosine 0 either way). For features whose norms may leave the dtype's
+    safe range use :func:`safe_norms`, which also hands back the features to take dots of."""
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    return torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
 def pair_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -88,9 +154,41 @@ def cross_reference_weights(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Ten
     u = u.to(working_dtype(u))
     v = v.to(u.dtype)
     total = equal_mass(u.shape[1], v.shape[1])
-    su = torch.relu(torch.einsum("bmd,bd->bm", u, v.mean(dim=1))) + WEIGHT_EPS
-    sv = torch.relu(torch.einsum("bnd,bd->bn", v, u.mean(dim=1))) + WEIGHT_EPS
-    return _normalise(su, total), _normalise(sv, total)
+    su = torch.einsum("bmd,bd->bm", u, v.mean(dim=1))
+    sv = torch.einsum("bnd,bd->bn", v, u.mean(dim=1))
+    if _finite(su) and _finite(sv):
+        return (_normalise(torch.relu(su) + WEIGHT_EPS, total),
+                _normalise(torch.relu(sv) + WEIGHT_EPS, total))
+    # Dot products overflowed (float32 norms ~1e19 and up): the same weights from features
+    # scaled by a power of two per set.
+    ku, kv = node_scales(u, (-2, -1)), node_scales(v, (-2, -1))
+    su = torch.einsum("bmd,bd->bm", u * ku, (v * kv).mean(dim=1))
+    sv = torch.einsum("bnd,bd->bn", v * kv, (u * ku).mean(dim=1))
+    eps = _scaled_eps(ku.reshape(-1, 1), kv.reshape(-1, 1), u.dtype)
+    return _normalise(_plus_eps(su, eps), total), _normalise(_plus_eps(sv, eps), total)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """A sum read with numpy on the CPU (see deepemd.emd.checks for why not torch)."""
+    t = t.detach()
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(t.numpy().sum())) if t.device.type == "cpu" \
+            else bool(torch.isfinite(t.sum()))
+
+
+def _scaled_eps(ku: torch.Tensor, kv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``WEIGHT_EPS * ku * kv`` (the weights' epsilon in the units of dot products of features
+    scaled by ``ku``, ``kv``), clamped into the dtype's normal range (the clamp changes no
+    normalised weight: see :func:`_plus_eps`)."""
+    info = torch.finfo(dtype)
+    return (WEIGHT_EPS * ku.double() * kv.double()).clamp(info.tiny, info.max).to(dtype)
+
+
+def _plus_eps(dots: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``relu(dots) + eps`` up to a positive factor per problem (which normalising removes):
+    divided by ``eps`` where that is above 1, so neither form overflows."""
+    r = torch.relu(dots)
+    return torch.where(eps <= 1, r + eps, r / eps + 1)
 
 
 def pair_cross_weights(a: torch.Tensor, b: torch.Tensor, dots: torch.Tensor | None = None
@@ -106,11 +204,17 @@ def pair_cross_weights(a: torch.Tensor, b: torch.Tensor, dots: torch.Tensor | No
     total = equal_mass(m, n)
     if dots is not None:
         su, sv = torch.relu(dots.mean(dim=2)), torch.relu(dots.mean(dim=1))
-    else:
-        su = torch.relu((a.reshape(p * m, d) @ b.mean(dim=1).T).reshape(p, m, q).transpose(1, 2))
-        sv = torch.relu((b.reshape(q * n, d) @ a.mean(dim=1).T).reshape(q, n, p).permute(2, 0, 1))
-    return (_normalise(su + WEIGHT_EPS, total).reshape(p * q, m),
-            _normalise(sv + WEIGHT_EPS, total).reshape(p * q, n))
+        return (_normalise(su + WEIGHT_EPS, total).reshape(p * q, m),
+                _normalise(sv + WEIGHT_EPS, total).reshape(p * q, n))
+    # From the set means; scaled by a power of two per set so that huge or tiny features
+    # neither overflow nor lose the epsilon's share.
+    ka, kb = node_scales(a, (-2, -1)), node_scales(b, (-2, -1))
+    a, b = a * ka, b * kb
+    su = (a.reshape(p * m, d) @ b.mean(dim=1).T).reshape(p, m, q).transpose(1, 2)
+    sv = (b.reshape(q * n, d) @ a.mean(dim=1).T).reshape(q, n, p).permute(2, 0, 1)
+    eps = _scaled_eps(ka.reshape(p, 1, 1), kb.reshape(1, q, 1), a.dtype)
+    return (_normalise(_plus_eps(su, eps), total).reshape(p * q, m),
+            _normalise(_plus_eps(sv, eps), total).reshape(p * q, n))
 
 
 def pair_uniform_weights(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
