@@ -3,8 +3,9 @@
 Two images side by side; every region is a dot at its box centre whose brightness is its node
 weight; every flow above a small share of the mass is a line between the two centres whose width
 grows with the flow. Used by both jobs: retrieval (query vs reranked result) and few-shot
-(query vs support). :func:`draw_flow` draws on any matplotlib axes; :func:`save_figure` writes a
-figure atomically.
+(query vs support). :func:`node_boxes` places a local set's nodes on the image as the network saw
+it (``deepemd.data.transforms.seen_image``), :func:`set_flows` computes the flows as the jobs score
+them, :func:`draw_flow` draws on any matplotlib axes and :func:`save_figure` writes a figure atomically.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers / CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from deepemd.emd import cost_matrix, cross_reference_weights, solve, uniform_weights  # noqa: E402
 from deepemd.io import atomic_path  # noqa: E402
 
 
@@ -31,6 +34,34 @@ def cell_boxes(height: int, width: int, levels: tuple[int, ...]) -> np.ndarray:
             for c in range(s):
                 boxes.append([c * width / s, r * height / s, (c + 1) * width / s, (r + 1) * height / s])
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+
+
+def node_boxes(kind: str, size: int, map_side: int, pyramid: tuple[int, ...] = (), grid_levels: tuple[int, ...] = (),
+               grid_ratio: float = 1.0) -> np.ndarray | None:
+    """Pixel boxes of a local set's nodes on the ``size`` x ``size`` image the network saw, in the
+    extractor's node order: FCN pooled pyramid levels then the raw ``map_side`` x ``map_side``
+    cells; Grid cells level by level (enlarged by ``grid_ratio``); None for random Sampling crops."""
+    if kind == "fcn":
+        return cell_boxes(size, size, tuple(pyramid) + (map_side,))
+    if kind == "grid":
+        from deepemd.local.grid import grid_boxes
+
+        return grid_boxes(size, size, tuple(grid_levels), grid_ratio).numpy().astype(np.float64)
+    return None
+
+
+def set_flows(u: torch.Tensor, v: torch.Tensor, weights: str = "cross", solver: str = "exact",
+              center: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Optimal flows between pairs of local sets ``u (k,m,d)``, ``v (k,n,d)``, scored as the jobs
+    score them: ``(flow (k,m,n), node weights of u (k,m) and of v (k,n), score (k,))`` with the
+    score ``sum_ij (1 - c_ij) x_ij`` over the transported mass (paper Eq. 3)."""
+    u, v = torch.as_tensor(u).float(), torch.as_tensor(v).float()
+    cost = cost_matrix(u, v, center=center)
+    wu, wv = (cross_reference_weights if weights == "cross" else uniform_weights)(u, v)
+    dist, flow = solve(cost, wu, wv, solver=solver)
+    total = 0.5 * (wu.sum(1) + wv.sum(1))
+    score = (total - dist) / total
+    return (flow.detach().numpy(), wu.detach().numpy(), wv.detach().numpy(), score.detach().numpy())
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:

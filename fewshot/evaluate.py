@@ -22,7 +22,8 @@ from deepemd.fewshot.config import EvalConfig
 from deepemd.fewshot.episodes import check_episode_size, episode_indices, evaluate, summarise
 from deepemd.fewshot.features import FeatureCache, cached, extract
 from deepemd.fewshot.methods import METHODS, MethodOptions, select
-from deepemd.fewshot.pictures import episode_flow_figure, node_boxes
+from deepemd.eval.flows import node_boxes
+from deepemd.fewshot.figures import episode_flow_figure
 from deepemd.io import atomic_path
 from deepemd.seeding import seed_everything
 

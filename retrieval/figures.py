@@ -1,45 +1,23 @@
 """The retrieval picture: a few queries, their top results before and after the DeepEMD rerank,
-and the matching flow between the query and its new first result (FCN regions)."""
+and the matching flow between the query and its new first result (FCN regions).
+
+Every thumbnail is the image as the network saw it (``deepemd.data.transforms.seen_image``: the
+test transform's resize and centre crop), so the flow's boxes sit on the regions the nodes came
+from, for non-square images too."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
 from deepemd.data import ImageList
-from deepemd.emd import cost_matrix, cross_reference_weights, solve, uniform_weights
-from deepemd.eval.flows import cell_boxes, draw_flow, save_figure
-from deepemd.retrieval.rerank import RerankSettings, rerank
+from deepemd.data.transforms import seen_image
+from deepemd.eval.flows import draw_flow, node_boxes, save_figure, set_flows
+from deepemd.eval.shortlist import Shortlist
+from deepemd.retrieval.rerank import Reranker, RerankSettings
 
 SHOWN = 4  # results per row, before and after
-
-
-def fcn_boxes(size: int, pyramid: tuple[int, ...], num_nodes: int) -> np.ndarray:
-    """Boxes of FCN nodes: pooled pyramid levels first, then the raw (square) map cells."""
-    raw = num_nodes - sum(s * s for s in pyramid)
-    side = int(round(math.sqrt(raw)))
-    return cell_boxes(size, size, tuple(pyramid) + (side,))
-
-
-def _thumb(path: Path, size: int) -> np.ndarray:
-    """The image as the network saw it: resized, centre-cropped to ``size`` (no normalisation)."""
-    from deepemd.data.transforms import RESIZE_RATIO
-
-    with Image.open(path) as img:
-        big = round(size * RESIZE_RATIO)
-        img = img.convert("RGB").resize((big, big))
-        off = (big - size) // 2
-        return np.asarray(img.crop((off, off, off + size, off + size)))
-
-
-def _flow(u: np.ndarray, v: np.ndarray, weights: str, solver: str):
-    a, b = torch.from_numpy(u.astype(np.float32))[None], torch.from_numpy(v.astype(np.float32))[None]
-    wu, wv = (cross_reference_weights if weights == "cross" else uniform_weights)(a, b)
-    _, flow = solve(cost_matrix(a, b), wu, wv, solver=solver)
-    return flow[0].numpy(), wu[0].numpy(), wv[0].numpy()
 
 
 def save_rerank_figure(path: Path, images: ImageList, glob: np.ndarray, sets: np.ndarray, model,
@@ -53,13 +31,14 @@ def save_rerank_figure(path: Path, images: ImageList, glob: np.ndarray, sets: np
     sims[np.arange(len(queries)), queries] = -np.inf
     depth = min(settings.depth, len(glob) - 1)
     ids = np.argsort(-sims, axis=1, kind="stable")[:, :depth]
-    scores = np.take_along_axis(sims, ids, axis=1)
-    _, after = rerank(scores, ids, lambda i: sets[queries[i]], lambda rows: sets[rows], settings)
+    before = Shortlist(ids, np.take_along_axis(sims, ids, axis=1))
+    after = Reranker.from_settings(sets, settings, k=depth, prune=False).rerank(
+        lambda i: sets[queries[i]], before).ids
     labels = images.labels
     chosen = pick_queries(labels, queries, ids, after, count, seed)
     size = model.info.image_size
-    pyramid = model.specs["fcn"].pyramid
-    boxes = fcn_boxes(size, tuple(pyramid), sets.shape[1])
+    raw_side = int(round(math.sqrt(sets.shape[1] - sum(s * s for s in model.specs["fcn"].pyramid))))
+    boxes = node_boxes("fcn", size, raw_side, tuple(model.specs["fcn"].pyramid))
     cols = 1 + 2 * SHOWN + 4
     fig = plt.figure(figsize=(1.3 * cols, 1.5 * len(chosen) + 0.4))
     grid = fig.add_gridspec(len(chosen), cols)
@@ -69,7 +48,7 @@ def save_rerank_figure(path: Path, images: ImageList, glob: np.ndarray, sets: np
             + [(f"+EMD {r + 1}", int(after[qi, r]), q) for r in range(min(SHOWN, depth))]
         for col, (title, idx, query) in enumerate(panels):
             ax = fig.add_subplot(grid[row, col])
-            ax.imshow(_thumb(images.paths[idx], size))
+            ax.imshow(seen_image(images.paths[idx], size))
             ok = query is None or labels[idx] == labels[query]
             color = "black" if query is None else ("green" if ok else "red")
             for spine in ax.spines.values():
@@ -78,9 +57,10 @@ def save_rerank_figure(path: Path, images: ImageList, glob: np.ndarray, sets: np
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_title(title, fontsize=7)
         top = int(after[qi, 0])
-        flow, wq, wt = _flow(sets[q], sets[top], settings.weights, settings.solver)
-        draw_flow(fig.add_subplot(grid[row, 1 + 2 * SHOWN:]), _thumb(images.paths[q], size),
-                  _thumb(images.paths[top], size), boxes, boxes, flow, wq, wt, title="flow: query vs +EMD 1")
+        flow, wq, wt, _ = set_flows(sets[q][None], sets[top][None], settings.weights, settings.solver, settings.center)
+        draw_flow(fig.add_subplot(grid[row, 1 + 2 * SHOWN:]), seen_image(images.paths[q], size),
+                  seen_image(images.paths[top], size), boxes, boxes, flow[0], wq[0], wt[0],
+                  title="flow: query vs +EMD 1")
     fig.suptitle("green = same class; lines: DeepEMD flow (width ~ flow), dots: node weight (bright = heavy)",
                  fontsize=8)
     fig.tight_layout()
