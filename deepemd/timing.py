@@ -63,6 +63,13 @@ def stage(name: str) -> Iterator[None]:
         timer.add(name, time.perf_counter() - start)
 
 
+def record(name: str, seconds: float) -> None:
+    """Add ``seconds`` measured elsewhere to stage ``name`` of the active recording, if any."""
+    timer = _ACTIVE.get()
+    if timer is not None:
+        timer.add(name, seconds)
+
+
 def format_seconds(seconds: float) -> str:
     """``75 -> '1m15s'``, ``4000 -> '1h07m'``."""
     seconds = max(0.0, float(seconds))
@@ -111,4 +118,4 @@ class JobClock:
         return f"job ETA {format_seconds(self.remaining())} of ~{format_seconds(self.total())}"
 
 
-__all__ = ["JobClock", "StageTimer", "format_seconds", "recording", "stage"]
+__all__ = ["JobClock", "StageTimer", "format_seconds", "record", "recording", "stage"]

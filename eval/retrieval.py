@@ -18,6 +18,7 @@ from pytorch_metric_learning.utils.inference import FaissKNN, return_results
 
 from deepemd.errors import DeepEMDError
 from deepemd.eval.shortlist import Shortlist
+from deepemd.timing import record
 
 METRICS = {"precision_at_1": "P@1", "r_precision": "RP", "mean_average_precision_at_r": "MAP@R"}
 
@@ -88,7 +89,9 @@ def retrieval_metrics(embeddings: np.ndarray | torch.Tensor, labels: np.ndarray 
     timed = TimedKNN(knn_func if knn_func is not None else FaissKNN())
     calc = AccuracyCalculator(include=tuple(METRICS), k="max_bin_count", knn_func=timed,
                               device=torch.device("cpu"))
+    start = time.perf_counter()
     raw = calc.get_accuracy(emb, lab)
+    record("metrics", time.perf_counter() - start - timed.seconds)
     row = {name: 100.0 * float(raw[key]) for key, name in METRICS.items()}
     row["queries/s"] = timed.queries_per_second
     return row

@@ -7,6 +7,7 @@ reranks its first ``rerank_k`` with DeepEMD between local sets.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,10 +26,12 @@ from deepemd.io import atomic_path
 from deepemd.retrieval import index as faiss_index
 from deepemd.retrieval.config import EvalConfig
 from deepemd.retrieval.build import dataset_images, local_specs, make_embedder, make_loader
-from deepemd.retrieval.model import embed_loader
+from deepemd.retrieval.model import Embedder, embed_loader
 from deepemd.retrieval.rerank import Reranker, RerankSettings
-from deepemd.timing import stage
+from deepemd.timing import JobClock, format_seconds, stage
 
+#: A run its own estimate puts over this many seconds gets a warning naming cheaper options.
+LONG_RUN_SECONDS = 600.0
 METHOD_NAMES = {"fcn": "FCN", "grid": "Grid", "sampling": "Sampling"}
 
 
@@ -50,24 +53,75 @@ def flat_shortlist(query: np.ndarray, reference: np.ndarray, n: int) -> Shortlis
     return Shortlist(ids, scores)
 
 
-def rerank_knn(sets: np.ndarray, settings: RerankSettings, progress: bool = True) -> ShortlistKNN:
+def rerank_knn(sets: np.ndarray, settings: RerankSettings, progress: bool = True, clock: JobClock | None = None,
+               stage_name: str = "rerank") -> ShortlistKNN:
     """A pml knn_func over in-memory local sets aligned with the evaluated embeddings: every
-    image is a query against the others, so one array serves as queries and as the store."""
+    image is a query against the others, so one array serves as queries and as the store.
+    pml asks for the k (the largest class size) that its metrics read: the rerank returns the
+    exact top k of each row's ``depth`` and skips the LPs that cannot reach it."""
     def reorder(shortlist: Shortlist, k: int, skip: np.ndarray | None) -> Shortlist:
-        reranker = Reranker.from_settings(sets, settings, k=k, progress=progress)
+        reranker = Reranker.from_settings(sets, settings, k=k, progress=progress, clock=clock,
+                                          clock_stage=stage_name)
         return reranker.rerank(sets, shortlist, skip)
     return ShortlistKNN(flat_shortlist, reorder, settings.depth)
 
 
 def evaluate_arrays(glob: np.ndarray, labels: np.ndarray, sets: dict[str, np.ndarray],
-                    methods: list[tuple[str, str, str]], settings: RerankSettings) -> list[dict[str, Any]]:
+                    methods: list[tuple[str, str, str]], settings: RerankSettings,
+                    clock: JobClock | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Rows ``method, P@1, RP, MAP@R, queries/s``: raw first, then each +DeepEMD method."""
     rows = [{"method": "raw", **retrieval_metrics(glob, labels)}]
     for kind, weights, label in methods:
         knn = rerank_knn(sets[kind], RerankSettings(settings.depth, weights, settings.solver, settings.alpha,
-                                                         settings.center))
+                                                    settings.center), progress, clock, f"rerank: {label}")
         rows.append({"method": label, **retrieval_metrics(glob, labels, knn)})
     return rows
+
+
+def plan_job(model: Embedder, cfg: EvalConfig, n_images: int, methods: list[tuple[str, str, str]],
+             device: torch.device) -> JobClock:
+    """The whole job's ETA before it starts: one timed forward of two images (after one warm-up)
+    and one timed full rerank of a synthetic query per method, scaled to the run's size."""
+    clock = JobClock()
+    size = model.info.image_size
+    x = torch.rand(2, 3, size, size, device=device)
+    model.for_inference(device)
+    with torch.inference_mode():
+        model(x)
+        start = time.perf_counter()
+        model(x)
+    clock.plan("features", n_images, (time.perf_counter() - start) / 2)
+    depth = max(1, min(cfg.rerank_k, n_images - 1))
+    gen = torch.Generator().manual_seed(0)
+    for kind, weights, label in methods:
+        sets = torch.relu(torch.randn(depth + 1, model.num_nodes(kind), model.dim, generator=gen)).half()
+        shortlist = Shortlist(np.arange(1, depth + 1)[None], np.linspace(1.0, 0.0, depth)[None])
+        reranker = Reranker(sets, k=depth, weights=weights, solver=cfg.solver, center=cfg.center, prune=False)
+        start = time.perf_counter()
+        reranker.rerank(sets, shortlist)
+        clock.plan(f"rerank: {label}", n_images, time.perf_counter() - start)
+    return clock
+
+
+def long_run_warning(clock: JobClock, cfg: EvalConfig, n_images: int) -> str | None:
+    """What to say before a run the estimate puts over :data:`LONG_RUN_SECONDS`."""
+    total = clock.remaining()
+    if total <= LONG_RUN_SECONDS:
+        return None
+    parts = ", ".join(f"{name} {format_seconds(p.remaining())}" for name, p in clock.plans.items())
+    cheaper = []
+    if len(cfg.methods) > 1:
+        cheaper.append("--methods fcn (one local kind: no crops through the backbone)")
+    cheaper.append(f"a smaller --image-size (now {clock_size(cfg)}; the backbone's cost grows with its square)")
+    cheaper.append(f"--per-class N (now {n_images} images; the rerank grows with the image count)")
+    if cfg.rerank_k > 20:
+        cheaper.append(f"a smaller --rerank-k (now {cfg.rerank_k})")
+    return (f"this eval will take about {format_seconds(total)} on this machine ({parts}); cheaper: "
+            + "; ".join(cheaper))
+
+
+def clock_size(cfg: EvalConfig) -> str:
+    return f"{cfg.image_size} px" if cfg.image_size else "the backbone's default"
 
 
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
@@ -83,12 +137,16 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     kinds = [k for k, _, _ in methods] + (["fcn"] if cfg.flow_queries > 0 else [])
     model = make_embedder(cfg, local_specs(cfg, kinds))
     device = default_device(cfg.device)
+    clock = plan_job(model, cfg, len(images), methods, device)
+    warning = long_run_warning(clock, cfg, len(images))
+    if warning and progress:
+        print(f"deepemd: warning: {warning}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     loader = make_loader(images, model, cfg.batch_size, cfg.workers)
-    glob, sets, labels = embed_loader(model, loader, device, progress=progress)
+    glob, sets, labels = embed_loader(model, loader, device, progress=progress, clock=clock)
     embed_seconds = time.perf_counter() - start
     settings = RerankSettings(cfg.rerank_k, cfg.node_weights, cfg.solver, cfg.alpha, cfg.center)
-    rows = evaluate_arrays(glob, labels, sets, methods, settings)
+    rows = evaluate_arrays(glob, labels, sets, methods, settings, clock, progress)
     notes = [f"{len(images)} images in {len(np.unique(labels))} classes ({cfg.layout} layout, split "
              f"'{cfg.split}'), leave-one-out; backbone {model.info.backbone} ({model.info.source}), "
              f"{model.info.image_size} px; features took {embed_seconds:.1f} s; queries/s counts the "
@@ -104,7 +162,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.flow_queries > 0:
         from deepemd.retrieval.figures import save_rerank_figure
 
-        picture = save_rerank_figure(out / "flows.png", images, glob, sets["fcn"], model, settings, cfg.flow_queries, cfg.seed)
+        with stage("figure"):
+            picture = save_rerank_figure(out / "flows.png", images, glob, sets["fcn"], model, settings, cfg.flow_queries, cfg.seed)
     return {"rows": rows, "frame": frame, "notes": notes, "out": out, "figure": picture, "config": asdict(cfg)}
 
 

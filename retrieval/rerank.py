@@ -20,6 +20,7 @@ float16 store rows are converted only on those channels, never as a float32 copy
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
@@ -32,7 +33,7 @@ from deepemd.emd.bounds import relaxed_bound, score_upper_bound
 from deepemd.emd.features import NORM_EPS, pair_costs, pair_cross_weights, pair_uniform_weights
 from deepemd.errors import DeepEMDError
 from deepemd.eval.shortlist import Shortlist
-from deepemd.timing import stage
+from deepemd.timing import JobClock, stage
 
 #: ``fetch(ids (k,) int64) -> (k, n, d)`` local sets of those database ids.
 FetchSets = Callable[[np.ndarray], np.ndarray]
@@ -135,7 +136,8 @@ class Reranker:
 
     def __init__(self, store: SetStore, local: str | None = None, k: int = 10, depth: int | None = None,
                  weights: str = "cross", solver: str = "exact", center: bool = False, alpha: float = 0.0,
-                 prune: bool = True, progress: bool = False):
+                 prune: bool = True, progress: bool = False, clock: JobClock | None = None,
+                 clock_stage: str = "rerank"):
         if k < 1:
             raise DeepEMDError(f"k must be >= 1, got {k}")
         kind = (getattr(store, "fingerprint", None) or {}).get("local", {}).get("kind")
@@ -145,6 +147,7 @@ class Reranker:
         self.local = local or kind
         self.settings = RerankSettings(depth or 1 << 30, weights, solver, alpha, center)
         self.k, self.prune, self.progress = int(k), bool(prune), progress
+        self.clock, self.clock_stage = clock, clock_stage
         self.sets = _Sets(store, center)
         self.stats = RerankStats()
 
@@ -167,10 +170,15 @@ class Reranker:
         out_ids = np.full((shortlist.queries, width), -1, dtype=np.int64)
         out_scores = np.full((shortlist.queries, width), -np.inf, dtype=np.float32)
         query = query_sets if callable(query_sets) else (lambda i: query_sets[i])
-        for i in tqdm(range(shortlist.queries), desc="DeepEMD rerank", disable=not self.progress, leave=False):
+        bar = tqdm(range(shortlist.queries), desc="DeepEMD rerank", disable=not self.progress, leave=False)
+        for i in bar:
+            start = time.perf_counter()
             skip = None if skip_ids is None else int(skip_ids[i])
             ids, scores = self._row(query(i), shortlist.ids[i], shortlist.scores[i], skip, width)
             out_ids[i, :len(ids)], out_scores[i, :len(ids)] = ids, scores
+            if self.clock is not None and self.clock_stage in self.clock.plans:
+                self.clock.advance(self.clock_stage, 1, time.perf_counter() - start)
+                bar.set_postfix_str(self.clock.describe(), refresh=False)
         return Shortlist(out_ids, out_scores)
 
     def _row(self, query, ids: np.ndarray, scores: np.ndarray, skip: int | None, width: int

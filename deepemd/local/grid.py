@@ -38,4 +38,4 @@ class Grid(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         b, _, h, w = images.shape
         boxes = grid_boxes(h, w, self.levels, self.ratio).to(images.device).expand(b, -1, -1)
-        return embed_crops(self.backbone, images, boxes, self.patch_size)
+        return embed_crops(self.backbone, images, boxes, self.patch_size, "grid")

@@ -66,4 +66,4 @@ class Sampling(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         b, _, h, w = images.shape
         boxes = sample_boxes(b, self.num_nodes, h, w, self.scale, self.ratio, self.generator)
-        return embed_crops(self.backbone, images, boxes.to(images.device), self.patch_size)
+        return embed_crops(self.backbone, images, boxes.to(images.device), self.patch_size, "sampling")
