@@ -52,9 +52,11 @@ def subsample(images: data.ImageList, max_classes: int | None, per_class: int | 
 
 def read_images(opts: DataOptions, split: str, seed: int) -> data.ImageList:
     """The images a command works on: the layout's ``split``, the seeded subsample, and with
-    ``--skip-bad`` unreadable files dropped before any label, sampler or episode is built."""
+    ``--skip-bad`` unreadable files dropped before any label, sampler or episode is built.
+    The command's own ``--out`` is never listed, should it lie inside the data root."""
     layout, root = resolve_data(opts)
-    images = subsample(data.read_layout(layout, root, split), opts.max_classes, opts.per_class, seed)
+    listed = data.read_layout(layout, root, split, exclude=[getattr(opts, "out", None)])
+    images = subsample(listed, opts.max_classes, opts.per_class, seed)
     return data.drop_unreadable(images)[0] if opts.skip_bad else images
 
 

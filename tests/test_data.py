@@ -87,6 +87,18 @@ def test_output_folder_inside_the_data_root_is_never_listed(folder_dataset, tmp_
     assert read_layout("tieredimagenet", split, "train", exclude=[split / "train" / "gallery"]).classes == ["c0", "c1"]
 
 
+def test_both_jobs_leave_their_out_folder_out_of_the_images(folder_dataset):
+    from deepemd.build import read_images
+    from deepemd.fewshot.config import EvalConfig as FewShotEval
+    from deepemd.retrieval.config import IndexConfig
+
+    out = folder_dataset / "gallery"
+    write_image(out / "flows.png")  # what the previous run left there
+    for cls in (IndexConfig, FewShotEval):
+        cfg = cls(data_root=str(folder_dataset), out=str(out))
+        assert read_images(cfg, "all", 0).classes == [f"class_{c}" for c in "abcde"], cls.__name__
+
+
 def _csv_split_layout(root: Path) -> Path:
     """miniImageNet / CUB few-shot: images/ + split/{train,val,test}.csv (filename,label)."""
     for split, classes in {"train": ["n01", "n02"], "val": ["n03"], "test": ["n04", "n05"]}.items():
