@@ -65,6 +65,16 @@ class PretrainConfig(BatchNormOptions, ScheduleOptions, ValidationOptions, FewSh
     val_way: int = option(5, "validation episode classes", minimum=2)
     val_shot: int = option(1, "validation episode shots", minimum=1)
     val_query: int = option(15, "validation queries per class", minimum=1)
+    loss: str = option("ce", "class loss: ce, or EMD over the label hierarchy: emd (exact), relaxed-emd "
+                       "(edge-wise |.|^rho, rho 2), ce+relaxed-emd (docs/labels.md)",
+                       choices=("ce", "emd", "relaxed-emd", "ce+relaxed-emd"))
+    hierarchy: Optional[str] = option(None, "label space of the EMD losses: chain (classes in order), names "
+                                      "(<group>_<member> class names), folders (nested class folders of "
+                                      "data_root), a CSV 'class,parent[,edge_length]' or CUB table, or a "
+                                      "CIFAR-100 python folder")
+    emd_rho: Optional[float] = option(None, "exponent rho of relaxed-emd (default 2)", minimum=0.0,
+                                      exclusive_minimum=True)
+    ce_weight: Optional[float] = option(None, "weight of cross-entropy in ce+relaxed-emd (default 1)", minimum=0.0)
 
 
 @dataclass

@@ -27,6 +27,8 @@ from deepemd.fewshot.config import PretrainConfig
 from deepemd.fewshot.episodes import check_episode_size, evaluate
 from deepemd.fewshot.features import extract
 from deepemd.fewshot.methods import MethodOptions, emd_nn, protonet
+from deepemd.build import resolve_data
+from deepemd.labels import build_label_loss
 
 #: Rotations (multiples of 90 degrees) the self-supervised head predicts.
 ROTATIONS = 4
@@ -60,17 +62,18 @@ def rotated_copies(images: torch.Tensor, generator: torch.Generator) -> tuple[to
 
 
 def pretrain_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PretrainConfig,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class cross-entropy on the upright images (+ ``rotation_weight`` x rotation cross-entropy
-    on upright and turned copies, one forward pass). Returns ``(loss, class logits)``."""
+                  generator: torch.Generator, criterion=F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class loss (``criterion``: cross-entropy, or a ``deepemd.labels.TreeEMDLoss`` for
+    ``--loss emd|relaxed-emd|ce+relaxed-emd``) on the upright images (+ ``rotation_weight`` x
+    rotation cross-entropy on upright and turned copies, one forward pass). Returns ``(loss, class logits)``."""
     if not cfg.rotation:
         logits, _ = model(images)
-        return F.cross_entropy(logits, labels), logits
+        return criterion(logits, labels), logits
     turned, turns = rotated_copies(images, generator)
     logits, rot = model(torch.cat([images, turned]))
     n = images.shape[0]
     rot_labels = torch.cat([torch.zeros_like(turns), turns])
-    loss = F.cross_entropy(logits[:n], labels) + cfg.rotation_weight * F.cross_entropy(rot, rot_labels)
+    loss = criterion(logits[:n], labels) + cfg.rotation_weight * F.cross_entropy(rot, rot_labels)
     return loss, logits[:n]
 
 
@@ -101,6 +104,9 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
     if val is not None:
         check_episode_size(val.labels, cfg.val_way, cfg.val_shot, cfg.val_query, "validation split")
     backbone = build.create_backbone(cfg)
+    label_root = resolve_data(cfg)[1] if cfg.hierarchy == "folders" else None
+    class_loss = build_label_loss(cfg.loss, cfg.hierarchy, train.classes, label_root, cfg.emd_rho,
+                                  cfg.ce_weight) or F.cross_entropy
     heads = ClassifierHeads(backbone.out_channels, len(train.classes), cfg.rotation)
     model = PretrainNet(backbone, heads).to(device)
     train_set = build.dataset(train, cfg, backbone, train=True)
@@ -126,7 +132,7 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
         losses, correct, seen = [], 0, 0
         for images, labels in tqdm(loader, desc=f"pretrain epoch {epoch}", disable=not progress, leave=False):
             images, labels = images.to(device), labels.to(device)
-            loss, logits = pretrain_loss(ddp_model, images, labels, cfg, gen)
+            loss, logits = pretrain_loss(ddp_model, images, labels, cfg, gen, class_loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -5,9 +5,9 @@ path length between them; :func:`tree_emd` is the exact EMD under that distance 
 (``rho = 1``) or its relaxed form (``rho > 1``), and :class:`TreeEMDLoss` trains with it.
 """
 from deepemd.labels.emd import edge_mass_difference, tree_emd
-from deepemd.labels.losses import LOSS_NAMES, TreeEMDLoss
+from deepemd.labels.losses import LOSS_NAMES, TreeEMDLoss, build_label_loss
 from deepemd.labels.readers import cifar100_hierarchy, cub_taxonomy, level_table, load_hierarchy, names_hierarchy
 from deepemd.labels.tree import LabelTree, chain
 
-__all__ = ["LabelTree", "chain", "tree_emd", "edge_mass_difference", "TreeEMDLoss", "LOSS_NAMES",
+__all__ = ["LabelTree", "chain", "tree_emd", "edge_mass_difference", "TreeEMDLoss", "LOSS_NAMES", "build_label_loss",
            "cub_taxonomy", "cifar100_hierarchy", "level_table", "load_hierarchy", "names_hierarchy"]

@@ -98,3 +98,19 @@ class TreeEMDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.tree!r}, rho={self.rho}, ce_weight={self.ce_weight}, emd_weight={self.emd_weight}"
+
+
+def build_label_loss(name: str, hierarchy: str | None, classes, data_root=None, rho: float | None = None,
+                     ce_weight: float | None = None) -> TreeEMDLoss | None:
+    """The training commands' ``--loss NAME --hierarchy SPEC`` for the label order ``classes``:
+    ``None`` for plain cross-entropy without a hierarchy (the caller's own CE), else a
+    :class:`TreeEMDLoss` over ``load_hierarchy(SPEC, classes, data_root)``."""
+    from deepemd.labels.readers import load_hierarchy
+
+    if name not in LOSS_NAMES:
+        raise DeepEMDError(f"unknown label loss '{name}'", fix=f"choose one of: {', '.join(LOSS_NAMES)}")
+    if not hierarchy:
+        if name == "ce":
+            return None
+        raise DeepEMDError(f"loss '{name}' needs a label hierarchy", fix="give --hierarchy chain, names, folders or a CSV file")
+    return TreeEMDLoss.from_name(name, load_hierarchy(hierarchy, list(classes), data_root), rho, ce_weight)
