@@ -35,9 +35,12 @@ class FeatureCache:
     labels: np.ndarray  # (N,) int64
 
     def take(self, idx: np.ndarray | torch.Tensor) -> "FeatureCache":
+        """Rows ``idx`` (any shape: ``(E, n)`` gives ``(E, n, ...)`` tensors); when the local set
+        is the cells, one copy serves as both (methods test ``local is cells`` to share work)."""
         idx_t = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-        return FeatureCache(self.global_[idx_t], self.cells[idx_t], self.local[idx_t],
-                            self.labels[np.asarray(idx)])
+        cells = self.cells[idx_t]
+        local = cells if self.local is self.cells else self.local[idx_t]
+        return FeatureCache(self.global_[idx_t], cells, local, self.labels[np.asarray(idx)])
 
 
 def cells_of(feature_map: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ authors do; the SGD settings (momentum 0.9, dampening 0.9, lr 0.1) are theirs to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -78,14 +78,9 @@ class SFC(nn.Module):
         """
         support, labels = support.detach(), labels.long().to(support.device)
         opt = torch.optim.SGD(self.parameters(), lr=fit.lr, momentum=fit.momentum, dampening=fit.dampening)
-        n = support.shape[0]
-        order = torch.empty(0, dtype=torch.long)
         losses: list[float] = []
         with torch.enable_grad():
-            for _ in range(fit.steps):
-                if order.numel() < fit.batch_size:
-                    order = torch.cat([order, torch.randperm(n, generator=generator)])
-                idx, order = order[: fit.batch_size], order[fit.batch_size:]
+            for idx in minibatches(support.shape[0], fit, generator):
                 idx = idx.to(support.device)
                 loss = F.cross_entropy(self(support[idx]), labels[idx])
                 opt.zero_grad(set_to_none=True)
@@ -93,6 +88,18 @@ class SFC(nn.Module):
                 opt.step()
                 losses.append(float(loss.detach()))
         return losses
+
+
+def minibatches(n: int, fit: SFCFit, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """The ``fit.steps`` mini-batches of support indices ``SFC.fit`` walks through: consecutive
+    random permutations of ``range(n)``, so every set is seen equally often. A batched fit of
+    many episodes (deepemd.fewshot) draws the same order from the same generator."""
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(fit.steps):
+        if order.numel() < fit.batch_size:
+            order = torch.cat([order, torch.randperm(n, generator=generator)])
+        idx, order = order[: fit.batch_size], order[fit.batch_size:]
+        yield idx
 
 
 def fit_sfc(support: torch.Tensor, labels: torch.Tensor, num_classes: int, fit: SFCFit = SFCFit(),
