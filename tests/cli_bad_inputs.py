@@ -217,6 +217,49 @@ def _output_file_is_a_folder(tmp: Path):
     return _fewshot_test(_images(tmp / "data"), out, "--methods", "protonet"), str(out / "episodes.csv")
 
 
+
+def _pretrain_with_hierarchy(tmp: Path, rows: str, *extra: str) -> tuple[list[str], str]:
+    """``fewshot pretrain --loss emd --hierarchy FILE`` on class0..class3 with the given CSV."""
+    hierarchy = tmp / "hierarchy.csv"
+    hierarchy.write_text(rows)
+    return (["fewshot", "pretrain", "--layout", "folder", "--data-root", str(_images(tmp / "data")), *TINY_RESNET,
+             "--weights", "none", "--epochs", "1", "--val-episodes", "0", "--loss", "emd",
+             "--hierarchy", str(hierarchy), "--out", str(tmp / "out"), *extra], str(hierarchy))
+
+
+def _hierarchy_cycle(tmp: Path):
+    return _pretrain_with_hierarchy(tmp, "class0,g0\nclass1,g0\nclass2,g1\nclass3,g1\ng0,g1\ng1,g0\n")
+
+
+def _hierarchy_several_roots(tmp: Path):
+    return _pretrain_with_hierarchy(tmp, "class0,g0\nclass1,g0\nclass2,g1\nclass3,g1\n")
+
+
+def _hierarchy_missing_class(tmp: Path):
+    return _pretrain_with_hierarchy(tmp, "class0,g0\nclass2,g0\nclass3,g0\n")  # train split: class0, class1
+
+
+def _hierarchy_inner_class(tmp: Path):
+    return _pretrain_with_hierarchy(tmp, "class0,class1\nclass2,class1\nclass1,root\nclass3,root\n")
+
+
+def _hierarchy_negative_length(tmp: Path):
+    return _pretrain_with_hierarchy(tmp, "class,parent,edge_length\nclass0,g0,1\nclass1,g0,-2\n"
+                                         "class2,g0,1\nclass3,g0,1\n")
+
+
+def _emd_rho_not_positive(tmp: Path):
+    argv, _ = _pretrain_with_hierarchy(tmp, "class0,g\nclass1,g\nclass2,g\nclass3,g\n",
+                                       "--loss", "relaxed-emd", "--emd-rho", "0")
+    return argv, "emd_rho"
+
+
+def _emd_loss_without_hierarchy(tmp: Path):
+    argv, _ = _pretrain_with_hierarchy(tmp, "class0,g\n")
+    del argv[argv.index("--hierarchy"):argv.index("--hierarchy") + 2]
+    return argv, "--hierarchy"
+
+
 CASES = [
     Case("missing dataset folder", _missing_folder, "not found"),
     Case("layout without its split file", _missing_split_file, "split"),
@@ -239,6 +282,13 @@ CASES = [
     Case("--out in a folder this user may not write", _out_not_writable, "permission denied", as_user="nobody"),
     Case("out in the config names an existing file", _config_out_is_a_file, "file exists"),
     Case("a folder where an output file goes", _output_file_is_a_folder, "is a directory"),
+    Case("label hierarchy with a cycle", _hierarchy_cycle, "cycle"),
+    Case("label hierarchy with several roots", _hierarchy_several_roots, "roots"),
+    Case("class missing from the label hierarchy (unknown to it)", _hierarchy_missing_class, "missing from the hierarchy"),
+    Case("class that is an inner node of the hierarchy", _hierarchy_inner_class, "inner node"),
+    Case("negative edge length in the hierarchy", _hierarchy_negative_length, "negative"),
+    Case("EMD loss exponent rho <= 0", _emd_rho_not_positive, "emd_rho"),
+    Case("EMD loss without a hierarchy", _emd_loss_without_hierarchy, "needs a label hierarchy"),
 ]
 
 
