@@ -282,5 +282,5 @@ def add_command(subparsers: argparse._SubParsersAction, name: str, cls: type[T],
                                    formatter_class=HelpFormatter)
     parser.add_argument("--config", help="YAML file with any of the options below (flags override it; see configs/)")
     add_dataclass_arguments(parser, cls)
-    parser.set_defaults(func=lambda args: run(config_from_args(cls, args)))
+    parser.set_defaults(func=lambda args: run(config_from_args(cls, args)), config_class=cls)
     return parser

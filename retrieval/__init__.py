@@ -6,7 +6,8 @@ Python API (the CLI `deepemd retrieval train | index | search | eval` wraps the 
 - :func:`train` (``TrainConfig``): a pytorch-metric-learning loss, resumable, DDP under torchrun.
 - :func:`run_index` / :func:`run_search` (``IndexConfig`` / ``SearchConfig``): build a gallery
   (FAISS index + local-feature store), or a store for your own FAISS index, and query it.
-- :func:`rerank` / :class:`RerankSettings`: rescore any shortlist with DeepEMD.
+- :class:`Reranker` / :class:`Shortlist`: rescore any shortlist (e.g. a FAISS search of your own
+  index) with DeepEMD, exactly, pruning the LPs that cannot reach the top k.
 - :class:`DeepEMDSimilarity`: DeepEMD as a pml distance (pair losses train through it).
 
 Submodules are imported lazily so `import deepemd.retrieval.index` stays light.
@@ -18,6 +19,7 @@ import importlib
 _EXPORTS = {
     "run_eval": "deepemd.retrieval.evaluate", "train": "deepemd.retrieval.train",
     "run_index": "deepemd.retrieval.search", "run_search": "deepemd.retrieval.search",
+    "Reranker": "deepemd.retrieval.rerank", "Shortlist": "deepemd.eval.shortlist",
     "rerank": "deepemd.retrieval.rerank", "RerankSettings": "deepemd.retrieval.rerank",
     "DeepEMDSimilarity": "deepemd.retrieval.distance", "flatten_sets": "deepemd.retrieval.distance",
     "open_gallery": "deepemd.retrieval.gallery", "search_gallery": "deepemd.retrieval.gallery",
