@@ -67,17 +67,26 @@ def _snr(num_classes: int, embed_dim: int, sim: distances.BaseDistance) -> LossB
 
 
 def build_loss(name: str, num_classes: int, embed_dim: int,
-               distance: Optional[distances.BaseDistance] = None) -> LossBundle:
+               distance: Optional[distances.BaseDistance] = None,
+               label_loss: Optional[torch.nn.Module] = None) -> LossBundle:
     """Loss ``name`` (+ its miner) for ``num_classes`` train classes and ``embed_dim`` embeddings.
 
     ``distance`` replaces the loss's default metric (only pair losses accept one).
+    ``label_loss`` (a per-row ``deepemd.labels.TreeEMDLoss``, ``--label-loss``) replaces
+    NormSoftmax's cross-entropy on its proxy logits, which are a distribution over the classes.
     """
     builder = LOSSES.get(name)
+    if label_loss is not None and name != "normsoftmax":
+        raise DeepEMDError(f"--label-loss applies to normsoftmax (its proxy logits are a class distribution), "
+                           f"not to loss '{name}'", fix="use --loss normsoftmax, or --label-loss ce")
     if distance is not None and not LOSSES.info(name)["distance"]:
         pair = [n for n in LOSSES if LOSSES.info(n)["distance"]]
         raise DeepEMDError(f"loss '{name}' cannot use a custom distance such as DeepEMD",
                            fix=f"use --distance cosine, or a pair loss: {', '.join(pair)}")
-    return builder(num_classes, embed_dim, distance if distance is not None else distances.CosineSimilarity())
+    bundle = builder(num_classes, embed_dim, distance if distance is not None else distances.CosineSimilarity())
+    if label_loss is not None:
+        bundle.loss.cross_entropy = label_loss  # pml calls it as (logits, labels) -> per-row losses
+    return bundle
 
 
 __all__ = ["LOSSES", "LossBundle", "build_loss"]

@@ -36,6 +36,8 @@ from deepemd.retrieval.distributed import (DistributedMPerClassSampler, average_
                                            is_distributed, setup_distributed, sync_buffers)
 from deepemd.retrieval.evaluate import dataset_images
 from deepemd.retrieval.losses import build_loss
+from deepemd.build import resolve_data
+from deepemd.labels import build_label_loss
 from deepemd.retrieval.model import build_backbone
 
 CHECKPOINT = "checkpoint.pt"
@@ -113,7 +115,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         raise DeepEMDError(f"unknown distance '{cfg.distance}'", fix="use cosine or deepemd")
     net = TrainNet(backbone, local_sets, tuple(cfg.pyramid), info.image_size).to(device)
     distance = DeepEMDSimilarity(net.num_nodes, weights=cfg.node_weights, solver=cfg.solver) if local_sets else None
-    bundle = build_loss(cfg.loss, num_classes, backbone.out_channels, distance)
+    label_root = resolve_data(cfg)[1] if cfg.hierarchy == "folders" else None
+    label_loss = build_label_loss(cfg.label_loss, cfg.hierarchy, images.classes, label_root, cfg.emd_rho,
+                                  cfg.ce_weight, reduction="none")
+    bundle = build_loss(cfg.loss, num_classes, backbone.out_channels, distance, label_loss)
     loss_fn, miner = bundle.loss.to(device), bundle.miner
 
     out = Path(cfg.out)

@@ -63,3 +63,32 @@ def test_cli_pretrain_with_a_hierarchy_file(tmp_path, loss):
     assert main(argv) == 0
     history = pd.read_csv(out / "history.csv")
     assert np.isfinite(history["loss"]).all()
+
+
+def test_normsoftmax_with_a_label_loss_scores_its_proxy_logits():
+    from deepemd.retrieval.losses import build_loss
+
+    tree = LabelTree.from_parents({"a1": "a", "a2": "a", "b1": "b", "b2": "b", "a": "r", "b": "r"})
+    label_loss = TreeEMDLoss(tree, rho=2, reduction="none")
+    torch.manual_seed(0)
+    bundle = build_loss("normsoftmax", 4, 6, label_loss=label_loss)
+    emb, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 3, 1])
+    want = tree_emd(bundle.loss.get_logits(emb).softmax(1), y, tree, rho=2).mean()
+    torch.testing.assert_close(bundle.loss(emb, y), want)
+    from deepemd.errors import DeepEMDError
+    with pytest.raises(DeepEMDError, match="applies to normsoftmax"):
+        build_loss("contrastive", 4, 6, label_loss=label_loss)
+
+
+def test_retrieval_train_with_label_emd(tmp_path):
+    from deepemd.retrieval.config import TrainConfig
+    from deepemd.retrieval.train import train
+
+    root = _folder(tmp_path / "data")
+    cfg = TrainConfig(data_root=str(root), split="all", backbone="resnet18", weights="none", embed_dim=8,
+                      image_size=32, loss="normsoftmax", label_loss="relaxed-emd", hierarchy="chain", batch_size=4,
+                      m_per_class=2, epochs=1, steps_per_epoch=2, lr=1e-2, augment=False, out=str(tmp_path / "out"))
+    result = train(cfg, progress=False)
+    assert np.isfinite(result["history"][-1]["loss"])
+    assert isinstance(result_loss := torch.load(result["checkpoint"], weights_only=True)["loss"], dict)
+    assert "W" in result_loss  # the NormSoftmax proxies were trained and saved as before

@@ -45,6 +45,7 @@ class TreeEMDLoss(nn.Module):
     ce_weight : weight of cross-entropy added to the EMD term (0: EMD alone).
     emd_weight : weight of the EMD term (0 with ``ce_weight=1``: plain cross-entropy, so CE
         runs through the same code path as the EMD losses in comparisons).
+    reduction : "mean" (a scalar) or "none" (one loss per row, as pml's losses expect).
 
     Targets are integer labels ``(B,)`` or distributions ``(B, K)`` (soft labels).
 
@@ -57,7 +58,7 @@ class TreeEMDLoss(nn.Module):
     """
 
     def __init__(self, tree: LabelTree, rho: float = 1.0, from_logits: bool = True, ce_weight: float = 0.0,
-                 emd_weight: float = 1.0):
+                 emd_weight: float = 1.0, reduction: str = "mean"):
         super().__init__()
         if not isinstance(tree, LabelTree):
             raise DeepEMDError(f"TreeEMDLoss needs a LabelTree, got {type(tree).__name__}",
@@ -67,17 +68,20 @@ class TreeEMDLoss(nn.Module):
         self.ce_weight, self.emd_weight = float(ce_weight), float(emd_weight)
         if self.ce_weight < 0 or self.emd_weight < 0 or self.ce_weight + self.emd_weight == 0:
             raise DeepEMDError(f"loss weights must be >= 0 and not both 0 (ce_weight={ce_weight}, emd_weight={emd_weight})")
+        if reduction not in ("mean", "none"):
+            raise DeepEMDError(f"unknown reduction '{reduction}'", fix="use mean or none")
+        self.reduction = reduction
 
     @classmethod
     def from_name(cls, name: str, tree: LabelTree, rho: float | None = None, ce_weight: float | None = None,
-                  from_logits: bool = True) -> "TreeEMDLoss":
+                  from_logits: bool = True, reduction: str = "mean") -> "TreeEMDLoss":
         """The loss ``name`` of :data:`LOSS_NAMES`; ``rho`` / ``ce_weight`` override its defaults."""
         if name not in LOSS_NAMES:
             raise DeepEMDError(f"unknown label loss '{name}'", fix=f"choose one of: {', '.join(LOSS_NAMES)}")
         default_rho, emd_w, ce_w = LOSS_NAMES[name]
         rho = default_rho if rho is None or name in ("ce", "emd") else rho
         ce_w = ce_w if ce_weight is None or name in ("ce", "emd", "relaxed-emd") else ce_weight
-        return cls(tree, rho=rho, from_logits=from_logits, ce_weight=ce_w, emd_weight=emd_w)
+        return cls(tree, rho=rho, from_logits=from_logits, ce_weight=ce_w, emd_weight=emd_w, reduction=reduction)
 
     def forward(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if inputs.dim() != 2 or inputs.shape[1] != self.tree.num_classes:
@@ -87,21 +91,21 @@ class TreeEMDLoss(nn.Module):
             log_p = F.log_softmax(inputs, dim=1)
         else:
             log_p = inputs.clamp_min(torch.finfo(inputs.dtype).tiny).log()
-        total = inputs.new_zeros(())
+        per_row = inputs.new_zeros(inputs.shape[0])
         if self.emd_weight:
             probs = log_p.exp() if self.from_logits else inputs
-            total = total + self.emd_weight * tree_emd(probs, target, self.tree, self.rho).mean()
+            per_row = per_row + self.emd_weight * tree_emd(probs, target, self.tree, self.rho)
         if self.ce_weight:
             dist = as_distribution(target, self.tree.num_classes, inputs)
-            total = total + self.ce_weight * -(dist * log_p).sum(1).mean()
-        return total
+            per_row = per_row + self.ce_weight * -(dist * log_p).sum(1)
+        return per_row.mean() if self.reduction == "mean" else per_row
 
     def extra_repr(self) -> str:
         return f"{self.tree!r}, rho={self.rho}, ce_weight={self.ce_weight}, emd_weight={self.emd_weight}"
 
 
 def build_label_loss(name: str, hierarchy: str | None, classes, data_root=None, rho: float | None = None,
-                     ce_weight: float | None = None) -> TreeEMDLoss | None:
+                     ce_weight: float | None = None, reduction: str = "mean") -> TreeEMDLoss | None:
     """The training commands' ``--loss NAME --hierarchy SPEC`` for the label order ``classes``:
     ``None`` for plain cross-entropy without a hierarchy (the caller's own CE), else a
     :class:`TreeEMDLoss` over ``load_hierarchy(SPEC, classes, data_root)``."""
@@ -113,4 +117,5 @@ def build_label_loss(name: str, hierarchy: str | None, classes, data_root=None, 
         if name == "ce":
             return None
         raise DeepEMDError(f"loss '{name}' needs a label hierarchy", fix="give --hierarchy chain, names, folders or a CSV file")
-    return TreeEMDLoss.from_name(name, load_hierarchy(hierarchy, list(classes), data_root), rho, ce_weight)
+    return TreeEMDLoss.from_name(name, load_hierarchy(hierarchy, list(classes), data_root), rho, ce_weight,
+                                 reduction=reduction)
