@@ -314,7 +314,7 @@ def _staging_matches(staging: Path, id_map: bytes, fp: dict, store_dtype: str) -
             return False
         manifest = json.loads((staging / STORE_DIR / STORE_MANIFEST).read_text())
         return not fingerprint_diffs(manifest["fingerprint"], fp, "store") and \
-            np.dtype(manifest["dtype"]).name == store_dtype
+            np.dtype(manifest["dtype"]).name == store_dtype and manifest["chunk_size"] == CHUNK_SIZE
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from deepemd.data.layouts import IMAGE_SUFFIXES
+from deepemd.data.layouts import IMAGE_SUFFIXES, is_image_file
 from deepemd.device import default_device
 from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
@@ -15,6 +15,7 @@ from deepemd.retrieval.config import IndexConfig, SearchConfig
 from deepemd.retrieval.gallery import (GALLERY_MANIFEST, ID_MAP, build_foreign_store, make_producer, open_gallery,
                                        read_id_map, read_manifest, search_gallery, write_gallery)
 from deepemd.retrieval.rerank import RerankSettings
+from deepemd.retrieval.transaction import GalleryLock
 
 
 def _foreign(cfg) -> bool:
@@ -28,9 +29,14 @@ def run_index(cfg: IndexConfig, progress: bool = True) -> dict[str, Any]:
     """Build or update ``cfg.out`` (one transaction: the previous gallery stays intact until the new
     one is complete and verified): index + store for a dataset, or only the store for a user's
     index. Images already in the gallery (same path, size and mtime) are not embedded again."""
+    out = Path(cfg.out)
+    with GalleryLock(out):  # before loading the network: a second writer is told at once
+        return _index_locked(cfg, out, progress)
+
+
+def _index_locked(cfg: IndexConfig, out: Path, progress: bool) -> dict[str, Any]:
     model = make_embedder(cfg, local_specs(cfg, [cfg.local]))
     device = default_device(cfg.device)
-    out = Path(cfg.out)
     repair, dtype = bool(cfg.repair), cfg.store_dtype
     if _foreign(cfg):
         gallery = build_foreign_store(model, cfg.local, Path(cfg.index), Path(cfg.id_map), out, cfg.batch_size,
@@ -64,7 +70,7 @@ def list_queries(path: str | Path) -> list[Path]:
     """A query image, a folder of them (searched recursively) or a text file of paths."""
     path = Path(path)
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(p for p in path.rglob("*") if is_image_file(p))
     elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         found = [path]
     elif path.is_file():

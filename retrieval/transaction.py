@@ -43,8 +43,13 @@ def _old_path(out: Path) -> Path:
     return out.parent / f".{out.name}.old"
 
 
+_held: dict[Path, int] = {}  # locks this process holds -> nesting depth (the lock is re-entrant)
+
+
 class GalleryLock:
-    """``with GalleryLock(out):`` -- exclusive right to write gallery ``out``, or one DeepEMDError."""
+    """``with GalleryLock(out):`` -- exclusive right to write gallery ``out``, or one DeepEMDError.
+    Re-entrant within a process, so a command can take it before its slow setup (loading the
+    network) and the gallery writer inside can take it again."""
 
     def __init__(self, out: Path):
         self.out = Path(out)
@@ -52,6 +57,10 @@ class GalleryLock:
         self._fd: int | None = None
 
     def __enter__(self) -> GalleryLock:
+        key = Path(os.path.abspath(self.path))
+        if key in _held:
+            _held[key] += 1
+            return self
         if self.out.exists() and not self.out.is_dir():
             raise DeepEMDError("the gallery output exists and is not a folder", self.out,
                                "give --out a folder path (new, or a gallery to update)")
@@ -74,10 +83,15 @@ class GalleryLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
+        _held[key] = 1
         _undo_half_swap(self.out)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        key = Path(os.path.abspath(self.path))
+        _held[key] -= 1
+        if _held[key] == 0:
+            del _held[key]
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -231,12 +231,22 @@ def test_tiny_features_give_the_right_nonzero_rerank_scores(data, tmp_path):
 
 
 def test_a_second_writer_gets_one_clear_error(built, data):
+    """The lock is held here the way another process holds it: an flock on the lock file."""
+    import fcntl
+
+    from deepemd.retrieval.transaction import lock_path
+
     out, _ = built
     snapshot = files(out)
-    with GalleryLock(out):
-        write_image(data / "class_a" / "later.png", seed=3)
+    write_image(data / "class_a" / "later.png", seed=3)
+    fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b'{"pid": 4242, "host": "elsewhere", "command": "deepemd retrieval index ..."}')
         with pytest.raises(DeepEMDError, match="another deepemd run is writing this gallery") as err:
             index(data, out)
-        assert f'"pid": {os.getpid()}' in str(err.value)
+        assert '"pid": 4242' in str(err.value) and str(out) in str(err.value)
+    finally:
+        os.close(fd)  # releases the flock, as a process's death does
     assert files(out) == snapshot
-    assert index(data, out)["embedded"] == 1  # the lock is released with its holder
+    assert index(data, out)["embedded"] == 1
