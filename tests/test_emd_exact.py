@@ -212,3 +212,39 @@ def test_forced_forbidden_flow_is_priced_at_full_precision():
     sol = solve_batch(cost[None], np.array([[1.0, 1.0]]), np.array([[1.5, 0.5]]))
     ref = highs_emd(cost, np.array([1.0, 1.0]), np.array([1.5, 0.5]))
     assert abs(sol.distance[0] - ref) <= 1e-12 * ref and sol.pivots[0] >= 0
+
+
+def test_float32_costs_are_solved_as_they_are():
+    """The kernel reads float32 costs directly (no float64 copy of the batch): the same
+    answer as for those values in float64, and the flow comes back in float32."""
+    rng = np.random.default_rng(12)
+    cost = rng.random((30, 7, 9)).astype(np.float32)
+    a, b = rng.random((30, 7)), rng.random((30, 9))
+    b *= (a.sum(1) / b.sum(1))[:, None]
+    got, want = solve_batch(cost, a, b), solve_batch(cost.astype(np.float64), a, b)
+    assert got.flow.dtype == np.float32 and want.flow.dtype == np.float64
+    np.testing.assert_array_equal(got.distance, want.distance)
+    np.testing.assert_array_equal(got.pivots, want.pivots)
+    np.testing.assert_array_equal(got.flow, want.flow.astype(np.float32))
+    bad = cost.copy()
+    bad[4, 1, 2] = np.inf
+    with pytest.raises(DeepEMDError, match=r"problem 4 of 30"):
+        solve_batch(bad, a, b)
+
+
+def test_solver_threads_are_torch_pool_and_errors_reach_the_caller():
+    """With an OpenMP torch the solve runs on torch's own pool (no second pool to spin against
+    it); an exception in any thread is raised on the calling one."""
+    from deepemd.emd import threads
+
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert threads.uses_torch_pool()
+    seen = []
+
+    def work():
+        seen.append(1)
+        raise ValueError("from a pool thread")
+
+    with pytest.raises(ValueError, match="from a pool thread"):
+        threads.run_on_threads(work, 2)
+    assert len(seen) == 2

@@ -53,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, default=640, help="--pairwise: feature channels")
     parser.add_argument("--no-qpth-probe", action="store_true",
                         help="skip trying qpth with a CPU batch of 2 at 25x25")
+    parser.add_argument("--user-path", action="store_true",
+                        help="instead of the solver table, time solve() in a user's call path: "
+                             "float32 features -> cost_matrix -> cross_reference_weights -> "
+                             "solve right after that torch work, on random ReLU features "
+                             "(--channels) and on EfficientNet-Lite0 cell features of the demo "
+                             "set, against a cv2.EMD loop and the bare kernel in the same run")
+    parser.add_argument("--images", type=int, default=64,
+                        help="--user-path: demo images whose cell features are paired")
 
 
 SOLVER_ROWS = ("exact", "pot", "sinkhorn", "qpth")
@@ -183,11 +191,105 @@ def _forward_pairwise(a: torch.Tensor, b: torch.Tensor) -> Callable[[], object]:
     return run
 
 
+def real_cell_features(count: int, size: int = 160, seed: int = 0) -> torch.Tensor:
+    """EfficientNet-Lite0 (packaged ImageNet weights) cell features of ``count`` demo images:
+    its 5x5 map at ``size`` 160 as ``(count, 25, 1280)`` float32 sets (what FCN local features
+    of the retrieval and few-shot jobs are)."""
+    import random
+
+    from deepemd.backbones import create
+    from deepemd.data import demo_root
+    from deepemd.data.images import load_image
+    from deepemd.data.transforms import build_transform
+
+    paths = sorted(demo_root().rglob("*.png"))
+    chosen = random.Random(seed).sample(paths, min(count, len(paths)))
+    net = create("efficientnet_lite0", pretrained=True).eval()
+    transform = build_transform(size)
+    images = torch.stack([transform(load_image(p)) for p in chosen])
+    with torch.inference_mode():
+        maps = net(images)
+    return maps.flatten(2).transpose(1, 2).contiguous().float()
+
+
+def paired_sets(sets: torch.Tensor, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` random pairs of distinct sets, gathered into ``(batch, m, d)`` twice."""
+    gen = torch.Generator().manual_seed(seed)
+    i = torch.randint(0, sets.shape[0], (batch,), generator=gen)
+    j = (i + torch.randint(1, sets.shape[0], (batch,), generator=gen)) % sets.shape[0]
+    return sets[i].contiguous(), sets[j].contiguous()
+
+
+def run_user_path(args: argparse.Namespace) -> int:
+    """Microseconds per problem of ``solve`` reached the plain way (float32 features ->
+    cost_matrix -> cross_reference_weights -> solve, the torch work right before each timed
+    solve), beside a cv2.EMD loop and the bare kernel (solve_batch on float64 arrays) on the
+    same problems, interleaved in one run so that the ratios share the machine's load."""
+    import numpy as np
+
+    sizes = _parse_sizes(args.sizes if args.sizes != parser_default("sizes") else "25x25")
+    m, n = sizes[0]
+    batch = int(args.batches.split(",")[-1]) if args.batches != parser_default("batches") \
+        else 1000
+    gen = torch.Generator().manual_seed(args.seed)
+    kinds = {f"random ReLU {args.channels}-d": (
+        torch.relu(torch.randn(batch, m, args.channels, generator=gen)),
+        torch.relu(torch.randn(batch, n, args.channels, generator=gen)))}
+    if (m, n) == (25, 25):
+        kinds["EfficientNet-Lite0 1280-d demo cells"] = paired_sets(
+            real_cell_features(args.images, seed=args.seed), batch, args.seed)
+    print(f"# deepemd bench emd: {' '.join(sys.argv[1:])}")
+    print(f"{m}x{n}, batch {batch}, float32 features, cross-reference weights; best of "
+          f"{args.repeats} interleaved runs; threads (torch and exact solver) "
+          f"{torch.get_num_threads()}; loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+          f"cpus {os.cpu_count()}\n")
+    print("| features | path | us / problem | x cv2.EMD | x bare kernel | pivots mean (max) |")
+    print("|---|---|---|---|---|---|")
+    for name, (u, v) in kinds.items():
+        def build():
+            cost = cost_matrix(u, v)
+            return (cost, *cross_reference_weights(u, v))
+
+        with torch.no_grad():
+            cost, wu, wv = build()
+            c64, a64, b64 = (np.ascontiguousarray(t.double().numpy()) for t in (cost, wu, wv))
+            solve(cost, wu, wv)  # compile / warm
+            times: dict[str, float] = {"cv2": float("inf"), "bare": float("inf"),
+                                       "user": float("inf")}
+            for _ in range(args.repeats):
+                times["cv2"] = min(times["cv2"], _best_time(_forward("opencv", cost, wu, wv), 1))
+                times["bare"] = min(times["bare"], _best_time(lambda: solve_batch(c64, a64, b64), 1))
+                problem = build()  # torch work just before the solve, as in a user's code
+                t0 = time.perf_counter()
+                solve(*problem)
+                times["user"] = min(times["user"], time.perf_counter() - t0)
+        pivots = solve_batch(c64, a64, b64).pivots
+        rows = [("cv2.EMD loop", times["cv2"], "-"),
+                ("exact, bare kernel (solve_batch, float64 arrays)", times["bare"],
+                 f"{pivots.mean():.1f} ({pivots.max()})"),
+                ("exact, user call path (solve on float32, after torch work)", times["user"],
+                 f"{pivots.mean():.1f} ({pivots.max()})")]
+        for label, t, piv in rows:
+            print(f"| {name} | {label} | {t / batch * 1e6:,.2f} | {times['cv2'] / t:.1f} | "
+                  f"{times['bare'] / t:.2f} | {piv} |", flush=True)
+    print(f"loadavg at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+def parser_default(name: str) -> object:
+    """The default of option ``name`` (to tell an explicit value from none)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.get_default(name)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)  # the exact solver's thread count too
     if args.pairwise:
         return run_pairwise(args)
+    if args.user_path:
+        return run_user_path(args)
     if args.quick:
         args.sizes, args.batches, args.repeats, args.qpth_count = "5x5,25x25", "1,100", 1, 2
     sizes = _parse_sizes(args.sizes)

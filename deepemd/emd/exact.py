@@ -41,16 +41,17 @@ simplex; ``ExactSolution.pivots`` says which (-1).
 """
 from __future__ import annotations
 
+import itertools
 import math
-import os
 import queue
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
+from deepemd.emd.threads import run_on_threads
 from deepemd.errors import DeepEMDError
 
 #: Pivot cap per problem: ``MAX_PIVOTS_PER_CELL * m * n + MIN_PIVOT_CAP`` (a guard against
@@ -78,6 +79,8 @@ CAP_FACTOR = 2.0 ** 20
 MAX_REFINES = 8
 #: Bits of a float64 with the exponent all ones, i.e. inf or NaN.
 EXPONENT_ALL_ONES = 0x7FF0000000000000
+#: The same for float32.
+EXPONENT_ALL_ONES_32 = 0x7F800000
 #: Smaller batches run on the calling thread.
 PARALLEL_MIN_BATCH = 16
 #: Fewest problems per range handed to a thread (about 0.3 ms of work at 25x25).
@@ -131,28 +134,61 @@ def _packed_min(row, shift, ib: int, skip: int) -> int:
     return best
 
 
+def _abs_max(c, word):
+    """``max |c|`` of a float32 or float64 matrix as a float64, or -1.0 when a value is NaN
+    or inf (numba-only: the implementation is chosen by the dtype, below)."""
+    raise NotImplementedError
+
+
+@overload(_abs_max, jit_options={"cache": True})
+def _abs_max_typed(c, word):
+    """With the sign bit cleared, floats order like their bits read as integers: the maximum
+    is a vectorised integer reduction over the bit patterns, and NaN and inf (exponent all
+    ones) show up in it."""
+    if c.dtype == types.float32:
+        def abs_max_32(c, word):
+            raw = c.view(np.int32)
+            top = 0
+            for i in range(c.shape[0]):
+                for j in range(c.shape[1]):
+                    top = max(top, raw[i, j] & 0x7FFFFFFF)
+            if top >= EXPONENT_ALL_ONES_32:
+                return -1.0
+            exponent, mantissa = top >> 23, top & 0x7FFFFF  # decoded exactly
+            if exponent == 0:
+                return math.ldexp(float(mantissa), -149)
+            return math.ldexp(float(mantissa | 0x800000), exponent - 150)
+        return abs_max_32
+
+    def abs_max_64(c, word):
+        raw = c.view(np.int64)
+        top = 0
+        for i in range(c.shape[0]):
+            for j in range(c.shape[1]):
+                top = max(top, raw[i, j] & 0x7FFFFFFFFFFFFFFF)
+        if top >= EXPONENT_ALL_ONES:
+            return -1.0
+        word[0] = top
+        return word.view(np.float64)[0]
+    return abs_max_64
+
+
 @njit(cache=True)
 def _integer_costs(c, ci, bits: int, word) -> float:
     """``ci = floor(c * 2**bits / max|c|)``; returns ``max |c|`` (an integer step costs
     ``max|c| * 2**-bits``), or -1.0 when a cost is NaN or inf.
 
-    ``max |c|`` comes from the bit patterns: with the sign bit cleared, floats order like their
-    bits read as integers, so the maximum is a vectorised integer reduction (a float one is not
-    vectorised under numba) and NaN and inf (exponent all ones) show up in it for free, which
+    ``c`` is float32 or float64 (read as it is: a float32 batch is never copied to float64).
+    ``max |c|`` comes from the bit patterns (:func:`_abs_max`: a vectorised integer reduction,
+    where a float one is not vectorised under numba) and reveals NaN and inf for free, which
     spares callers a separate pass over the costs. ``word``: one int64 of workspace.
 
     Rounding down (not toward zero) makes every grid cost at most the real one whatever its
     sign, which is what the precision certificate of :func:`_solve_one` rests on."""
     m, n = c.shape
-    raw = c.view(np.int64)
-    top = 0
-    for i in range(m):
-        for j in range(n):
-            top = max(top, raw[i, j] & 0x7FFFFFFFFFFFFFFF)
-    if top >= EXPONENT_ALL_ONES:
+    cmax = _abs_max(c, word)
+    if cmax < 0.0:
         return -1.0
-    word[0] = top
-    cmax = word.view(np.float64)[0]
     if cmax == 0.0:
         ci[:, :] = 0
         return 0.0
@@ -483,19 +519,6 @@ def _solve_range(c, a, b, x, alpha, beta, distance, pivots, error, max_pivots, s
             tflow, closed, desc, pot, up_row, up_col, moved, word, offset, bits, max_pivots)
 
 
-_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
-
-
-def _thread_pool(threads: int) -> ThreadPoolExecutor:
-    """One pool per process, grown on demand. Keyed by pid: a forked child (a DataLoader
-    worker) inherits the parent's pool object but not its threads, so it gets its own."""
-    global _POOL
-    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < threads:
-        _POOL = (os.getpid(), threads,
-                 ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deepemd-exact"))
-    return _POOL[2]
-
-
 def _solve_threaded(args: tuple, bsz: int, threads: int) -> None:
     """Ranges of the batch taken from one queue by ``threads - 1`` pool threads and the calling
     thread itself: a thread that the OS delays (the machine may be shared) does not hold the
@@ -503,14 +526,15 @@ def _solve_threaded(args: tuple, bsz: int, threads: int) -> None:
     :data:`MIN_RANGE` problems, so a small batch (a rerank's 100) is two or three ranges, not
     a dozen hand-offs.
 
-    Plain threads around a ``nogil`` kernel rather than numba's ``parallel=True``: no OpenMP
-    pool whose spinning workers fight torch's own OpenMP pool for the cores between calls (it
-    made the matmuls next to a solve ~10x slower on 2 cores), and nothing that numba's disk
-    cache has to rebuild from dynamically generated kernels."""
+    The threads are torch's own OpenMP pool where there is one (:mod:`deepemd.emd.threads`),
+    around a ``nogil`` kernel, rather than numba's ``parallel=True``: numba's OpenMP layer loads
+    a second libgomp whose spinning workers fought torch's pool for the cores (the matmuls next
+    to a solve ran ~10x slower on 2 cores), and numba's disk cache handles its dynamically
+    generated kernels poorly."""
     n_ranges = max(threads, min(bsz // MIN_RANGE, 8 * threads))
     bounds = [k * bsz // n_ranges for k in range(n_ranges + 1)]
     ranges: queue.SimpleQueue = queue.SimpleQueue()
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         ranges.put((lo, hi))
 
     def work() -> None:
@@ -521,15 +545,16 @@ def _solve_threaded(args: tuple, bsz: int, threads: int) -> None:
                 return
             _solve_range(*args, lo, hi)
 
-    helpers = [_thread_pool(threads - 1).submit(work) for _ in range(threads - 1)]
-    work()
-    for helper in helpers:
-        helper.result()
+    run_on_threads(work, threads)
+
+
+#: Cost dtypes the kernel reads directly; others are converted to float64.
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class ExactSolution(NamedTuple):
     distance: np.ndarray  # (B,) optimal cost sum_ij cost_ij flow_ij
-    flow: np.ndarray      # (B, m, n) optimal flow
+    flow: np.ndarray      # (B, m, n) optimal flow, in the costs' dtype (float32 or float64)
     alpha: np.ndarray     # (B, m) optimal row duals, centred: a . alpha == b . beta
     beta: np.ndarray      # (B, n) optimal column duals
     pivots: np.ndarray    # (B,) simplex pivots per problem (all solves of a refined one); -1
@@ -543,12 +568,16 @@ def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | N
 
     ``b`` is rescaled to ``a``'s total first (callers pass balanced masses; this removes the
     last rounding difference so the start solution is feasible to machine precision).
+    float32 costs are read as they are (the kernel is compiled for both), and the flow comes
+    back in the costs' dtype: no float64 copy of a (B, m, n) block on the way in or out.
     """
-    cost = np.ascontiguousarray(cost, dtype=np.float64)
+    cost = np.ascontiguousarray(cost, dtype=cost.dtype if cost.dtype in KERNEL_DTYPES
+                                else np.float64)
     a = np.ascontiguousarray(a, dtype=np.float64)
-    b = np.ascontiguousarray(b * (a.sum(-1) / b.sum(-1))[:, None], dtype=np.float64)
+    b = np.ascontiguousarray(b, dtype=np.float64)
+    b = b * (a.sum(-1) / b.sum(-1))[:, None]
     bsz, m, n = cost.shape
-    flow = np.empty((bsz, m, n))
+    flow = np.empty((bsz, m, n), cost.dtype)
     alpha = np.empty((bsz, m))
     beta = np.empty((bsz, n))
     distance = np.empty(bsz)
@@ -590,7 +619,7 @@ def _refine(cost: np.ndarray, a: np.ndarray, b: np.ndarray, flow: np.ndarray, ma
         if not 0.0 < cap < top:
             break
         capped = np.minimum(cost, cap)[None]
-        result = [np.empty((1,) + x.shape[1:]) for x in out]
+        result = [np.empty((1,) + x.shape[1:], x.dtype) for x in out]
         pivots, error = np.empty(1, np.int64), np.empty(1)
         dist, x1, alpha, beta = result
         _solve_range(capped, a[None], b[None], x1, alpha, beta, dist, pivots, error, max_pivots,
@@ -614,6 +643,7 @@ def _fallback(cost: np.ndarray, a: np.ndarray, b: np.ndarray):
     """POT's network simplex for a problem that hit the pivot cap, duals centred likewise."""
     import ot
 
+    cost = cost.astype(np.float64)
     flow, log = ot.emd(a, b, cost, log=True, numItermax=10**8)
     alpha, beta = np.empty_like(a), np.empty_like(b)
     _centred_duals(log["u"], log["v"], 1.0, 1.0, a, b, alpha, beta)
