@@ -23,14 +23,14 @@ Every failure (missing root, split file, class folder, listed image) is one Deep
 from __future__ import annotations
 
 import csv
-import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from deepemd.errors import DeepEMDError
+from deepemd.registry import Registry
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 SPLIT_FILE = "split.csv"
@@ -82,20 +82,22 @@ class _Excluded:
         return any(resolved == f or f in resolved.parents for f in self.folders)
 
 
-def _images_in(folder: Path, excluded: _Excluded) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if is_image_file(p) and not excluded(p))
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
 def _class_dirs(root: Path, excluded: _Excluded) -> list[Path]:
+    """Class folders: listing is one level deep, so an excluded folder matters only as a class
+    (one inside a class folder never adds images) and is checked once per class, not per image."""
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and not excluded(p))
 
 
-def _read_class_folders(root: Path, class_names: list[str], excluded: _Excluded) -> ImageList:
+def _read_class_folders(root: Path, class_names: list[str]) -> ImageList:
     if not class_names:
         raise DeepEMDError("folder has no class sub-folders", root, "the layout is <folder>/<class>/<image>")
     items = []
     for name in class_names:
-        images = _images_in(root / name, excluded)
+        images = _images_in(root / name)
         if not images:
             raise DeepEMDError("class folder holds no images", root / name,
                                f"add images ({', '.join(sorted(IMAGE_SUFFIXES))}) or remove the folder")
@@ -129,7 +131,7 @@ def read_folder(root: Path, split: str, split_file: Path | None = None,
         raise DeepEMDError("split file not found", split_file, "check the path; its format is 'class,split' rows")
     split_file = Path(split_file) if split_file is not None else root / SPLIT_FILE
     if split == "all":
-        return _read_class_folders(root, classes, excluded)
+        return _read_class_folders(root, classes)
     if split_file.is_file():
         assignment = read_split_file(split_file)
         missing = [c for c in assignment if c not in classes]
@@ -140,13 +142,13 @@ def read_folder(root: Path, split: str, split_file: Path | None = None,
         if not chosen:
             raise DeepEMDError(f"split file assigns no class to split '{split}'", split_file,
                                f"add rows '<class>,{split}'")
-        return _read_class_folders(root, chosen, excluded)
+        return _read_class_folders(root, chosen)
     if split not in ("train", "test"):
         raise DeepEMDError(f"split '{split}' needs a split file", split_file,
                            "without split.csv the folder layout has only 'train' (first half of the sorted "
                            "classes), 'test' (second half) and 'all'")
     half = (len(classes) + 1) // 2
-    return _read_class_folders(root, classes[:half] if split == "train" else classes[half:], excluded)
+    return _read_class_folders(root, classes[:half] if split == "train" else classes[half:])
 
 
 def _read_csv_split(root: Path, split: str, layout: str) -> ImageList:
@@ -179,7 +181,7 @@ def _read_split_folders(root: Path, split: str, names: dict[str, str], layout: s
         raise DeepEMDError(f"unknown split '{split}' for layout {layout}", fix=f"choose one of: {', '.join(names)}")
     folder = root / names[split]
     _require_dir(folder, f"split folder for '{split}'", f"the {layout} layout is <root>/{names[split]}/<class>/<image>")
-    return _read_class_folders(folder, [p.name for p in _class_dirs(folder, excluded)], excluded)
+    return _read_class_folders(folder, [p.name for p in _class_dirs(folder, excluded)])
 
 
 def _read_table(path: Path) -> list[tuple[str, str]]:
@@ -217,7 +219,21 @@ def read_cub_retrieval(root: Path, split: str) -> ImageList:
 
 _STANDARD_SPLITS = {"train": "train", "val": "val", "test": "test"}
 _CIFARFS_SPLITS = {"train": "meta-train", "val": "meta-val", "test": "meta-test"}
-LAYOUTS = ("folder", "miniimagenet", "tieredimagenet", "cifarfs", "fc100", "cub", "cub-retrieval")
+
+#: ``reader(root, split, excluded) -> ImageList``: one per layout a user may have on disk.
+Reader = Callable[[Path, str, "_Excluded"], ImageList]
+#: Every dataset layout by name (``--layout``); a split file is the folder layout's alone.
+LAYOUTS: Registry[Reader] = Registry("dataset layout", normalise=lambda name: name.lower().replace("_", "-"))
+LAYOUTS.add("folder", lambda root, split, excluded: read_folder(root, split, None, excluded.folders))
+LAYOUTS.add("miniimagenet", lambda root, split, excluded: _read_csv_split(root, split, "miniimagenet"))
+LAYOUTS.add("tieredimagenet", lambda root, split, excluded: _read_split_folders(
+    root, split, _STANDARD_SPLITS, "tieredimagenet", excluded))
+LAYOUTS.add("cifarfs", lambda root, split, excluded: _read_split_folders(root, split, _CIFARFS_SPLITS, "cifarfs",
+                                                                         excluded))
+LAYOUTS.add("fc100", lambda root, split, excluded: _read_split_folders(root, split, _STANDARD_SPLITS, "fc100",
+                                                                       excluded))
+LAYOUTS.add("cub", lambda root, split, excluded: _read_csv_split(root, split, "cub"))
+LAYOUTS.add("cub-retrieval", lambda root, split, excluded: read_cub_retrieval(root, split))
 
 
 def read_layout(layout: str, root: str | Path, split: str, split_file: str | Path | None = None,
@@ -225,20 +241,9 @@ def read_layout(layout: str, root: str | Path, split: str, split_file: str | Pat
     """Read ``split`` of the dataset at ``root`` stored in ``layout`` (see the module docstring);
     nothing inside an ``exclude`` folder (pass the command's output folder) is listed."""
     root = Path(root).expanduser()
-    layout = layout.lower().replace("_", "-")
-    if layout == "folder":
-        return read_folder(root, split, Path(split_file) if split_file else None, exclude)
-    excluded = _Excluded(exclude)
+    key = LAYOUTS.key(layout)
+    if key == "folder" and split_file:
+        return read_folder(root, split, Path(split_file), exclude)
     if split_file is not None:
-        raise DeepEMDError(f"a split file is only read by the folder layout, not {layout}", split_file)
-    if layout in ("miniimagenet", "cub"):
-        return _read_csv_split(root, split, layout)
-    if layout in ("tieredimagenet", "fc100"):
-        return _read_split_folders(root, split, _STANDARD_SPLITS, layout, excluded)
-    if layout == "cifarfs":
-        return _read_split_folders(root, split, _CIFARFS_SPLITS, layout, excluded)
-    if layout == "cub-retrieval":
-        return read_cub_retrieval(root, split)
-    close = difflib.get_close_matches(layout, LAYOUTS, n=1)
-    raise DeepEMDError(f"unknown dataset layout '{layout}'",
-                       fix=f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(LAYOUTS)}")
+        raise DeepEMDError(f"a split file is only read by the folder layout, not {key}", split_file)
+    return LAYOUTS.get(key)(root, split, _Excluded(exclude))

@@ -45,5 +45,5 @@ def build_transform(backbone_cfg_or_size: Mapping[str, Any] | int, train: bool =
     if train:
         geometry = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
     else:
-        geometry = [test_geometry(size)]
+        geometry = list(test_geometry(size).transforms)
     return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
