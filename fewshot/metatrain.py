@@ -13,6 +13,7 @@ validated first, so meta-training never hands back a model worse than where it s
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +23,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from deepemd.backbones import batchnorm
 from deepemd.emd import pairwise_similarity
 from deepemd.eval import write_results
-from deepemd.fewshot import build, distributed
+from deepemd import distributed
+from deepemd.fewshot import build
 from deepemd.fewshot.checkpoints import (BEST, LAST, merge_history, resume_from, run_keeping_best,
                                          save_training_state, sgd_with_steps, val_note)
 from deepemd.fewshot.config import TrainConfig
 from deepemd.fewshot.episodes import check_episode_size, episode_indices, episode_labels, evaluate
 from deepemd.fewshot.features import extract
 from deepemd.fewshot.methods import MethodOptions, emd_fusion, emd_nn
+from deepemd.seeding import derive_seed, seed_everything
 
 
 class EpisodeNet(nn.Module):
@@ -71,7 +75,7 @@ def meta_train(cfg: TrainConfig, progress: bool = True, load_best: bool = True) 
 
 
 def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, progress: bool) -> nn.Module:
-    build.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     train, val = build.train_val_splits(cfg, cfg.val_split, cfg.val_fraction, cfg.way, cfg.val_episodes > 0)
     check_episode_size(train.labels, cfg.way, cfg.shot, cfg.query, "train split")
     if len(train.classes) < 2 * cfg.way:
@@ -81,6 +85,10 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
     if val is not None:
         check_episode_size(val.labels, cfg.way, cfg.shot, cfg.query, "validation split")
     backbone = build.create_backbone(cfg, cfg.init).to(device)
+    bn, bn_line = batchnorm.prepare(backbone, cfg, cfg.init)
+    cfg = replace(cfg, bn=bn)  # the resolved policy is what every checkpoint's config records
+    if rank.main:
+        print(f"meta-train {bn_line}", flush=True)
     extractor = build.create_extractor(cfg, backbone).to(device)
     model = EpisodeNet(extractor, cfg).to(device)
     # Episodes are not augmented (the authors' meta-training uses the test-time resize + crop).
@@ -105,9 +113,9 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
     history = []
     for epoch in range(start_epoch, cfg.epochs):
         idx_stream = episode_indices(train.labels, cfg.way, cfg.shot, cfg.query, episodes,
-                                     seed=cfg.seed * 1000003 + epoch, rank=rank.rank, world=rank.world)
+                                     seed=derive_seed(cfg.seed, "episodes", epoch), rank=rank.rank, world=rank.world)
         loader = DataLoader(train_set, batch_sampler=[list(i) for i in idx_stream], num_workers=cfg.workers)
-        model.train()
+        batchnorm.train_mode(model, cfg.bn)
         losses, accs = [], []
         for images, labels in tqdm(loader, desc=f"meta-train epoch {epoch}", disable=not progress, leave=False):
             _, query_labels = episode_labels(labels.numpy(), np.arange(len(labels)), cfg.way, cfg.shot)

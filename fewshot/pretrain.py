@@ -7,6 +7,7 @@ Each epoch the backbone is validated by few-shot episodes on classes it never tr
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,11 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from deepemd import local
+from deepemd.backbones import batchnorm
 from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
-from deepemd.fewshot import build, distributed
+from deepemd import distributed
+from deepemd.fewshot import build
 from deepemd.fewshot.checkpoints import (BEST, LAST, merge_history, resume_from, run_keeping_best,
                                          save_training_state, sgd_with_steps, val_note)
 from deepemd.fewshot.config import PretrainConfig
@@ -29,6 +32,7 @@ from deepemd.fewshot.features import extract
 from deepemd.fewshot.methods import MethodOptions, emd_nn, protonet
 from deepemd.build import resolve_data
 from deepemd.labels import build_label_loss
+from deepemd.seeding import derive_seed, seed_everything
 
 #: Rotations (multiples of 90 degrees) the self-supervised head predicts.
 ROTATIONS = 4
@@ -99,11 +103,15 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, load_best: bool = True)
 def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device, progress: bool) -> nn.Module:
     if cfg.val_method not in ("fcn", "proto"):
         raise DeepEMDError(f"unknown val_method '{cfg.val_method}'", None, "use fcn or proto")
-    build.seed_everything(cfg.seed)  # same initial weights on every rank
+    seed_everything(cfg.seed)  # same initial weights on every rank
     train, val = build.train_val_splits(cfg, cfg.val_split, cfg.val_fraction, cfg.val_way, cfg.val_episodes > 0)
     if val is not None:
         check_episode_size(val.labels, cfg.val_way, cfg.val_shot, cfg.val_query, "validation split")
     backbone = build.create_backbone(cfg)
+    bn, bn_line = batchnorm.prepare(backbone, cfg)
+    cfg = replace(cfg, bn=bn)  # the resolved policy is what every checkpoint's config records
+    if rank.main:
+        print(f"pretrain {bn_line}", flush=True)
     label_root = resolve_data(cfg)[1] if cfg.hierarchy == "folders" else None
     class_loss = build_label_loss(cfg.loss, cfg.hierarchy, train.classes, label_root, cfg.emd_rho,
                                   cfg.ce_weight) or F.cross_entropy
@@ -121,14 +129,14 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
         sampler = DistributedSampler(train_set, rank.world, rank.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     history = []
     for epoch in range(start_epoch, cfg.epochs):
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch * 1009 + rank.rank)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "augment", epoch, "rank", rank.rank))
         if rank.distributed:
             sampler.set_epoch(epoch)
         else:
-            sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+            sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "order", epoch)))
         loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                             drop_last=len(train_set) > cfg.batch_size)
-        model.train()
+        batchnorm.train_mode(model, cfg.bn)
         losses, correct, seen = [], 0, 0
         for images, labels in tqdm(loader, desc=f"pretrain epoch {epoch}", disable=not progress, leave=False):
             images, labels = images.to(device), labels.to(device)

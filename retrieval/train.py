@@ -13,10 +13,8 @@ ranks (pml's DistributedLossWrapper) and only rank 0 writes.
 """
 from __future__ import annotations
 
-import csv
-import io
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +22,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from deepemd.backbones import feature_map_size
-from deepemd.data import ImageDataset, build_transform
-from deepemd.device import default_device
+from deepemd.backbones import batchnorm, feature_map_size
+from deepemd import distributed
+from deepemd.checkpoints import append_log, check_resumable, restore_rng, rng_state
+from deepemd.data import DistributedMPerClassSampler, ImageDataset, build_transform
 from deepemd.errors import DeepEMDError
-from deepemd.io import atomic_path, load_checkpoint, load_state_dict_checked, save_checkpoint
+from deepemd.io import load_checkpoint, load_state_dict_checked, save_checkpoint
 from deepemd.local import FCN, global_features
 from deepemd.retrieval.config import TrainConfig
 from deepemd.retrieval.distance import DeepEMDSimilarity, flatten_sets
-from deepemd.retrieval.distributed import (DistributedMPerClassSampler, average_loss_gradients, barrier,
-                                           is_distributed, setup_distributed, sync_buffers)
-from deepemd.retrieval.evaluate import dataset_images
+from deepemd.retrieval.build import dataset_images
 from deepemd.retrieval.losses import build_loss
 from deepemd.build import resolve_data
 from deepemd.labels import build_label_loss
 from deepemd.retrieval.model import build_backbone
+from deepemd.seeding import derive_seed
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.csv"
 #: Options that must not change between a checkpoint and its resumption.
-FROZEN = ("backbone", "embed_dim", "image_size", "loss", "distance", "pyramid", "m_per_class", "batch_size", "seed")
+FROZEN = ("backbone", "embed_dim", "image_size", "loss", "distance", "pyramid", "m_per_class", "batch_size", "seed",
+          "bn", "bn_affine")
 
 
 class TrainNet(nn.Module):
@@ -63,53 +62,23 @@ class TrainNet(nn.Module):
         return flatten_sets(self.fcn.from_feature_map(fmap))
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919 + rank) % (2**63)
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state()}
-
-
-def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
-    now = asdict(cfg)
-    changed = [k for k in FROZEN if k in saved and _plain(saved[k]) != _plain(now[k])]
-    if changed:
-        k = changed[0]
-        raise DeepEMDError(f"cannot resume: option '{k}' was {saved[k]!r} in the checkpoint, now {now[k]!r}", path,
-                           f"use the same --{k.replace('_', '-')} or a new --out folder")
-
-
-def _plain(v: Any) -> Any:
-    return list(v) if isinstance(v, (tuple, list)) else v
-
-
-def _append_log(path: Path, row: dict[str, Any]) -> None:
-    """Rewrite the CSV log atomically with ``row`` appended (tiny file, one row per epoch)."""
-    old = path.read_text() if path.exists() else ""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(row))
-    if not old:
-        writer.writeheader()
-    writer.writerow(row)
-    with atomic_path(path) as tmp:
-        tmp.write_text(old + buf.getvalue())
-
-
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) training; returns ``{"history": [...], "checkpoint": path, "model": net}``."""
     if not cfg.data_root:
         raise DeepEMDError("no --data-root given", fix="point --data-root at the training images")
-    device = default_device(cfg.device)
-    rank, world = setup_distributed(device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+    place, device = distributed.setup(cfg.device)
+    rank, world = place.rank, place.world
     torch.manual_seed(cfg.seed)
     images = dataset_images(cfg)
     if len(images) == 0:
         raise DeepEMDError(f"split '{cfg.split}' holds no training images", cfg.data_root, "check --split / --layout")
     num_classes = int(images.labels.max()) + 1
-    backbone, info = build_backbone(cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size, cfg.seed)
+    backbone, info = build_backbone(cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size, cfg.seed,
+                                    widths=tuple(cfg.backbone_widths))
+    bn, bn_line = batchnorm.prepare(backbone, cfg)
+    cfg = replace(cfg, bn=bn)  # the resolved policy is what the checkpoint's config records
+    if rank == 0 and progress:
+        print(f"retrieval train {bn_line}", flush=True)
     local_sets = cfg.distance == "deepemd"
     if cfg.distance not in ("cosine", "deepemd"):
         raise DeepEMDError(f"unknown distance '{cfg.distance}'", fix="use cosine or deepemd")
@@ -128,13 +97,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     start_epoch, history = 0, []
     if cfg.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location=device)
-        _check_resumable(ckpt.get("config", {}), cfg, ckpt_path)
+        check_resumable(ckpt.get("config", {}), cfg, FROZEN, ckpt_path)
         load_state_dict_checked(net.backbone, ckpt["model"], ckpt_path)
         load_state_dict_checked(loss_fn, ckpt["loss"], ckpt_path)
         model_opt.load_state_dict(ckpt["optimizer"])
         if loss_opt is not None:
             loss_opt.load_state_dict(ckpt["loss_optimizer"])
         start_epoch, history = int(ckpt["epoch"]) + 1, list(ckpt.get("history", []))
+        restore_rng(ckpt["rng"])
 
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     if world > 1:
@@ -152,9 +122,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
                                          num_workers=cfg.workers, drop_last=True)
     for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
+        torch.manual_seed(derive_seed(cfg.seed, "epoch", epoch, "rank", rank))
         sampler.set_epoch(epoch)
-        model.train()
+        batchnorm.train_mode(model, cfg.bn)
         total, count, start = 0.0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False)
         for batch, labels in bar:
@@ -167,14 +137,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 loss_opt.zero_grad(set_to_none=True)
             loss.backward()
             if loss_opt is not None and world > 1:
-                average_loss_gradients(loss_fn, world)
+                distributed.average_loss_gradients(loss_fn, place)
             model_opt.step()
             if loss_opt is not None:
                 loss_opt.step()
             value = float(loss.detach()) / world
             total, count = total + value, count + 1
             bar.set_postfix(loss=f"{value:.4f}")
-        sync_buffers(net)
+        distributed.sync_buffers(net, place)
         row = {"epoch": epoch + 1, "loss": total / max(count, 1), "seconds": round(time.perf_counter() - start, 2)}
         history.append(row)
         if rank == 0:
@@ -182,13 +152,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 "model": net.backbone.state_dict(), "loss": loss_fn.state_dict(),
                 "optimizer": model_opt.state_dict(),
                 "loss_optimizer": loss_opt.state_dict() if loss_opt is not None else {},
-                "epoch": epoch, "rng": _rng_state(), "history": history, "config": asdict(cfg),
-                "model_info": {"backbone": info.backbone, "embed_dim": info.embed_dim, "image_size": info.image_size},
+                "epoch": epoch, "rng": rng_state(), "history": history, "config": asdict(cfg),
+                "model_info": {"backbone": info.backbone, "embed_dim": info.embed_dim, "image_size": info.image_size,
+                               **info.extra},
             }, ckpt_path)
-            _append_log(out / LOG, row)
+            append_log(out / LOG, row)
             if progress:
                 print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} ({row['seconds']} s)", flush=True)
-        barrier()
-    if is_distributed():
-        barrier()
+        distributed.barrier(place)
+    distributed.barrier(place)
     return {"history": history, "checkpoint": ckpt_path, "model": net, "rank": rank, "world": world}
