@@ -230,7 +230,7 @@ def _read_pieces(out: Path, manifest: dict[str, Any]) -> tuple[bytes, np.ndarray
     try:
         sources = np.load(io.BytesIO(read_checked(out / SOURCES, manifest["files"][SOURCES], "image sources")),
                           allow_pickle=False)
-    except (ValueError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - numpy's header parser fails in many ways
         raise DeepEMDError(f"unreadable image sources ({exc})", out / SOURCES, REPAIR_FIX) from None
     if len(ids) != manifest["count"] or len(sources) != manifest["count"] or sources.dtype != SOURCE_DTYPE:
         raise DeepEMDError(f"id map lists {len(ids)} images, sources {len(sources)}, the manifest says "

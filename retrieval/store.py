@@ -363,7 +363,7 @@ class LocalFeatureStore:
         name, shape, dtype, _ = self._chunk_shapes(index, self._chunks[index]["rows"])[which]
         try:
             array = np.load(self.path / name, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a damaged header fails in numpy's parser in many ways
             raise DeepEMDError(f"unreadable chunk ({exc})", self.path / name, REPAIR_FIX) from None
         if array.shape != shape or array.dtype != dtype:  # a damaged header: same bytes, other meaning
             raise self._corrupt(self.path / name, f"the header of chunk {index} ({array.dtype}{array.shape})")
