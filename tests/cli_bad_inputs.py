@@ -260,6 +260,57 @@ def _emd_loss_without_hierarchy(tmp: Path):
     return argv, "--hierarchy"
 
 
+def _gallery_search(gallery: Path, tmp: Path) -> list[str]:
+    query = _images(tmp / "q", classes=1, per_class=1) / "class0" / "0.png"
+    return ["retrieval", "search", "--gallery", str(gallery), *LITE0, "--queries", str(query),
+            "--out", str(tmp / "out")]
+
+
+def _flip_chunk_byte(gallery: Path) -> Path:
+    chunk = gallery / "local" / "chunk_000000.24.npy"
+    raw = bytearray(chunk.read_bytes())
+    raw[-7] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    return chunk
+
+
+def _corrupt_store_chunk(tmp: Path):
+    gallery = _gallery(tmp)
+    return _gallery_search(gallery, tmp), str(_flip_chunk_byte(gallery))
+
+
+def _index_over_damaged_gallery(tmp: Path):
+    gallery = _gallery(tmp)
+    chunk = _flip_chunk_byte(gallery)
+    return (["retrieval", "index", "--layout", "folder", "--data-root", str(tmp / "data"), *LITE0, "--split", "all",
+             "--out", str(gallery)], str(chunk))
+
+
+_HELD_LOCKS: list[int] = []  # flocks held "by another process" while a case runs
+
+
+def _gallery_locked(tmp: Path):
+    import fcntl
+
+    from deepemd.retrieval.transaction import lock_path
+
+    gallery = tmp / "gallery"
+    fd = os.open(lock_path(gallery), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b'{"pid": 4242, "host": "other-host", "command": "deepemd retrieval index ..."}')
+    _HELD_LOCKS.append(fd)
+    return (["retrieval", "index", "--layout", "folder", "--data-root", str(_images(tmp / "data")), *LITE0,
+             "--split", "all", "--out", str(gallery)], str(gallery))
+
+
+def _newline_in_file_name(tmp: Path):
+    root = _images(tmp / "data")
+    odd = root / "class1" / "two\nlines.png"
+    odd.write_bytes((root / "class1" / "0.png").read_bytes())
+    return (["retrieval", "index", "--layout", "folder", "--data-root", str(root), *LITE0, "--split", "all",
+             "--out", str(tmp / "gallery")], "two\\nlines.png")
+
+
 CASES = [
     Case("missing dataset folder", _missing_folder, "not found"),
     Case("layout without its split file", _missing_split_file, "split"),
@@ -289,6 +340,10 @@ CASES = [
     Case("negative edge length in the hierarchy", _hierarchy_negative_length, "negative"),
     Case("EMD loss exponent rho <= 0", _emd_rho_not_positive, "emd_rho"),
     Case("EMD loss without a hierarchy", _emd_loss_without_hierarchy, "needs a label hierarchy"),
+    Case("a flipped byte in a feature-store chunk (search)", _corrupt_store_chunk, "feature store corrupted"),
+    Case("index over a damaged gallery without --repair", _index_over_damaged_gallery, "feature store corrupted"),
+    Case("a second index run while one is writing the gallery", _gallery_locked, "another deepemd run is writing"),
+    Case("a newline in an image file name", _newline_in_file_name, "control character"),
 ]
 
 
