@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from deepemd.errors import DeepEMDError
 
@@ -56,7 +57,7 @@ class GalleryLock:
         self.path = lock_path(self.out)
         self._fd: int | None = None
 
-    def __enter__(self) -> GalleryLock:
+    def __enter__(self) -> Self:
         key = Path(os.path.abspath(self.path))
         if key in _held:
             _held[key] += 1
