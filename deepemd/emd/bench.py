@@ -227,6 +227,8 @@ def run_user_path(args: argparse.Namespace) -> int:
     same problems, interleaved in one run so that the ratios share the machine's load."""
     import numpy as np
 
+    from deepemd.emd import threads
+
     sizes = _parse_sizes(args.sizes if args.sizes != parser_default("sizes") else "25x25")
     m, n = sizes[0]
     batch = int(args.batches.split(",")[-1]) if args.batches != parser_default("batches") \
@@ -254,21 +256,24 @@ def run_user_path(args: argparse.Namespace) -> int:
             cost, wu, wv = build()
             c64, a64, b64 = (np.ascontiguousarray(t.double().numpy()) for t in (cost, wu, wv))
             solve(cost, wu, wv)  # compile / warm
-            times: dict[str, float] = {"cv2": float("inf"), "bare": float("inf"),
-                                       "user": float("inf")}
+            times = dict.fromkeys(("cv2", "bare", "user", "own"), float("inf"))
             for _ in range(args.repeats):
                 times["cv2"] = min(times["cv2"], _best_time(_forward("opencv", cost, wu, wv), 1))
                 times["bare"] = min(times["bare"], _best_time(lambda: solve_batch(c64, a64, b64), 1))
-                problem = build()  # torch work just before the solve, as in a user's code
-                t0 = time.perf_counter()
-                solve(*problem)
-                times["user"] = min(times["user"], time.perf_counter() - t0)
+                for key, torch_pool in (("user", True), ("own", False)):
+                    threads.PREFER_TORCH_POOL = torch_pool
+                    problem = build()  # torch work just before the solve, as in a user's code
+                    t0 = time.perf_counter()
+                    solve(*problem)
+                    times[key] = min(times[key], time.perf_counter() - t0)
+                threads.PREFER_TORCH_POOL = True
         pivots = solve_batch(c64, a64, b64).pivots
         rows = [("cv2.EMD loop", times["cv2"], "-"),
                 ("exact, bare kernel (solve_batch, float64 arrays)", times["bare"],
                  f"{pivots.mean():.1f} ({pivots.max()})"),
                 ("exact, user call path (solve on float32, after torch work)", times["user"],
-                 f"{pivots.mean():.1f} ({pivots.max()})")]
+                 f"{pivots.mean():.1f} ({pivots.max()})"),
+                ("  the same on an own thread pool instead of torch's", times["own"], "")]
         for label, t, piv in rows:
             print(f"| {name} | {label} | {t / batch * 1e6:,.2f} | {times['cv2'] / t:.1f} | "
                   f"{times['bare'] / t:.2f} | {piv} |", flush=True)

@@ -40,11 +40,14 @@ def _torch_gomp_parallel():
 
 
 _GOMP_PARALLEL = _torch_gomp_parallel()
+#: Set False to use the own thread pool even where torch's is usable (the benchmark's
+#: before/after row).
+PREFER_TORCH_POOL = True
 
 
 def uses_torch_pool() -> bool:
     """Whether :func:`run_on_threads` runs on torch's OpenMP pool in this process."""
-    return _GOMP_PARALLEL is not None and os.getpid() == _PID
+    return PREFER_TORCH_POOL and _GOMP_PARALLEL is not None and os.getpid() == _PID
 
 
 def run_on_threads(work: Callable[[], None], threads: int) -> None:
