@@ -205,11 +205,6 @@ def build_config(cls: type[T], values: dict[str, Any], source: str = "config") -
     return cls(**kwargs)
 
 
-def field_help(f: dataclasses.Field) -> str:
-    """The help of a field: its ``option(help=...)``, or the class's legacy ``__field_docs__``."""
-    return str(f.metadata.get("help", ""))
-
-
 class _ChoicesAction(argparse.Action):
     """Stores the raw value like the default action; keeps the option's lazy choices so the help
     formatter can list them without importing registries at start-up."""
@@ -236,13 +231,12 @@ class HelpFormatter(argparse.HelpFormatter):
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Expose every dataclass field as ``--field-name`` (default None = "not given")."""
-    docs = getattr(cls, "__field_docs__", {})
     types_ = _field_types(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        help_ = field_help(f) or docs.get(f.name, "")
+        help_ = str(f.metadata.get("help", ""))
         shown = (" ".join(map(str, default)) or "none") if isinstance(default, tuple) else default
         text = f"{help_} (default: {shown})".strip()
         hint = types_[f.name]

@@ -43,7 +43,9 @@ class ModelOptions:
         (), "resnet12 stage widths (default 64 160 320 640; smaller runs fast on a CPU)", minimum=1)
     weights: str = option("imagenet", "backbone weights: auto (packaged ImageNet weights where the backbone has "
                           "them), imagenet, none (random init) or a weights / checkpoint file")
-    image_size: Optional[int] = option(None, "input side in pixels (default: the backbone's own)", minimum=8)
+    image_size: Optional[int] = option(None, "input side in pixels (none: retrieval uses the backbone's own; few-shot "
+                                       "the side giving the paper's 5x5 map, 84 for resnet12, 160 otherwise)",
+                                       minimum=8)
     device: Optional[str] = option(None, "cpu, cuda, cuda:1 (default: cuda if available)")
     batch_size: int = option(32, "images per forward pass (per process under torchrun)", minimum=1)
     workers: int = option(0, "DataLoader worker processes", minimum=0)
@@ -71,7 +73,8 @@ class LocalOptions:
                                minimum=1.0)
     num_patches: int = option(9, "Sampling: random resized crops per image", minimum=1)
     patch_size: Optional[int] = option(
-        None, "Grid/Sampling: crop side fed to the backbone (default: the input size, as the paper)", minimum=8)
+        None, "Grid/Sampling: crop side fed to the backbone (none: the input size, as the paper; a smaller side such "
+        "as 96 keeps 13-25 crops per image affordable on a CPU)", minimum=8)
     node_weights: str = option("cross", "EMD node weights: cross (cross-reference, Eq. 11-12) or uniform",
                                choices=("cross", "uniform"))
     solver: str = option("exact", "EMD solver", choices=registry_choices("deepemd.emd.api", "SOLVERS"))

@@ -21,8 +21,6 @@ class FewShotOptions(ModelOptions, LocalOptions, LocalKindOption, DataOptions):
 
     backbone: str = same_option(ModelOptions, "backbone", "resnet12")
     weights: str = same_option(ModelOptions, "weights", "auto")
-    image_size: Optional[int] = option(None, "input side in pixels; default: the size giving a 5x5 map as the "
-                                       "paper (84 for resnet12, 160 otherwise)", minimum=8)
     batch_size: int = same_option(ModelOptions, "batch_size", 64)
     temperature: float = option(12.5, "logit scale of the EMD score (the authors' 12.5)", minimum=0.0,
                                 exclusive_minimum=True)

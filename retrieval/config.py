@@ -32,9 +32,7 @@ class RetrievalLocalOptions(LocalOptions):
     grid_levels: tuple[int, ...] = same_option(LocalOptions, "grid_levels", (3, 2))
     grid_ratio: float = same_option(LocalOptions, "grid_ratio", 1.0)
     num_patches: int = same_option(LocalOptions, "num_patches", 25)
-    patch_size: Optional[int] = option(
-        96, "Grid/Sampling: crop side fed to the backbone; 96 keeps 13-25 crops per image affordable on a CPU "
-        "(the paper feeds each crop at the full input size: give 224 / 227 for that; none = input size)", minimum=8)
+    patch_size: Optional[int] = same_option(LocalOptions, "patch_size", 96)
     center: bool = same_option(LocalOptions, "center", False)
     rerank_k: int = option(100, "rerank depth K: the FAISS top-K rescored with DeepEMD", minimum=1)
     alpha: float = option(0.0, "fused score = (1 - alpha) * DeepEMD + alpha * global cosine", minimum=0.0, maximum=1.0)
