@@ -10,7 +10,11 @@ then loads it in a FRESH process and measures
   store, score them with ``deepemd.emd.pairwise_similarity`` (exact solver, cross-reference
   weights), reorder; queries/s, split into store read and EMD time;
 * peak RSS of the build process and of the query process (``ru_maxrss``): the query process
-  must stay far below the store's size on disk, because it reads only the rows it needs.
+  must stay far below the store's size on disk, because it reads only the rows it needs;
+* what the always-on verification costs: every row ``store.get`` reads is CRC-checked (the
+  "store read" time includes it; "of which CRC" times the same CRC-32 over the same bytes on
+  its own), the index file is CRC-checked when loaded ("index load"), and a gallery write
+  re-reads the whole new store before swapping it in ("store verify").
 
 Every size runs in its own subprocesses so each peak RSS belongs to that size alone, and the
 data is deleted afterwards unless ``--keep``. Ratios are against the smallest size of the run.
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +67,9 @@ def phase_build(folder: Path, n: int, specs: list[str], seed: int) -> dict:
     store = build_store(folder / "store", n, produce, M, D, fingerprint, chunk_size=CHUNK, vector_dim=VDIM,
                         progress=n >= 100_000)
     out = {"store_s": time.perf_counter() - t0, "store_bytes": du(folder / "store"), "index": {}}
+    t0 = time.perf_counter()
+    store.verify()  # what a gallery write does before its atomic swap
+    out["verify_s"] = time.perf_counter() - t0
     for spec in specs:
         t0 = time.perf_counter()
         index = build_index_from_store(store, spec, seed=seed)
@@ -90,19 +98,22 @@ def phase_query(folder: Path, specs: list[str], queries: int, rerank_queries: in
     out = {"index": {}}
     rss_before_rerank = None
     for spec in specs:
-        index = load_index(folder / f"{spec.replace(',', '_')}.faiss")
+        t0 = time.perf_counter()
+        index = load_index(folder / f"{spec.replace(',', '_')}.faiss")  # CRC of the whole file included
+        load_s = time.perf_counter() - t0
         search(index, q[:4], k)  # warm-up
         t0 = time.perf_counter()
         _, ids = search(index, q, k)
         shortlist_s = time.perf_counter() - t0
-        out["index"][spec] = {"shortlist_qps": queries / shortlist_s}
+        out["index"][spec] = {"shortlist_qps": queries / shortlist_s, "load_s": load_s}
         if spec != specs[-1]:
             del index  # one index in memory at a time, so peak RSS is one index + the rerank
             continue
         # rerank with the last spec: shortlist -> read k local sets -> EMD scores -> reorder
         rss_before_rerank = peak_rss_mb()
         pairwise_similarity(q_sets[:1], torch.from_numpy(store.get(ids[-1]).astype(np.float32)))  # warm-up
-        read_s = emd_s = 0.0
+        read_s = emd_s = crc_s = 0.0
+        raw = np.empty((k, M, D), np.float16)  # the bytes get() checks per query: k rows of float16
         for i in range(rerank_queries):
             t0 = time.perf_counter()
             sets = store.get(ids[i])
@@ -112,8 +123,12 @@ def phase_query(folder: Path, specs: list[str], queries: int, rerank_queries: in
             t2 = time.perf_counter()
             read_s += t1 - t0
             emd_s += t2 - t1
+            t3 = time.perf_counter()
+            for row in raw:
+                zlib.crc32(memoryview(row).cast("B"))
+            crc_s += time.perf_counter() - t3
         out.update(rerank_qps=rerank_queries / (read_s + emd_s), read_ms=1e3 * read_s / rerank_queries,
-                   emd_ms=1e3 * emd_s / rerank_queries)
+                   emd_ms=1e3 * emd_s / rerank_queries, crc_ms=1e3 * crc_s / rerank_queries)
     out.update(query_rss_mb=peak_rss_mb(), rss_before_rerank_mb=rss_before_rerank)
     return out
 
@@ -147,12 +162,15 @@ def table(results: dict[int, dict], specs: list[str], k: int) -> str:
 
     add("store build (s)", lambda r: r["store_s"], lambda v: f"{v:.1f}")
     add("store on disk", lambda r: r["store_bytes"], fmt_bytes)
+    add("store verify, every CRC (s)", lambda r: r["verify_s"], lambda v: f"{v:.1f}")
     for s in specs:
         add(f"{s}: build + save (s)", lambda r, s=s: r["index"][s]["build_s"], lambda v: f"{v:.2f}")
         add(f"{s}: index file", lambda r, s=s: r["index"][s]["bytes"], fmt_bytes)
+        add(f"{s}: index load incl. CRC (s)", lambda r, s=s: r["index"][s]["load_s"], lambda v: f"{v:.2f}")
         add(f"{s}: shortlist top-{k} (queries/s)", lambda r, s=s: r["index"][s]["shortlist_qps"], lambda v: f"{v:,.0f}")
     add(f"rerank top-{k} with EMD (queries/s)", lambda r: r["rerank_qps"], lambda v: f"{v:.2f}")
-    add("  of which store read (ms/query)", lambda r: r["read_ms"], lambda v: f"{v:.1f}")
+    add("  of which store read, verified (ms/query)", lambda r: r["read_ms"], lambda v: f"{v:.1f}")
+    add("    of which row CRCs (ms/query)", lambda r: r["crc_ms"], lambda v: f"{v:.2f}")
     add("  of which EMD (ms/query)", lambda r: r["emd_ms"], lambda v: f"{v:.1f}")
     add("peak RSS, build process", lambda r: r["build_rss_mb"] * 2**20, fmt_bytes)
     add("peak RSS, query+rerank process", lambda r: r["query_rss_mb"] * 2**20, fmt_bytes)

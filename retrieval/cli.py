@@ -34,7 +34,8 @@ def cmd_index(cfg: IndexConfig) -> int:
 
     result = run_index(cfg)
     gallery = result["gallery"]
-    print(f"gallery: {result['out']} ({gallery.index.ntotal} images, local sets {gallery.store.m} x {gallery.store.d})")
+    print(f"gallery: {result['out']} ({gallery.index.ntotal} images, local sets {gallery.store.m} x {gallery.store.d}; "
+          f"{result['embedded']} embedded, {result['reused']} reused from the previous gallery)")
     return 0
 
 
