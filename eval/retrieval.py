@@ -9,15 +9,15 @@ This module knows no job: the retrieval job hands in the shortlist and reorder f
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
+from deepemd.eval.shortlist import Shortlist
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import FaissKNN, return_results
 
 from deepemd.errors import DeepEMDError
-from deepemd.eval.shortlist import Shortlist
 from deepemd.timing import record
 
 METRICS = {"precision_at_1": "P@1", "r_precision": "RP", "mean_average_precision_at_r": "MAP@R"}
@@ -26,7 +26,7 @@ METRICS = {"precision_at_1": "P@1", "r_precision": "RP", "mean_average_precision
 Search = Callable[[np.ndarray, np.ndarray, int], Shortlist]
 #: ``reorder(shortlist, k, skip_ids or None) -> Shortlist``: the best ``k`` of each row after
 #: rescoring its head (``skip_ids[i]``, the query itself, kept first).
-Reorder = Callable[[Shortlist, int, Optional[np.ndarray]], Shortlist]
+Reorder = Callable[[Shortlist, int, np.ndarray | None], Shortlist]
 
 
 class TimedKNN:

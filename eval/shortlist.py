@@ -50,7 +50,7 @@ class Shortlist:
         object.__setattr__(self, "scores", scores)
 
     @classmethod
-    def from_unsorted(cls, ids: np.ndarray, scores: np.ndarray) -> "Shortlist":
+    def from_unsorted(cls, ids: np.ndarray, scores: np.ndarray) -> Shortlist:
         """Rows sorted by decreasing score (stable: ties keep their order), padding last."""
         ids = np.asarray(ids, dtype=np.int64)
         key = np.where(ids < 0, -np.inf, np.asarray(scores, dtype=np.float32))
@@ -65,7 +65,7 @@ class Shortlist:
     def width(self) -> int:
         return int(self.ids.shape[1])
 
-    def head(self, k: int) -> "Shortlist":
+    def head(self, k: int) -> Shortlist:
         """The first ``k`` entries of every row."""
         return Shortlist(self.ids[:, :k], self.scores[:, :k])
 

@@ -15,19 +15,23 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from deepemd.data import ImageDataset, ImageList, build_transform, drop_unreadable, read_layout
-from deepemd.device import default_device
-from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
 from deepemd.eval.retrieval import ShortlistKNN, depth_note, retrieval_metrics
 from deepemd.eval.shortlist import Shortlist
-from deepemd.io import atomic_path
 from deepemd.retrieval import index as faiss_index
+from deepemd.retrieval.build import (
+    dataset_images,
+    local_specs,
+    make_embedder,
+    make_loader,
+)
 from deepemd.retrieval.config import EvalConfig
-from deepemd.retrieval.build import dataset_images, local_specs, make_embedder, make_loader
 from deepemd.retrieval.model import Embedder, embed_loader
 from deepemd.retrieval.rerank import Reranker, RerankSettings
+
+from deepemd.device import default_device
+from deepemd.errors import DeepEMDError
+from deepemd.io import atomic_path
 from deepemd.timing import JobClock, format_seconds, stage
 
 #: A run its own estimate puts over this many seconds gets a warning naming cheaper options.

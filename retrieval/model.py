@@ -128,7 +128,7 @@ class Embedder(nn.Module):
                 sets[kind] = extractor(images)
         return glob, sets
 
-    def for_inference(self, device: torch.device) -> "Embedder":
+    def for_inference(self, device: torch.device) -> Embedder:
         """Eval mode on ``device`` in channels-last layout (what :func:`forward_chunks` feeds)."""
         return self.eval().to(device=device, memory_format=torch.channels_last)
 

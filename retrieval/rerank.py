@@ -21,25 +21,31 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any
 
 import numpy as np
 import torch
+from deepemd.eval.shortlist import Shortlist
 from tqdm.auto import tqdm
 
 from deepemd.emd import solve
 from deepemd.emd.bounds import relaxed_bound, score_upper_bound
-from deepemd.emd.features import NORM_EPS, pair_costs, pair_cross_weights, pair_uniform_weights
+from deepemd.emd.features import (
+    NORM_EPS,
+    pair_costs,
+    pair_cross_weights,
+    pair_uniform_weights,
+)
 from deepemd.errors import DeepEMDError
-from deepemd.eval.shortlist import Shortlist
 from deepemd.timing import JobClock, stage
 
 #: ``fetch(ids (k,) int64) -> (k, n, d)`` local sets of those database ids.
 FetchSets = Callable[[np.ndarray], np.ndarray]
 #: Where candidate sets come from: an ``(N, n, d)`` array or tensor (row = id), an object with
 #: ``get(ids)`` (a :class:`~deepemd.retrieval.store.LocalFeatureStore`), or a fetch function.
-SetStore = Union[np.ndarray, torch.Tensor, Any, FetchSets]
+SetStore = Any
 #: A score cap below the k-th exact score by more than this prunes (float64 bounds vs LP).
 PRUNE_TOLERANCE = 1e-9
 
@@ -152,7 +158,7 @@ class Reranker:
         self.stats = RerankStats()
 
     @classmethod
-    def from_settings(cls, store: SetStore, settings: RerankSettings, k: int, **kw) -> "Reranker":
+    def from_settings(cls, store: SetStore, settings: RerankSettings, k: int, **kw) -> Reranker:
         return cls(store, k=k, depth=settings.depth, weights=settings.weights, solver=settings.solver,
                    center=settings.center, alpha=settings.alpha, **kw)
 
@@ -287,4 +293,4 @@ def rerank(scores: np.ndarray, ids: np.ndarray, query_sets: Callable[[int], np.n
     return np.array(out.scores), np.array(out.ids)
 
 
-__all__ = ["Reranker", "RerankSettings", "RerankStats", "rerank", "rescore"]
+__all__ = ["RerankSettings", "RerankStats", "Reranker", "rerank", "rescore"]

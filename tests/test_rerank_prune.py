@@ -7,21 +7,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from deepemd.emd import cost_matrix, cross_reference_weights, pairwise_similarity, solve, uniform_weights
-from deepemd.emd.bounds import centroid_bound, relaxed_bound, score_upper_bound
-from deepemd.errors import DeepEMDError
 from deepemd.eval.shortlist import Shortlist
 from deepemd.retrieval.rerank import Reranker
+
+from deepemd.emd import (
+    cost_matrix,
+    cross_reference_weights,
+    pairwise_similarity,
+    solve,
+    uniform_weights,
+)
+from deepemd.emd.bounds import centroid_bound, relaxed_bound, score_upper_bound
+from deepemd.errors import DeepEMDError
 
 
 @pytest.fixture(scope="module")
 def real_sets():
     """FCN + pyramid sets (23 nodes x 1280-d, float16 as eval keeps them) of 40 demo images."""
-    from deepemd.build import read_images
     from deepemd.retrieval.build import local_specs, make_embedder, make_loader
     from deepemd.retrieval.config import EvalConfig
     from deepemd.retrieval.model import embed_loader
+
+    from deepemd.build import read_images
 
     cfg = EvalConfig(data_root="demo", max_classes=8, per_class=5, image_size=96, methods=("fcn",))
     images = read_images(cfg, cfg.split, cfg.seed)
@@ -110,7 +117,8 @@ def test_reranker_keeps_the_query_first_padding_last_and_checks_the_store_kind(r
     assert sorted(out.ids[0, 1:3].tolist()) == [5, 9] and out.ids[0, 3] == 2 and out.ids[0, 4] == -1
 
     class Store:
-        fingerprint = {"local": {"kind": "grid"}}
+        def __init__(self):
+            self.fingerprint = {"local": {"kind": "grid"}}
 
         def get(self, ids):
             return sets[ids].astype(np.float32)

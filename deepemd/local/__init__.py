@@ -31,4 +31,4 @@ def global_features(feature_map: Tensor) -> Tensor:
     return feature_map.mean(dim=(2, 3))
 
 
-__all__ = ["KINDS", "create", "global_features", "FCN", "Grid", "Sampling"]
+__all__ = ["FCN", "KINDS", "Grid", "Sampling", "create", "global_features"]

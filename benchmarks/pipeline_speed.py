@@ -1,0 +1,335 @@
+"""The whole `retrieval eval` (and `fewshot test`) against its floor, stage by stage, in one run.
+
+Runs the job's own code path (``deepemd.retrieval.evaluate.run_eval``) on a folder and reads
+the per-stage times it records (``deepemd.timing``), then measures in the same process the
+floor of each part:
+
+- features, per local kind: the bare backbone (``torch.no_grad``, default memory layout) over
+  random tensors of the same shapes -- the images at the input size for FCN, the crops at the
+  patch size for Grid and Sampling -- at its best batch size among 8, 16, 32 and 64;
+- rerank, per method: the plain route on the same shortlists -- float32 features, one torch
+  matmul for the node dots (``pair_dots``), costs, weights and the exact solve of every entry;
+- the whole floor: the two summed (FAISS and the metrics are a few ms).
+
+``--baseline-commit SHA`` also runs the same eval with the code of that commit (``git archive``
+into a temporary folder, installed there with ``pip install --no-deps --target``, run in a
+subprocess) so the speed-up is measured on the same folder in the same run. ``--fewshot`` adds
+``fewshot test`` (5-way 1-shot, every default method) against the EMD work alone on the same
+episodes. ``--fcn224`` adds the FCN + pyramid (63 nodes x 1280-d at 224 px) top-100 rerank in
+queries/s beside its floor and the share of LPs the pruned rerank skips at k = 10.
+
+    python benchmarks/pipeline_speed.py [--data-root demo|DIR] [--max-classes 20 --per-class 20]
+        [--image-size 96] [--baseline-commit 62ea9f4] [--fewshot] [--fcn224]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepemd import backbones
+from deepemd.emd import solve
+from deepemd.emd.features import (
+    node_norms,
+    pair_costs,
+    pair_cross_weights,
+    pair_dots,
+    pair_uniform_weights,
+)
+from deepemd.timing import recording
+
+REPO = Path(__file__).resolve().parents[1]
+#: The options both today's and older EvalConfigs take, so one dict runs either code.
+SHARED = ("layout", "data_root", "split", "max_classes", "per_class", "image_size", "patch_size", "methods",
+          "rerank_k", "flow_queries", "out", "backbone", "weights", "seed", "batch_size")
+RUNNER = """
+import json, sys, time
+import torch
+torch.set_num_threads({threads})
+from deepemd.retrieval.config import EvalConfig
+from deepemd.retrieval.evaluate import run_eval
+cfg = EvalConfig(**json.loads(sys.argv[1]))
+start = time.perf_counter()
+result = run_eval(cfg, progress=False)
+print(json.dumps({{"seconds": time.perf_counter() - start,
+                  "rows": [{{k: v for k, v in r.items()}} for r in result["rows"]]}}))
+"""
+
+
+def eval_options(args, out: str) -> dict:
+    root = args.data_root
+    if root == "demo":
+        from deepemd.data import demo_root
+        root = str(demo_root())
+    return {"layout": "folder", "data_root": root, "split": args.split, "max_classes": args.max_classes,
+            "per_class": args.per_class, "image_size": args.image_size, "patch_size": args.patch_size,
+            "methods": list(args.methods), "rerank_k": args.rerank_k, "flow_queries": 0, "out": out,
+            "backbone": args.backbone, "weights": "imagenet", "seed": 0, "batch_size": 32}
+
+
+def run_current(options: dict) -> tuple[float, dict, list[dict]]:
+    """Today's eval in this process: wall seconds, per-stage seconds, result rows."""
+    from deepemd.retrieval.config import EvalConfig
+    from deepemd.retrieval.evaluate import run_eval
+
+    cfg = EvalConfig(**{**options, "methods": tuple(options["methods"])})
+    with recording() as timer:
+        start = time.perf_counter()
+        result = run_eval(cfg, progress=False)
+        wall = time.perf_counter() - start
+    return wall, dict(timer.seconds), result["rows"]
+
+
+def run_baseline(sha: str, options: dict, threads: int) -> tuple[float, list[dict]]:
+    """The same eval with commit ``sha``'s code, in a subprocess (its own install)."""
+    work = Path(tempfile.mkdtemp(prefix=f"deepemd-{sha}-"))
+    src, site = work / "src", work / "site"
+    src.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", sha], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(src)], check=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    done = subprocess.run([sys.executable, "-c", RUNNER.format(threads=threads), json.dumps(options)],
+                          check=False, cwd=work, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"baseline {sha} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["seconds"], result["rows"]
+
+
+@torch.no_grad()
+def backbone_floor(name: str, size: int, count: int, batches=(8, 16, 32, 64)) -> tuple[float, int]:
+    """Seconds for the plain backbone over ``count`` random ``size`` px inputs at its best batch
+    size (one timed batch per size after a warm-up), and that batch size."""
+    net = backbones.create(name, pretrained=False, input_size=size).eval()
+    best_rate, best_bs = 0.0, batches[0]
+    for bs in batches:
+        x = torch.randn(bs, 3, size, size)
+        net(x)
+        start = time.perf_counter()
+        net(x)
+        rate = bs / (time.perf_counter() - start)
+        if rate > best_rate:
+            best_rate, best_bs = rate, bs
+    return count / best_rate, best_bs
+
+
+def rerank_floor(glob: np.ndarray, sets: np.ndarray, depth: int, weights: str, queries: int) -> tuple[float, float]:
+    """Per query: seconds of the plain cost matmul (+ costs, weights) and of the exact solve of
+    every one of its ``depth`` shortlist entries, float32 features, on ``queries`` queries."""
+    sims = glob @ glob.T
+    np.fill_diagonal(sims, -np.inf)
+    depth = min(depth, len(glob) - 1)
+    picks = np.linspace(0, len(glob) - 1, min(queries, len(glob))).astype(int)
+    full = torch.from_numpy(sets).float()
+    norms = node_norms(full)
+    matmul = solving = 0.0
+    warm = False
+    for q in np.r_[picks[:1], picks]:  # the first query warms up (allocations, kernel load), untimed
+        ids = torch.from_numpy(np.argsort(-sims[q])[:depth].copy())
+        start = time.perf_counter()
+        dots = pair_dots(full[q:q + 1], full[ids])
+        cost = pair_costs(dots, norms[q:q + 1], norms[ids])
+        if weights == "cross":
+            wu, wv = pair_cross_weights(full[q:q + 1], full[ids], dots=dots)
+        else:
+            wu, wv = pair_uniform_weights(full[q:q + 1], full[ids])
+        mid = time.perf_counter()
+        solve(cost, wu, wv)
+        if warm:
+            matmul += mid - start
+            solving += time.perf_counter() - mid
+        warm = True
+    return matmul / len(picks), solving / len(picks)
+
+
+def crops_per_image(model, kind: str) -> int:
+    return model.num_nodes(kind)
+
+
+def retrieval_section(args) -> None:
+    out = tempfile.mkdtemp(prefix="pipeline-eval-")
+    options = eval_options(args, out)
+    wall, stages, rows = run_current(options)
+    from deepemd.retrieval.build import dataset_images, local_specs, make_embedder
+    from deepemd.retrieval.config import EvalConfig
+
+    cfg = EvalConfig(**{**options, "methods": tuple(options["methods"])})
+    n = len(dataset_images(cfg))
+    model = make_embedder(cfg, local_specs(cfg, [m.split(":")[0] for m in args.methods]))
+    size = model.info.image_size
+    patch = args.patch_size or size
+    print(f"## retrieval eval: {n} images, {size} px, crops {patch} px, methods {' '.join(args.methods)}, "
+          f"rerank depth {args.rerank_k}; torch threads {torch.get_num_threads()}; load {os.getloadavg()[0]:.1f}")
+    floors = {"fcn": backbone_floor(args.backbone, size, n)}
+    for kind in ("grid", "sampling"):
+        if any(m.split(":")[0] == kind for m in args.methods):
+            floors[kind] = backbone_floor(args.backbone, patch, n * crops_per_image(model, kind))
+    print("\n| features | ours s | floor s (best batch) | ours / floor | images/s |\n|---|---|---|---|---|")
+    decode = stages.get("decode + transform", 0.0)
+    ours_kind = {"fcn": stages.get("backbone: image maps", 0.0) + stages.get("fcn: pyramid", 0.0)}
+    for kind in ("grid", "sampling"):
+        if kind in floors:
+            ours_kind[kind] = stages.get(f"crops: {kind}", 0.0) + stages.get(f"backbone: {kind} crops", 0.0)
+    for kind, (floor, bs) in floors.items():
+        print(f"| {kind} | {ours_kind[kind]:.1f} | {floor:.1f} (batch {bs}) | {ours_kind[kind] / floor:.2f} | "
+              f"{n / ours_kind[kind]:.1f} |")
+    feat_ours, feat_floor = sum(ours_kind.values()) + decode, sum(f for f, _ in floors.values())
+    print(f"| all + decode/transform {decode:.1f} s | {feat_ours:.1f} | {feat_floor:.1f} | "
+          f"{feat_ours / feat_floor:.2f} | {n / feat_ours:.1f} |")
+    # the rerank floor on the same sets (re-extracted: run_eval keeps them inside)
+    from deepemd.retrieval.build import make_loader
+    from deepemd.retrieval.model import embed_loader
+
+    images = dataset_images(cfg)
+    glob, sets, _ = embed_loader(model, make_loader(images, model, 32, 0), torch.device("cpu"), progress=False)
+    print("\n| rerank | ours queries/s | floor: matmul ms + solve ms per query | floor queries/s | "
+          "ours / floor (time) |\n|---|---|---|---|---|")
+    rerank_floor_total = 0.0
+    for row, method in zip(rows[1:], args.methods):
+        kind, _, weights = method.partition(":")
+        mm, sv = rerank_floor(glob, sets[kind], args.rerank_k, weights or "cross", args.rerank_queries)
+        rerank_floor_total += n * (mm + sv)
+        qps = row["queries/s"]
+        print(f"| {row['method']} ({sets[kind].shape[1]} nodes) | {qps:.1f} | {1e3 * mm:.1f} + {1e3 * sv:.1f} | "
+              f"{1 / (mm + sv):.1f} | {(1 / qps) / (mm + sv):.2f} |")
+    print("\n| stage (ours, whole run) | seconds |\n|---|---|")
+    for name, secs in stages.items():
+        print(f"| {name} | {secs:.2f} |")
+    whole_floor = feat_floor + rerank_floor_total
+    print(f"\nwhole eval: ours {wall:.1f} s, floor {whole_floor:.1f} s (features {feat_floor:.1f} + rerank "
+          f"{rerank_floor_total:.1f}): ours / floor = {wall / whole_floor:.2f}")
+    if args.baseline_commit:
+        base, base_rows = run_baseline(args.baseline_commit, {**options, "out": out + "-base"},
+                                       torch.get_num_threads())
+        print(f"baseline {args.baseline_commit}: {base:.1f} s on the same folder: speed-up {base / wall:.2f}x")
+        print("| method | ours P@1 / MAP@R | baseline P@1 / MAP@R |\n|---|---|---|")
+        for a, b in zip(rows, base_rows):
+            print(f"| {a['method']} | {a['P@1']:.2f} / {a['MAP@R']:.2f} | {b['P@1']:.2f} / {b['MAP@R']:.2f} |")
+    print(f"load average after: {os.getloadavg()}")
+
+
+def fcn224_section(args) -> None:
+    """FCN + pyramid at 224 px (63 x 1280), top-100: ours (k = 100 and pruned k = 10) vs floor."""
+    from deepemd.eval.shortlist import Shortlist
+    from deepemd.retrieval.build import (
+        dataset_images,
+        local_specs,
+        make_embedder,
+        make_loader,
+    )
+    from deepemd.retrieval.config import EvalConfig
+    from deepemd.retrieval.model import embed_loader
+    from deepemd.retrieval.rerank import Reranker
+
+    options = eval_options(args, tempfile.mkdtemp())
+    cfg = EvalConfig(**{**options, "methods": ("fcn",), "image_size": 224, "max_classes": None,
+                        "per_class": None})
+    images = dataset_images(cfg)
+    images = images.subset(np.linspace(0, len(images) - 1, min(len(images), args.fcn224_images)).astype(int))
+    model = make_embedder(cfg, local_specs(cfg, ["fcn"]))
+    glob, sets, _ = embed_loader(model, make_loader(images, model, 32, 0), torch.device("cpu"), progress=False)
+    sets = sets["fcn"]
+    sims = glob @ glob.T
+    np.fill_diagonal(sims, -np.inf)
+    depth = min(100, len(glob) - 1)
+    queries = np.linspace(0, len(glob) - 1, min(args.rerank_queries, len(glob))).astype(int)
+    order = np.argsort(-sims[queries], axis=1, kind="stable")[:, :depth]
+    shortlist = Shortlist(order, np.take_along_axis(sims[queries], order, 1))
+    query_sets = sets[queries]
+    result = {}
+    Reranker(sets, k=10).rerank(query_sets[:2], Shortlist(order[:2], shortlist.scores[:2]))  # warm-up
+    for k in (depth, 10):
+        reranker = Reranker(sets, k=k)
+        start = time.perf_counter()
+        reranker.rerank(query_sets, shortlist)
+        result[k] = (len(queries) / (time.perf_counter() - start), reranker.stats.skipped_fraction)
+    mm, sv = rerank_floor(glob, sets, depth, "cross", len(queries))
+    print(f"\n## FCN + pyramid at 224 px: {sets.shape[1]} nodes x {sets.shape[2]}-d, top-{depth}, "
+          f"{len(queries)} queries over {len(glob)} images; load {os.getloadavg()[0]:.1f}")
+    print("| rerank | queries/s | LPs skipped |\n|---|---|---|")
+    print(f"| ours, full top-{depth} order | {result[depth][0]:.1f} | {100 * result[depth][1]:.0f}% |")
+    print(f"| ours, exact top-10 (pruned) | {result[10][0]:.1f} | {100 * result[10][1]:.0f}% |")
+    print(f"| floor: torch matmul {1e3 * mm:.1f} ms + solve {1e3 * sv:.1f} ms | {1 / (mm + sv):.1f} | 0% |")
+
+
+def fewshot_section(args) -> None:
+    """`fewshot test` (5-way 1-shot, every default method) vs the EMD scoring alone on the same
+    episodes (``pairwise_similarity`` of each episode's queries against its supports)."""
+    from deepemd.fewshot import build
+    from deepemd.fewshot.config import EvalConfig as FewShotEval
+    from deepemd.fewshot.episodes import episode_indices
+    from deepemd.fewshot.evaluate import feature_key, run_test
+    from deepemd.fewshot.features import cached
+
+    from deepemd.emd import pairwise_similarity
+
+    out = tempfile.mkdtemp(prefix="pipeline-fewshot-")
+    cfg = FewShotEval(data_root=args.data_root, way=5, shot=1, query=15, episodes=args.fewshot_episodes,
+                      image_size=args.fewshot_image_size, out=out, feature_cache=str(Path(out) / "cache"),
+                      flow_picture=False)
+    run_test(cfg, progress=False)  # features into the cache, kernels compiled
+    start = time.perf_counter()
+    frame = run_test(cfg, progress=False)
+    wall = time.perf_counter() - start
+    cache = cached(cfg.feature_cache, feature_key(cfg, build.read_split(cfg, cfg.split)), lambda: None)
+    local = torch.as_tensor(cache.local).float()
+    n_support = cfg.way * cfg.shot
+    emd = 0.0
+    for idx in episode_indices(cache.labels, cfg.way, cfg.shot, cfg.query, cfg.num_episodes(), cfg.seed):
+        idx = torch.as_tensor(np.asarray(idx))
+        start = time.perf_counter()
+        pairwise_similarity(local[idx[n_support:]], local[idx[:n_support]], weights=cfg.node_weights,
+                            center=cfg.center)
+        emd += time.perf_counter() - start
+    floor = emd / cfg.num_episodes()
+    print(f"\n## fewshot test: 5-way 1-shot, {cfg.num_episodes()} episodes (features cached), "
+          f"{wall:.2f} s in all; EMD work alone {floor:.4f} s / episode; load {os.getloadavg()[0]:.1f}")
+    print("| method | s / episode | ratio to the EMD work alone |\n|---|---|---|")
+    for _, row in frame.iterrows():
+        per = row["seconds"] / cfg.num_episodes()
+        print(f"| {row['method']} | {per:.4f} | {per / floor:.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-root", default="demo", help="demo (bundled Omniglot) or a <root>/<class>/<image> folder")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--max-classes", type=int, default=None)
+    ap.add_argument("--per-class", type=int, default=None)
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--patch-size", type=int, default=96)
+    ap.add_argument("--methods", nargs="+", default=["fcn", "grid", "sampling"])
+    ap.add_argument("--rerank-k", type=int, default=100)
+    ap.add_argument("--rerank-queries", type=int, default=40, help="queries the rerank floors are timed on")
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--baseline-commit", default=None, help="also run this commit's eval on the same folder")
+    ap.add_argument("--fcn224", action="store_true", help="FCN + pyramid at 224 px top-100 rerank section")
+    ap.add_argument("--fcn224-images", type=int, default=300)
+    ap.add_argument("--fewshot", action="store_true", help="fewshot test section")
+    ap.add_argument("--fewshot-episodes", type=int, default=50)
+    ap.add_argument("--fewshot-image-size", type=int, default=None)
+    ap.add_argument("--no-eval", action="store_true", help="skip the retrieval eval section")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"uptime: {subprocess.run(['uptime'], check=False, capture_output=True, text=True).stdout.strip()}")
+    if not args.no_eval:
+        retrieval_section(args)
+    if args.fcn224:
+        fcn224_section(args)
+    if args.fewshot:
+        fewshot_section(args)
+
+
+if __name__ == "__main__":
+    main()
