@@ -77,6 +77,12 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return list(self._items)
 
+    def items(self) -> list[tuple[str, T]]:
+        return list(self._items.items())
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._normalise(name) in self._items
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from deepemd.emd.sfc import SFCFit, minibatches
-from deepemd.errors import DeepEMDError
+from deepemd.registry import Registry
 from deepemd.fewshot.episode_emd import NodeSets, episode_similarity, node_dots, raw_dots
 from deepemd.fewshot.features import FeatureCache
 
@@ -375,18 +375,18 @@ class MethodSpec:
         return _LABELS[key].format(label=o.label)
 
 
-METHODS: dict[str, MethodSpec] = {
-    "emd": MethodSpec(deepemd, False, "DeepEMD: EMD to the support (1-shot), SFC (k-shot)"),
-    "emd_nn": MethodSpec(emd_nn, True, "EMD + nearest support image"),
-    "emd_fusion": MethodSpec(emd_fusion, True, "EMD averaged over each class's supports"),
-    "emd_merge": MethodSpec(emd_merge, True, "EMD to each class's merged support set"),
-    "protonet": MethodSpec(protonet, False, "ProtoNet: global class mean, Euclidean"),
-    "matchingnet": MethodSpec(matchingnet, False, "MatchingNet: cosine attention on global vectors"),
-    "fc": MethodSpec(fc_dot, False, "fine-tuned linear (dot) classifier on global vectors"),
-    "cosine": MethodSpec(cosine_classifier, False, "fine-tuned cosine classifier on global vectors"),
-    "knn": MethodSpec(knn_local, False, "KNN on local features (top-k cells)"),
-    "fusion": MethodSpec(prediction_fusion, False, "prediction fusion over local features"),
-}
+#: Every few-shot method by name (``--methods``); all of them score the same seeded episodes.
+METHODS: Registry[MethodSpec] = Registry("few-shot method")
+METHODS.add("emd", MethodSpec(deepemd, False, "DeepEMD: EMD to the support (1-shot), SFC (k-shot)"))
+METHODS.add("emd_nn", MethodSpec(emd_nn, True, "EMD + nearest support image"))
+METHODS.add("emd_fusion", MethodSpec(emd_fusion, True, "EMD averaged over each class's supports"))
+METHODS.add("emd_merge", MethodSpec(emd_merge, True, "EMD to each class's merged support set"))
+METHODS.add("protonet", MethodSpec(protonet, False, "ProtoNet: global class mean, Euclidean"))
+METHODS.add("matchingnet", MethodSpec(matchingnet, False, "MatchingNet: cosine attention on global vectors"))
+METHODS.add("fc", MethodSpec(fc_dot, False, "fine-tuned linear (dot) classifier on global vectors"))
+METHODS.add("cosine", MethodSpec(cosine_classifier, False, "fine-tuned cosine classifier on global vectors"))
+METHODS.add("knn", MethodSpec(knn_local, False, "KNN on local features (top-k cells)"))
+METHODS.add("fusion", MethodSpec(prediction_fusion, False, "prediction fusion over local features"))
 _LABELS = {
     "emd_nn": "{label}+NN", "emd_fusion": "{label}+Fusion", "emd_merge": "{label}+Merge",
     "protonet": "ProtoNet", "matchingnet": "MatchingNet", "fc": "FC (dot)",
@@ -401,9 +401,5 @@ def default_methods(shot: int) -> tuple[str, ...]:
 
 def select(keys: tuple[str, ...] | list[str], shot: int) -> list[str]:
     """Validate method names for this shot count (k-shot-only methods are skipped at 1-shot)."""
-    keys = list(keys) or list(default_methods(shot))
-    unknown = [k for k in keys if k not in METHODS]
-    if unknown:
-        raise DeepEMDError(f"unknown few-shot method '{unknown[0]}'", None,
-                           f"choose from: {', '.join(METHODS)}")
+    keys = [METHODS.key(k) for k in keys] or list(default_methods(shot))
     return [k for k in keys if shot > 1 or not METHODS[k].kshot_only]
