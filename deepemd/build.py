@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepemd import data, local
+from deepemd import backbones, data, local
 from deepemd.errors import DeepEMDError
 from deepemd.options import BUILTIN_ROOTS, DataOptions, LocalOptions, ModelOptions
 
@@ -92,7 +92,7 @@ def create_extractor(kind: str, backbone: nn.Module, opts: LocalOptions, seed: i
 def image_loader(images: data.ImageList, backbone: nn.Module, size: int, batch_size: int, workers: int,
                  train: bool = False) -> torch.utils.data.DataLoader:
     """Images at ``size`` with the backbone's mean/std (test: resize + centre crop, in order)."""
-    cfg = {**backbone.default_cfg, "input_size": int(size)}
+    cfg = {**backbones.default_cfg(backbone), "input_size": int(size)}
     dataset = data.ImageDataset(images, data.build_transform(cfg, train=train))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 

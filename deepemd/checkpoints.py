@@ -12,7 +12,7 @@ import csv
 import dataclasses
 import io
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from deepemd.io import atomic_path
 
 def rng_state() -> dict[str, Any]:
     """Generator states as tensors and ints (numpy's tuple is split so weights_only can load it)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    _, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
                              "numpy_pos": int(pos), "numpy_gauss": (int(has_gauss), float(cached))}
     if torch.cuda.is_available():

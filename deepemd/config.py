@@ -235,7 +235,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_ = str(f.metadata.get("help", ""))
         shown = (" ".join(map(str, default)) or "none") if isinstance(default, tuple) else default
         text = f"{help_} (default: {shown})".strip()
@@ -265,7 +265,7 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
         if key in fields and raw is not None:
             overrides[key] = _coerce(key, raw, types_[key], "command line")
             _check_rules(key, overrides[key], fields[key].metadata, "command line")
-    return dataclasses.replace(cfg, **overrides)
+    return dataclasses.replace(cfg, **overrides)  # type: ignore[type-var]  # cfg is a dataclass instance
 
 
 def add_command(subparsers: argparse._SubParsersAction, name: str, cls: type[T], run: Callable[[T], int | None],

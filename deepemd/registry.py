@@ -56,7 +56,7 @@ class Registry(Generic[T]):
     def register(self, name: str | None = None, **info: Any) -> Callable[[T], T]:
         """Decorator form of :meth:`add`; the name defaults to the object's ``__name__``."""
         def decorate(obj: T) -> T:
-            return self.add(name or getattr(obj, "__name__"), obj, **info)
+            return self.add(name or obj.__name__, obj, **info)
         return decorate
 
     def key(self, name: str) -> str:

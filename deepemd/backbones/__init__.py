@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +83,16 @@ def list_backbones() -> list[str]:
     return sorted(BACKBONES)
 
 
+def default_cfg(net: nn.Module) -> dict[str, Any]:
+    """A backbone's ``default_cfg`` (``input_size``, ``mean``, ``std``), typed for callers."""
+    return cast(dict[str, Any], net.default_cfg)
+
+
+def out_channels(net: nn.Module) -> int:
+    """Channels of a backbone's feature map."""
+    return int(cast(int, net.out_channels))
+
+
 class ProjectedBackbone(nn.Module):
     """A backbone followed by a 1x1 convolution: a linear map of every cell to ``embed_dim``
     channels (the paper's 128-d retrieval head, applied per location so local sets keep it)."""
@@ -90,9 +100,9 @@ class ProjectedBackbone(nn.Module):
     def __init__(self, body: nn.Module, embed_dim: int):
         super().__init__()
         self.body = body
-        self.head = nn.Conv2d(body.out_channels, embed_dim, kernel_size=1)
+        self.head = nn.Conv2d(out_channels(body), embed_dim, kernel_size=1)
         self.out_channels = embed_dim
-        self.default_cfg = dict(body.default_cfg)
+        self.default_cfg = dict(default_cfg(body))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
@@ -112,7 +122,7 @@ def create(name: str, pretrained: bool | str | Path = False, embed_dim: int | No
         if not entry.packaged_weights:
             raise DeepEMDError(f"no packaged ImageNet weights for '{name}' (nothing is downloaded)",
                                fix="pass pretrained=<path to a local checkpoint>, or use efficientnet_lite0 / mobilenetv2")
-        body.load_imagenet()
+        cast(Callable[[], None], body.load_imagenet)()
     elif pretrained:
         path = Path(pretrained)
         state = read_state(path)
@@ -145,7 +155,7 @@ def pretrained_from_option(name: str, weights: str) -> bool | str:
 def feature_map_size(backbone: nn.Module, input_size: int | None = None) -> tuple[int, int]:
     """``(h, w)`` of the map for a square ``input_size`` image (default: the backbone's own),
     measured with one dummy forward in eval mode so BatchNorm statistics are untouched."""
-    size = int(input_size or backbone.default_cfg["input_size"])
+    size = int(input_size or default_cfg(backbone)["input_size"])
     was_training = backbone.training
     backbone.eval()
     try:
@@ -157,4 +167,4 @@ def feature_map_size(backbone: nn.Module, input_size: int | None = None) -> tupl
     return int(h), int(w)
 
 
-__all__ = ["BACKBONES", "BackboneEntry", "create", "list_backbones", "feature_map_size", "ProjectedBackbone"]
+__all__ = ["BACKBONES", "BackboneEntry", "create", "default_cfg", "out_channels", "list_backbones", "feature_map_size", "ProjectedBackbone"]

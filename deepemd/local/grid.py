@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from deepemd.backbones import default_cfg
 from deepemd.local.crops import embed_crops
 
 
@@ -32,7 +33,7 @@ class Grid(nn.Module):
         self.backbone = backbone
         self.levels = tuple(int(s) for s in levels)
         self.ratio = float(ratio)
-        self.patch_size = int(patch_size or backbone.default_cfg["input_size"])
+        self.patch_size = int(patch_size or default_cfg(backbone)["input_size"])
         self.num_nodes = sum(s * s for s in self.levels)
 
     def forward(self, images: Tensor) -> Tensor:

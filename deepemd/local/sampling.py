@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from deepemd.backbones import default_cfg
 from deepemd.local.crops import embed_crops
 
 _TRIES = 10
@@ -56,8 +57,9 @@ class Sampling(nn.Module):
             raise ValueError(f"bad sampling settings: num_patches={num_patches}, scale={scale}, ratio={ratio}")
         self.backbone = backbone
         self.num_nodes = int(num_patches)
-        self.scale, self.ratio = tuple(scale), tuple(ratio)
-        self.patch_size = int(patch_size or backbone.default_cfg["input_size"])
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.patch_size = int(patch_size or default_cfg(backbone)["input_size"])
         self.generator = torch.Generator().manual_seed(seed)
 
     def reseed(self, seed: int) -> None:
