@@ -200,6 +200,20 @@ def _out_not_writable(tmp: Path):
     return _retrieval_eval(_images(tmp / "data"), locked / "out"), str(locked)
 
 
+def _config_not_readable(tmp: Path):
+    cfg = tmp / "exp.yaml"
+    cfg.write_text("way: 2\n")
+    cfg.chmod(0o600)  # root's own file
+    return ["fewshot", "test", "--config", str(cfg)], str(cfg)
+
+
+def _image_not_readable(tmp: Path):
+    root = _images(tmp / "data")
+    private = root / "class3" / "2.png"
+    private.chmod(0o600)
+    return _retrieval_eval(root, tmp / "out"), str(private)
+
+
 def _config_out_is_a_file(tmp: Path):
     """``out`` from the YAML escapes the command-line check: the job's own write must fail cleanly."""
     out = tmp / "results.txt"
@@ -331,6 +345,9 @@ CASES = [
     Case("--out names an existing file", _out_is_a_file, "existing file"),
     Case("--out under a file", _out_under_a_file, "under a file"),
     Case("--out in a folder this user may not write", _out_not_writable, "permission denied", as_user="nobody"),
+    Case("config file this user may not read", _config_not_readable, "permission denied", as_user="nobody"),
+    Case("image this user may not read", _image_not_readable, "cannot read image: permission denied",
+         as_user="nobody"),
     Case("out in the config names an existing file", _config_out_is_a_file, "file exists"),
     Case("a folder where an output file goes", _output_file_is_a_folder, "is a directory"),
     Case("label hierarchy with a cycle", _hierarchy_cycle, "cycle"),
@@ -361,11 +378,13 @@ def cannot_run(case: Case) -> str | None:
 
 
 def _run_as_user(case: Case, tmp: Path) -> tuple[int, str, str]:
-    """The CLI in a subprocess as ``case.as_user``, in a world-readable folder (``tmp`` may lie
-    under a private one); paths in the output are reported under ``tmp``."""
+    """The CLI in a subprocess as ``case.as_user``, in a folder everyone may use (``tmp`` may lie
+    under a private one), the input built under umask 022 so that only what the case locks is
+    locked; paths in the output are reported under ``tmp``."""
     shared = Path(tempfile.mkdtemp(prefix="deepemd-case-"))
+    umask = os.umask(0o022)
     try:
-        shared.chmod(0o755)
+        shared.chmod(0o777)
         for private in ("home", "cache"):
             (shared / private).mkdir()
             (shared / private).chmod(0o777)
@@ -379,6 +398,7 @@ def _run_as_user(case: Case, tmp: Path) -> tuple[int, str, str]:
         return (done.returncode, done.stderr.strip().replace(str(shared), str(tmp)),
                 names.replace(str(shared), str(tmp)))
     finally:
+        os.umask(umask)
         shutil.rmtree(shared, ignore_errors=True)
 
 

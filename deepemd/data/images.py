@@ -74,6 +74,10 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise
     except FileNotFoundError:
         raise DeepEMDError("image not found", path, "restore the file or remove it from the dataset") from None
+    except PermissionError:  # an OSError, but no sign of a corrupt file
+        raise DeepEMDError("cannot read image: permission denied", path,
+                           "make it readable for this user (chmod a+r), or skip it with --skip-bad "
+                           "(skip_bad=True in Python)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DeepEMDError(f"image refused as a decompression bomb ({exc})", path,
                            "shrink or remove the image, or skip it with --skip-bad (skip_bad=True in Python)") from None
