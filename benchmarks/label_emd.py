@@ -56,10 +56,6 @@ def _time(fn, repeats: int) -> float:
 
 
 def speed(sizes: list[int], batch: int, repeats: int, sinkhorn_iter: int, eps_rel: float, budget: float) -> None:
-    import ot
-
-    from deepemd.emd.sinkhorn import solve_sinkhorn
-
     rng = np.random.default_rng(0)
     print(f"## Speed: one batch of {batch} pairs (softmax prediction vs soft target), forward + backward, "
           f"float64, {torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.2f}")
@@ -69,43 +65,52 @@ def speed(sizes: list[int], batch: int, repeats: int, sinkhorn_iter: int, eps_re
           "Sinkhorn / tree_emd | Sinkhorn rel. error |")
     print("|---|---|---|---|---|---|---|---|---|")
     for K in sizes:
-        tree = random_tree(K, rng)
-        D = tree.distance_matrix()
-        depth = int(np.bincount(tree._pair_leaf.numpy()).max())
-        logits = torch.tensor(rng.normal(size=(batch, K)))
-        target = torch.tensor(rng.dirichlet(np.full(K, 0.5), size=batch))
-        target = (target + 1e-9) / (target + 1e-9).sum(1, keepdim=True)
-        # pairs the slow methods are timed on: about `budget` multiply-adds of K x K work each
-        n_lp = int(min(batch, max(1, budget / (K * K * 20))))
-        n_sink = int(min(batch, max(1, budget / (K * K * sinkhorn_iter))))
+        _speed_row(K, rng, batch, repeats, sinkhorn_iter, eps_rel, budget)
 
-        def closed():
-            z = logits.clone().requires_grad_(True)
-            tree_emd(z.softmax(1), target, tree).sum().backward()
 
-        def lp():
-            z = logits[:n_lp].clone().requires_grad_(True)
-            p = z.softmax(1)
-            total = sum(ot.emd2(p[b], target[b], D) for b in range(n_lp))
-            total.backward()
+def _speed_row(K: int, rng: np.random.Generator, batch: int, repeats: int, sinkhorn_iter: int, eps_rel: float,
+               budget: float) -> None:
+    import ot
 
-        eps = eps_rel * float(D.mean())
-        sink_value = {}
+    from deepemd.emd.sinkhorn import solve_sinkhorn
 
-        def sinkhorn():
-            z = logits[:n_sink].clone().requires_grad_(True)
-            dist, _ = solve_sinkhorn(D.expand(n_sink, K, K), z.softmax(1), target[:n_sink], eps=eps,
-                                     n_iter=sinkhorn_iter, tol=0.0)
-            dist.sum().backward()
-            sink_value["d"] = dist.detach()
+    tree = random_tree(K, rng)
+    D = tree.distance_matrix()
+    depth = int(np.bincount(tree._pair_leaf.numpy()).max())
+    logits = torch.tensor(rng.normal(size=(batch, K)))
+    target = torch.tensor(rng.dirichlet(np.full(K, 0.5), size=batch))
+    target = (target + 1e-9) / (target + 1e-9).sum(1, keepdim=True)
+    # pairs the slow methods are timed on: about `budget` multiply-adds of K x K work each
+    n_lp = int(min(batch, max(1, budget / (K * K * 20))))
+    n_sink = int(min(batch, max(1, budget / (K * K * sinkhorn_iter))))
 
-        t_tree = _time(closed, repeats)
-        t_lp = _time(lp, max(1, repeats // 2)) * batch / n_lp
-        t_sink = _time(sinkhorn, max(1, repeats // 2)) * batch / n_sink
-        exact = tree_emd(logits[:n_sink].softmax(1), target[:n_sink], tree)
-        err = float(((sink_value["d"] - exact).abs() / exact).mean())
-        print(f"| {K} | {depth} | {t_tree * 1e3:.3f} ms | {t_lp * 1e3:.1f} ms | {t_sink * 1e3:.1f} ms | "
-              f"{n_lp} / {n_sink} | {t_lp / t_tree:.0f}x | {t_sink / t_tree:.0f}x | {100 * err:.1f}% |", flush=True)
+    def closed():
+        z = logits.clone().requires_grad_(True)
+        tree_emd(z.softmax(1), target, tree).sum().backward()
+
+    def lp():
+        z = logits[:n_lp].clone().requires_grad_(True)
+        p = z.softmax(1)
+        total = sum(ot.emd2(p[b], target[b], D) for b in range(n_lp))
+        total.backward()
+
+    eps = eps_rel * float(D.mean())
+    sink_value = {}
+
+    def sinkhorn():
+        z = logits[:n_sink].clone().requires_grad_(True)
+        dist, _ = solve_sinkhorn(D.expand(n_sink, K, K), z.softmax(1), target[:n_sink], eps=eps,
+                                 n_iter=sinkhorn_iter, tol=0.0)
+        dist.sum().backward()
+        sink_value["d"] = dist.detach()
+
+    t_tree = _time(closed, repeats)
+    t_lp = _time(lp, max(1, repeats // 2)) * batch / n_lp
+    t_sink = _time(sinkhorn, max(1, repeats // 2)) * batch / n_sink
+    exact = tree_emd(logits[:n_sink].softmax(1), target[:n_sink], tree)
+    err = float(((sink_value["d"] - exact).abs() / exact).mean())
+    print(f"| {K} | {depth} | {t_tree * 1e3:.3f} ms | {t_lp * 1e3:.1f} ms | {t_sink * 1e3:.1f} ms | "
+          f"{n_lp} / {n_sink} | {t_lp / t_tree:.0f}x | {t_sink / t_tree:.0f}x | {100 * err:.1f}% |", flush=True)
 
 
 def _fit(loss_fn, q: torch.Tensor, tree: LabelTree, lr: float, steps: int, tol: float) -> tuple[int | None, float]:
@@ -164,7 +169,7 @@ def main() -> None:
     parser.add_argument("--conv-k", type=int, default=30)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--tol", type=float, default=0.02)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.3, 1.0, 3.0, 10.0])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
     parser.add_argument("--conv-eps", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--budget", type=float, default=2e8,
                         help="K x K work allowed per slow timing; fewer pairs are timed at large K")

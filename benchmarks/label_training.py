@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from deepemd.eval.labels import chain_metrics, label_metrics
 from PIL import Image
 
-from deepemd.eval.labels import chain_metrics, label_metrics
 from deepemd.io import atomic_path
 from deepemd.labels import LOSS_NAMES, LabelTree, TreeEMDLoss, chain
 
@@ -65,9 +65,8 @@ def _features(images: list[np.ndarray], cache: Path, key: str) -> np.ndarray:
                 batch.append((torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).float() / 255 - mean) / std)
             out.append(global_features(net(torch.stack(batch))).numpy())
     feats = np.concatenate(out).astype(np.float32)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, feats)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, feats)
     print(f"  features {key}: {feats.shape} in {time.perf_counter() - start:.0f} s", flush=True)
     return feats
 
@@ -96,7 +95,7 @@ def omniglot(cache: Path) -> tuple[np.ndarray, np.ndarray, LabelTree]:
 def fashion(cache: Path, pool: int, test: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, LabelTree]:
     """(train-pool features, labels, test features, labels, tree): ``pool`` per class from the
     train file (first in file order), ``test`` per class from t10k."""
-    from deepemd.data.fashion_mnist import _read_idx, SOURCE
+    from deepemd.data.fashion_mnist import SOURCE, _read_idx
 
     parts = {}
     for part, n in (("train", pool), ("t10k", test)):
@@ -227,9 +226,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    report = [f"Frozen ImageNet EfficientNet-Lite0 features ({SIZE} px, pooled) + linear head, full-batch Adam "
-              f"lr {args.lr}, {args.steps} steps, seeds {args.seeds}; mean ± std over seeds; "
-              f"load {os.getloadavg()[0]:.1f}."]
+    setup = (f"Frozen ImageNet EfficientNet-Lite0 features ({SIZE} px, pooled) + linear head, full-batch Adam "
+             f"lr {args.lr}, {args.steps} steps, seeds {args.seeds}; mean ± std over seeds; "
+             f"load {os.getloadavg()[0]:.1f}.")
+    report = [setup]
     for task in args.tasks:
         rows = run_task(task, args.seeds, args)
         if task == "ordinal":

@@ -16,7 +16,7 @@ less often but badly. Hierarchical-classification papers report them together:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -6,11 +6,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from deepemd.eval.labels import (
+    accuracy_within,
+    chain_mae,
+    chain_metrics,
+    hierarchical_distance_at_k,
+    label_metrics,
+    mean_ground_distance,
+    mistake_severity,
+    ranked_probability_score,
+    topk_accuracy,
+)
 
 from deepemd.errors import DeepEMDError
-from deepemd.eval.labels import (accuracy_within, chain_mae, chain_metrics, hierarchical_distance_at_k,
-                                 label_metrics, mean_ground_distance, mistake_severity, ranked_probability_score,
-                                 topk_accuracy)
 from deepemd.labels import LabelTree, chain
 
 # leaves: a, b (under g), c (under h), d (under h); d(a,b)=2, d(a,c)=4

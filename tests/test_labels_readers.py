@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from deepemd.errors import DeepEMDError
-from deepemd.labels import LabelTree, cifar100_hierarchy, cub_taxonomy, load_hierarchy, names_hierarchy
+from deepemd.labels import (
+    LabelTree,
+    cifar100_hierarchy,
+    cub_taxonomy,
+    load_hierarchy,
+    names_hierarchy,
+)
 
 CUB_ROWS = """class_id,class,order,family,genus,species
 1,001.Black_footed_Albatross,Procellariiformes,Diomedeidae,Phoebastria,nigripes

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from deepemd.fewshot.config import PretrainConfig
 from PIL import Image
 
-from deepemd.fewshot.config import PretrainConfig
 from deepemd.labels import LabelTree, TreeEMDLoss, build_label_loss, tree_emd
 
 TINY = dict(layout="folder", backbone="resnet12", backbone_widths=(4, 4, 4, 8), weights="none",

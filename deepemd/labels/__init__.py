@@ -6,8 +6,26 @@ path length between them; :func:`tree_emd` is the exact EMD under that distance 
 """
 from deepemd.labels.emd import edge_mass_difference, tree_emd
 from deepemd.labels.losses import LOSS_NAMES, TreeEMDLoss, build_label_loss
-from deepemd.labels.readers import cifar100_hierarchy, cub_taxonomy, level_table, load_hierarchy, names_hierarchy
+from deepemd.labels.readers import (
+           cifar100_hierarchy,
+           cub_taxonomy,
+           level_table,
+           load_hierarchy,
+           names_hierarchy,
+)
 from deepemd.labels.tree import LabelTree, chain
 
-__all__ = ["LabelTree", "chain", "tree_emd", "edge_mass_difference", "TreeEMDLoss", "LOSS_NAMES", "build_label_loss",
-           "cub_taxonomy", "cifar100_hierarchy", "level_table", "load_hierarchy", "names_hierarchy"]
+__all__ = [
+           "LOSS_NAMES",
+           "LabelTree",
+           "TreeEMDLoss",
+           "build_label_loss",
+           "chain",
+           "cifar100_hierarchy",
+           "cub_taxonomy",
+           "edge_mass_difference",
+           "level_table",
+           "load_hierarchy",
+           "names_hierarchy",
+           "tree_emd",
+]

@@ -74,7 +74,7 @@ class TreeEMDLoss(nn.Module):
 
     @classmethod
     def from_name(cls, name: str, tree: LabelTree, rho: float | None = None, ce_weight: float | None = None,
-                  from_logits: bool = True, reduction: str = "mean") -> "TreeEMDLoss":
+                  from_logits: bool = True, reduction: str = "mean") -> TreeEMDLoss:
         """The loss ``name`` of :data:`LOSS_NAMES`; ``rho`` / ``ce_weight`` override its defaults."""
         if name not in LOSS_NAMES:
             raise DeepEMDError(f"unknown label loss '{name}'", fix=f"choose one of: {', '.join(LOSS_NAMES)}")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import csv
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from deepemd.errors import DeepEMDError
 from deepemd.labels.tree import IMPLICIT_ROOT, LabelTree, chain
@@ -72,8 +72,8 @@ class _PlainUnpickler(pickle.Unpickler):
     """Reads the CIFAR ``meta`` / ``train`` pickles without running code they might name:
     only numpy arrays and plain containers may be rebuilt."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "bytes")}
+    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "bytes")})
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
@@ -88,7 +88,7 @@ def _read_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
             obj = _PlainUnpickler(fh, encoding="latin1").load()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- a foreign or truncated pickle raises many types
         raise DeepEMDError(f"not a CIFAR-100 python pickle ({type(exc).__name__}: {exc})", path,
                            "use the files of the python version (cifar-100-python.tar.gz)") from None
     if not isinstance(obj, dict):

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ IMPLICIT_ROOT = "(root)"
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
-def _check_length(name: str, value: float, where: str | Path | None) -> float:
+def _check_length(name: str, value: float | str, where: str | Path | None) -> float:
     try:
         w = float(value)
     except (TypeError, ValueError):
@@ -53,8 +53,8 @@ class LabelTree:
     [[0.0, 4.0, 4.0], [4.0, 0.0, 2.0], [4.0, 2.0, 0.0]]
     """
 
-    def __init__(self, nodes: Sequence[str], parent: Sequence[int], length: Sequence[float],
-                 leaves: Sequence[int], chain_spacing: Sequence[float] | None = None):
+    def __init__(self, nodes: Sequence[str], parent: Sequence[int], length: Sequence[float] | np.ndarray,
+                 leaves: Sequence[int], chain_spacing: Sequence[float] | np.ndarray | None = None):
         # Internal: the public constructors validate; here nodes[i]'s parent is parent[i] (-1: root).
         self._nodes = tuple(nodes)
         self._parent = np.asarray(parent, dtype=np.int64)
@@ -86,7 +86,7 @@ class LabelTree:
     # ----------------------------------------------------------------- constructors
     @classmethod
     def from_parents(cls, parents: Mapping[str, str], lengths: Mapping[str, float] | None = None,
-                     classes: Sequence[str] | None = None, source: str | Path | None = None) -> "LabelTree":
+                     classes: Sequence[str] | None = None, source: str | Path | None = None) -> LabelTree:
         """Tree from ``{child: parent}``; ``lengths={child: w}`` sets the edge above ``child``
         (default 1). Leaves are the classes, sorted by name unless ``classes`` gives them (then
         only those leaves are kept, in that order: see :meth:`restrict`). ``source`` names the
@@ -124,7 +124,7 @@ class LabelTree:
         return tree if classes is None else tree.restrict(classes, source)
 
     @classmethod
-    def from_csv(cls, path: str | Path, classes: Sequence[str] | None = None) -> "LabelTree":
+    def from_csv(cls, path: str | Path, classes: Sequence[str] | None = None) -> LabelTree:
         """Tree from a parent table: one row ``class,parent[,edge_length]`` per edge, an optional
         header row ``class,parent[,edge_length]``; an empty parent means "under the root" and an
         empty length means 1."""
@@ -152,7 +152,7 @@ class LabelTree:
         return cls.from_parents(parents, lengths, classes, source=path)
 
     @classmethod
-    def from_folders(cls, root: str | Path, classes: Sequence[str] | None = None) -> "LabelTree":
+    def from_folders(cls, root: str | Path, classes: Sequence[str] | None = None) -> LabelTree:
         """Tree of nested class folders ``<root>/<a>/<b>/<image>``: every folder that holds images
         is a class, named by its path below ``root`` (``a/b``); its ancestors are the folders
         above it. A folder may hold images or sub-folders, not both (a class is a leaf)."""
@@ -208,7 +208,7 @@ class LabelTree:
                                fix="check the class name, or add it to the hierarchy")
         return self._index[name]
 
-    def restrict(self, classes: Iterable[str], source: str | Path | None = None) -> "LabelTree":
+    def restrict(self, classes: Iterable[str], source: str | Path | None = None) -> LabelTree:
         """The tree over ``classes`` only (in that order): leaves not named are pruned, and inner
         nodes left with no leaf below them too; distances between kept classes are unchanged.
         Every name must be a leaf: a name missing from the hierarchy or naming an inner node is
@@ -300,7 +300,9 @@ class LabelTree:
 def _check_acyclic(parents: Mapping[str, str], source: str | Path | None) -> None:
     done: set[str] = set()
     for start in parents:
-        path, seen, node = [], set(), start
+        path: list[str] = []
+        seen: set[str] = set()
+        node = start
         while node in parents and node not in done:
             if node in seen:
                 loop = path[path.index(node):] + [node]
@@ -324,7 +326,9 @@ def chain(K: int, spacing: float | Sequence[float] = 1.0, names: Sequence[str] |
     if int(K) != K or K < 2:
         raise DeepEMDError(f"a chain needs at least 2 classes, got {K}", fix="give K >= 2")
     K = int(K)
-    gaps = np.full(K - 1, float(spacing)) if np.ndim(spacing) == 0 else np.asarray(spacing, dtype=np.float64)
+    gaps = np.asarray(spacing, dtype=np.float64)
+    if gaps.ndim == 0:
+        gaps = np.full(K - 1, float(gaps))
     if gaps.shape != (K - 1,):
         raise DeepEMDError(f"a chain of {K} classes has {K - 1} gaps, got {gaps.size} spacings",
                            fix="give one number or K-1 numbers")
