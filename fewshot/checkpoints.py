@@ -18,11 +18,16 @@ import torch
 from torch import nn
 
 from deepemd import distributed
-from deepemd.checkpoints import restore_rng, rng_state
+from deepemd.checkpoints import check_resumable, restore_rng, rng_state
 from deepemd.errors import DeepEMDError
 from deepemd.io import load_checkpoint, load_state_dict_checked, save_checkpoint
 
 LAST, BEST = "last.pt", "best.pt"
+#: Options of pre-training and meta-training that must not change between a checkpoint and its
+#: resumption (those a command does not have are skipped).
+FROZEN = ("backbone", "backbone_widths", "image_size", "local", "pyramid", "grid_levels", "grid_ratio",
+          "num_patches", "batch_size", "seed", "bn", "bn_affine", "way", "shot", "query", "episodes_per_epoch",
+          "rotation", "loss", "hierarchy")
 
 
 def save_training_state(path: Path, *, backbone: nn.Module, optimizer: torch.optim.Optimizer,
@@ -89,10 +94,12 @@ def sgd_with_steps(model: nn.Module, cfg: Any) -> tuple[torch.optim.SGD, torch.o
 
 
 def resume_from(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                scheduler: Any) -> tuple[int, dict[str, Any]]:
+                scheduler: Any, config: Any) -> tuple[int, dict[str, Any]]:
     """Restore a training state (each module under its saved key, optimiser, schedule, RNGs);
-    return the epoch to continue with and the best-so-far record."""
+    return the epoch to continue with and the best-so-far record. A run whose ``config``
+    differs from the checkpoint's in an option of :data:`FROZEN` is refused, not mixed in."""
     state = load_training_state(path)
+    check_resumable(state.get("config", {}), config, FROZEN, path)
     for key, module in modules.items():
         load_state_dict_checked(module, state[key], path)
     optimizer.load_state_dict(state["optimizer"])

@@ -98,7 +98,7 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
     out = Path(cfg.out)
     start_epoch, best = 0, {"accuracy": -1.0, "epoch": -1}
     if cfg.resume and (out / LAST).is_file():
-        start_epoch, best = resume_from(out / LAST, {"backbone": backbone}, optimizer, scheduler)
+        start_epoch, best = resume_from(out / LAST, {"backbone": backbone}, optimizer, scheduler, cfg)
     elif rank.main and val_set is not None:  # epoch -1 = the starting point, a candidate for best.pt
         start_acc = validate(cfg, backbone, extractor, val_set, device, progress)
         best = {"accuracy": start_acc, "epoch": -1}

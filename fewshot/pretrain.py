@@ -123,7 +123,8 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
     out = Path(cfg.out)
     start_epoch, best = 0, {"accuracy": -1.0, "epoch": -1}
     if cfg.resume and (out / LAST).is_file():
-        start_epoch, best = resume_from(out / LAST, {"backbone": backbone, "heads": heads}, optimizer, scheduler)
+        start_epoch, best = resume_from(out / LAST, {"backbone": backbone, "heads": heads}, optimizer,
+                                       scheduler, cfg)
     ddp_model = distributed.wrap(model, rank, device)
     if rank.distributed:
         sampler = DistributedSampler(train_set, rank.world, rank.rank, shuffle=True, seed=cfg.seed, drop_last=True)

@@ -54,6 +54,10 @@ def test_pretrain_checkpoints_load_weights_only_and_resume(folder, tmp_path):
     assert list(history["epoch"]) == [0, 1]
     pd.testing.assert_frame_equal(history.iloc[:1], first)
     assert load_checkpoint(tmp_path / "last.pt")["scheduler"]["last_epoch"] == 2
+    from deepemd.errors import DeepEMDError
+
+    with pytest.raises(DeepEMDError, match="cannot resume: option 'batch_size' was 16 in the checkpoint, now 8"):
+        pretrain(PretrainConfig(**{**cfg.__dict__, "epochs": 3, "batch_size": 8}), progress=False)
 
 
 def _free_port() -> int:
