@@ -97,6 +97,16 @@ def _best_time(fn: Callable[[], object], repeats: int, sync: bool = False) -> fl
     return best
 
 
+def _best_cpu(fn: Callable[[], object], repeats: int) -> float:
+    """Least CPU time of the calling thread over ``repeats`` calls (single-threaded work)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - t0)
+    return best
+
+
 def _forward(solver: str, cost, wu, wv, **opts) -> Callable[[], object]:
     def run():
         with torch.no_grad():
@@ -225,10 +235,6 @@ def run_user_path(args: argparse.Namespace) -> int:
     cost_matrix -> cross_reference_weights -> solve, the torch work right before each timed
     solve), beside a cv2.EMD loop and the bare kernel (solve_batch on float64 arrays) on the
     same problems, interleaved in one run so that the ratios share the machine's load."""
-    import numpy as np
-
-    from deepemd.emd import threads
-
     sizes = _parse_sizes(args.sizes if args.sizes != parser_default("sizes") else "25x25")
     m, n = sizes[0]
     batch = int(args.batches.split(",")[-1]) if args.batches != parser_default("batches") \
@@ -247,38 +253,57 @@ def run_user_path(args: argparse.Namespace) -> int:
           f"cpus {os.cpu_count()}\n")
     print("| features | path | us / problem | x cv2.EMD | x bare kernel | pivots mean (max) |")
     print("|---|---|---|---|---|---|")
-    for name, (u, v) in kinds.items():
-        def build():
-            cost = cost_matrix(u, v)
-            return (cost, *cross_reference_weights(u, v))
-
-        with torch.no_grad():
-            cost, wu, wv = build()
-            c64, a64, b64 = (np.ascontiguousarray(t.double().numpy()) for t in (cost, wu, wv))
-            solve(cost, wu, wv)  # compile / warm
-            times = dict.fromkeys(("cv2", "bare", "user", "own"), float("inf"))
-            for _ in range(args.repeats):
-                times["cv2"] = min(times["cv2"], _best_time(_forward("opencv", cost, wu, wv), 1))
-                times["bare"] = min(times["bare"], _best_time(lambda: solve_batch(c64, a64, b64), 1))
-                for key, torch_pool in (("user", True), ("own", False)):
-                    threads.PREFER_TORCH_POOL = torch_pool
-                    problem = build()  # torch work just before the solve, as in a user's code
-                    t0 = time.perf_counter()
-                    solve(*problem)
-                    times[key] = min(times[key], time.perf_counter() - t0)
-                threads.PREFER_TORCH_POOL = True
-        pivots = solve_batch(c64, a64, b64).pivots
-        rows = [("cv2.EMD loop", times["cv2"], "-"),
-                ("exact, bare kernel (solve_batch, float64 arrays)", times["bare"],
-                 f"{pivots.mean():.1f} ({pivots.max()})"),
-                ("exact, user call path (solve on float32, after torch work)", times["user"],
-                 f"{pivots.mean():.1f} ({pivots.max()})"),
-                ("  the same on an own thread pool instead of torch's", times["own"], "")]
-        for label, t, piv in rows:
-            print(f"| {name} | {label} | {t / batch * 1e6:,.2f} | {times['cv2'] / t:.1f} | "
-                  f"{times['bare'] / t:.2f} | {piv} |", flush=True)
+    cpu_lines = [_user_path_rows(name, u, v, args.repeats) for name, (u, v) in kinds.items()]
+    print("\nCPU time of one thread (less sensitive to the machine's load than the wall times "
+          "above, not immune: contention for caches and cores inflates it too; two threads on "
+          "an idle 2-core machine can at best double the ratio):")
+    for line in cpu_lines:
+        print(line)
     print(f"loadavg at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
+
+
+def _user_path_rows(name: str, u: torch.Tensor, v: torch.Tensor, repeats: int) -> str:
+    """Print the user-path rows of one feature kind; return its one-thread CPU-time line."""
+    import numpy as np
+
+    from deepemd.emd import threads
+
+    def build():
+        cost = cost_matrix(u, v)
+        return (cost, *cross_reference_weights(u, v))
+
+    batch = u.shape[0]
+    with torch.no_grad():
+        cost, wu, wv = build()
+        c64, a64, b64 = (np.ascontiguousarray(t.double().numpy()) for t in (cost, wu, wv))
+        solve(cost, wu, wv)  # load the compiled kernels (both dtypes) before any timing
+        solve_batch(c64, a64, b64)
+        _forward("opencv", cost[:2], wu[:2], wv[:2])()
+        times = dict.fromkeys(("cv2", "bare", "user", "own"), float("inf"))
+        for _ in range(repeats):
+            times["cv2"] = min(times["cv2"], _best_time(_forward("opencv", cost, wu, wv), 1))
+            times["bare"] = min(times["bare"], _best_time(lambda: solve_batch(c64, a64, b64), 1))
+            for key, torch_pool in (("user", True), ("own", False)):
+                threads.PREFER_TORCH_POOL = torch_pool
+                problem = build()  # torch work just before the solve, as in a user's code
+                t0 = time.perf_counter()
+                solve(*problem)
+                times[key] = min(times[key], time.perf_counter() - t0)
+            threads.PREFER_TORCH_POOL = True
+    pivots = solve_batch(c64, a64, b64).pivots
+    piv = f"{pivots.mean():.1f} ({pivots.max()})"
+    rows = [("cv2.EMD loop", times["cv2"], "-"),
+            ("exact, bare kernel (solve_batch, float64 arrays)", times["bare"], piv),
+            ("exact, user call path (solve on float32, after torch work)", times["user"], piv),
+            ("  the same on an own thread pool instead of torch's", times["own"], "")]
+    for label, t, p in rows:
+        print(f"| {name} | {label} | {t / batch * 1e6:,.2f} | {times['cv2'] / t:.1f} | "
+              f"{times['bare'] / t:.2f} | {p} |", flush=True)
+    cpu_cv2 = _best_cpu(_forward("opencv", cost, wu, wv), repeats)
+    cpu_kernel = _best_cpu(lambda: solve_batch(c64, a64, b64, threads=1), repeats)
+    return (f"{name}: per problem cv2.EMD {cpu_cv2 / batch * 1e6:,.2f} us, bare kernel "
+            f"{cpu_kernel / batch * 1e6:,.2f} us: {cpu_cv2 / cpu_kernel:.1f}x")
 
 
 def parser_default(name: str) -> object:

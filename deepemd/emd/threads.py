@@ -58,7 +58,7 @@ def run_on_threads(work: Callable[[], None], threads: int) -> None:
     def guarded(_data=None) -> None:
         try:
             work()
-        except BaseException as exc:  # re-raised below, on the calling thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, on the calling thread
             errors.append(exc)
 
     if uses_torch_pool():
