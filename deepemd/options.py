@@ -99,6 +99,27 @@ class BatchNormOptions:
     bn_affine: str = option("train", "BatchNorm scale and shift: train or frozen", choices=("train", "frozen"))
 
 
+@dataclass
+class LabelSpaceOptions:
+    """The label space of the EMD class losses (``deepemd.labels``), for both jobs' classifiers."""
+
+    hierarchy: Optional[str] = option(
+        None, "label space of the EMD losses: chain (classes in order), names (<group>_<member> class names), "
+        "folders (nested class folders of data_root), a CSV 'class,parent[,edge_length]' or CUB table, or a "
+        "CIFAR-100 python folder")
+    emd_rho: Optional[float] = option(None, "exponent rho of relaxed-emd (default 2)", minimum=0.0,
+                                      exclusive_minimum=True)
+    ce_weight: Optional[float] = option(None, "weight of cross-entropy in ce+relaxed-emd (default 1)", minimum=0.0)
+
+
+def class_loss_option(what: str) -> str:
+    """A class-loss name option (few-shot ``loss``, retrieval ``label_loss``): cross-entropy or an
+    EMD over the label space of :class:`LabelSpaceOptions`."""
+    return option("ce", f"{what}: ce, or EMD over the label hierarchy: emd (exact), relaxed-emd (edge-wise "
+                  "|.|^rho, rho 2), ce+relaxed-emd (docs/labels.md)",
+                  choices=registry_choices("deepemd.labels.losses", "LOSS_NAMES"))
+
+
 def split_option(default: str) -> str:
     """The ``split`` option: which part of the layout a command reads."""
     return option(default, "split to read: train / val / test / all (folder layout without split.csv: "
@@ -110,5 +131,5 @@ def out_option(default: str) -> str:
     return option(default, "output folder")
 
 
-__all__ = ["BUILTIN_ROOTS", "BatchNormOptions", "DataOptions", "ModelOptions", "LocalKindOption", "LocalOptions",
+__all__ = ["BUILTIN_ROOTS", "BatchNormOptions", "LabelSpaceOptions", "class_loss_option", "DataOptions", "ModelOptions", "LocalKindOption", "LocalOptions",
            "split_option", "out_option"]

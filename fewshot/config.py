@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from deepemd.config import option, registry_choices, same_option
-from deepemd.options import (BUILTIN_ROOTS, BatchNormOptions, DataOptions, LocalKindOption, LocalOptions,
-                             ModelOptions, out_option, split_option)
+from deepemd.options import (BUILTIN_ROOTS, BatchNormOptions, DataOptions, LabelSpaceOptions, LocalKindOption,
+                             LocalOptions, ModelOptions, class_loss_option, out_option, split_option)
 
 
 @dataclass
@@ -50,7 +50,7 @@ class ScheduleOptions:
 
 
 @dataclass
-class PretrainConfig(BatchNormOptions, ScheduleOptions, ValidationOptions, FewShotOptions):
+class PretrainConfig(LabelSpaceOptions, BatchNormOptions, ScheduleOptions, ValidationOptions, FewShotOptions):
     """`deepemd fewshot pretrain`: a linear classifier over the train classes (+ rotation loss)."""
 
     epochs: int = option(120, "passes over the train split", minimum=0)
@@ -63,16 +63,7 @@ class PretrainConfig(BatchNormOptions, ScheduleOptions, ValidationOptions, FewSh
     val_way: int = option(5, "validation episode classes", minimum=2)
     val_shot: int = option(1, "validation episode shots", minimum=1)
     val_query: int = option(15, "validation queries per class", minimum=1)
-    loss: str = option("ce", "class loss: ce, or EMD over the label hierarchy: emd (exact), relaxed-emd "
-                       "(edge-wise |.|^rho, rho 2), ce+relaxed-emd (docs/labels.md)",
-                       choices=("ce", "emd", "relaxed-emd", "ce+relaxed-emd"))
-    hierarchy: Optional[str] = option(None, "label space of the EMD losses: chain (classes in order), names "
-                                      "(<group>_<member> class names), folders (nested class folders of "
-                                      "data_root), a CSV 'class,parent[,edge_length]' or CUB table, or a "
-                                      "CIFAR-100 python folder")
-    emd_rho: Optional[float] = option(None, "exponent rho of relaxed-emd (default 2)", minimum=0.0,
-                                      exclusive_minimum=True)
-    ce_weight: Optional[float] = option(None, "weight of cross-entropy in ce+relaxed-emd (default 1)", minimum=0.0)
+    loss: str = class_loss_option("class loss")
 
 
 @dataclass

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from deepemd.config import option, registry_choices, same_option
-from deepemd.options import BatchNormOptions, DataOptions, LocalKindOption, LocalOptions, ModelOptions, out_option, split_option
+from deepemd.options import (BatchNormOptions, DataOptions, LabelSpaceOptions, LocalKindOption, LocalOptions,
+                             ModelOptions, class_loss_option, out_option, split_option)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class EvalConfig(RetrievalModelOptions, RetrievalLocalOptions, RetrievalDataOpti
 
 
 @dataclass
-class TrainConfig(BatchNormOptions, RetrievalModelOptions, RetrievalDataOptions):
+class TrainConfig(LabelSpaceOptions, BatchNormOptions, RetrievalModelOptions, RetrievalDataOptions):
     """`deepemd retrieval train`: a pml loss on the train classes, checkpoint every epoch."""
 
     backbone: str = same_option(ModelOptions, "backbone", "resnet50")
@@ -78,15 +79,7 @@ class TrainConfig(BatchNormOptions, RetrievalModelOptions, RetrievalDataOptions)
     augment: bool = option(True, "random resized crops + flips while training")
     out: str = out_option("runs/retrieval-train")
     resume: bool = option(True, "continue from <out>/checkpoint.pt when it exists")
-    label_loss: str = option("ce", "normsoftmax's loss on its proxy logits: ce, or EMD over the label hierarchy: "
-                             "emd, relaxed-emd, ce+relaxed-emd (docs/labels.md)",
-                             choices=("ce", "emd", "relaxed-emd", "ce+relaxed-emd"))
-    hierarchy: Optional[str] = option(None, "label space of --label-loss: chain, names (<group>_<member> class "
-                                      "names), folders (nested class folders of data_root), a CSV "
-                                      "'class,parent[,edge_length]' or CUB table, or a CIFAR-100 python folder")
-    emd_rho: Optional[float] = option(None, "exponent rho of relaxed-emd (default 2)", minimum=0.0,
-                                      exclusive_minimum=True)
-    ce_weight: Optional[float] = option(None, "weight of cross-entropy in ce+relaxed-emd (default 1)", minimum=0.0)
+    label_loss: str = class_loss_option("normsoftmax's loss on its proxy logits")
 
 
 @dataclass
