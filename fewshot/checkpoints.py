@@ -93,11 +93,15 @@ def sgd_with_steps(model: nn.Module, cfg: Any) -> tuple[torch.optim.SGD, torch.o
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
 
 
-def resume_from(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                scheduler: Any, config: Any) -> tuple[int, dict[str, Any]]:
-    """Restore a training state (each module under its saved key, optimiser, schedule, RNGs);
-    return the epoch to continue with and the best-so-far record. A run whose ``config``
-    differs from the checkpoint's in an option of :data:`FROZEN` is refused, not mixed in."""
+def resume_or_start(config: Any, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                    scheduler: Any) -> tuple[int, dict[str, Any]]:
+    """``(epoch to run next, best-so-far record)``: a fresh start, or, with ``config.resume`` and
+    an ``OUT/last.pt``, its training state restored (each module under its saved key, optimiser,
+    schedule, RNGs). A run whose ``config`` differs from the checkpoint's in an option of
+    :data:`FROZEN` is refused, not mixed in."""
+    path = Path(config.out) / LAST
+    if not (config.resume and path.is_file()):
+        return 0, {"accuracy": -1.0, "epoch": -1}
     state = load_training_state(path)
     check_resumable(state.get("config", {}), config, FROZEN, path)
     for key, module in modules.items():

@@ -28,7 +28,7 @@ from deepemd.emd import pairwise_similarity
 from deepemd.eval import write_results
 from deepemd import distributed
 from deepemd.fewshot import build
-from deepemd.fewshot.checkpoints import (BEST, LAST, merge_history, resume_from, run_keeping_best,
+from deepemd.fewshot.checkpoints import (BEST, LAST, merge_history, resume_or_start, run_keeping_best,
                                          save_training_state, sgd_with_steps, val_note)
 from deepemd.fewshot.config import TrainConfig
 from deepemd.fewshot.episodes import check_episode_size, episode_indices, episode_labels, evaluate
@@ -96,10 +96,8 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
     val_set = build.dataset(val, cfg, backbone, train=False) if val is not None else None
     optimizer, scheduler = sgd_with_steps(model, cfg)
     out = Path(cfg.out)
-    start_epoch, best = 0, {"accuracy": -1.0, "epoch": -1}
-    if cfg.resume and (out / LAST).is_file():
-        start_epoch, best = resume_from(out / LAST, {"backbone": backbone}, optimizer, scheduler, cfg)
-    elif rank.main and val_set is not None:  # epoch -1 = the starting point, a candidate for best.pt
+    start_epoch, best = resume_or_start(cfg, {"backbone": backbone}, optimizer, scheduler)
+    if start_epoch == 0 and rank.main and val_set is not None:  # epoch -1 = the start, a candidate for best.pt
         start_acc = validate(cfg, backbone, extractor, val_set, device, progress)
         best = {"accuracy": start_acc, "epoch": -1}
         save_training_state(out / BEST, backbone=backbone, optimizer=optimizer, scheduler=scheduler,

@@ -24,7 +24,7 @@ from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
 from deepemd import distributed
 from deepemd.fewshot import build
-from deepemd.fewshot.checkpoints import (BEST, LAST, merge_history, resume_from, run_keeping_best,
+from deepemd.fewshot.checkpoints import (BEST, LAST, merge_history, resume_or_start, run_keeping_best,
                                          save_training_state, sgd_with_steps, val_note)
 from deepemd.fewshot.config import PretrainConfig
 from deepemd.fewshot.episodes import check_episode_size, evaluate
@@ -121,10 +121,7 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
     val_set = build.dataset(val, cfg, backbone, train=False) if val is not None else None
     optimizer, scheduler = sgd_with_steps(model, cfg)
     out = Path(cfg.out)
-    start_epoch, best = 0, {"accuracy": -1.0, "epoch": -1}
-    if cfg.resume and (out / LAST).is_file():
-        start_epoch, best = resume_from(out / LAST, {"backbone": backbone, "heads": heads}, optimizer,
-                                       scheduler, cfg)
+    start_epoch, best = resume_or_start(cfg, {"backbone": backbone, "heads": heads}, optimizer, scheduler)
     ddp_model = distributed.wrap(model, rank, device)
     if rank.distributed:
         sampler = DistributedSampler(train_set, rank.world, rank.rank, shuffle=True, seed=cfg.seed, drop_last=True)
