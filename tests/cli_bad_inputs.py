@@ -211,7 +211,7 @@ def _image_not_readable(tmp: Path):
     root = _images(tmp / "data")
     private = root / "class3" / "2.png"
     private.chmod(0o600)
-    return _retrieval_eval(root, tmp / "out"), str(private)
+    return _fewshot_test(root, tmp / "out", "--methods", "protonet"), str(private)
 
 
 def _config_out_is_a_file(tmp: Path):
