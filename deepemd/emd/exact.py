@@ -140,7 +140,7 @@ def _abs_max(c, word):
     raise NotImplementedError
 
 
-@overload(_abs_max, jit_options={"cache": True})
+@overload(_abs_max)
 def _abs_max_typed(c, word):
     """With the sign bit cleared, floats order like their bits read as integers: the maximum
     is a vectorised integer reduction over the bit patterns, and NaN and inf (exponent all
@@ -596,7 +596,7 @@ def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | N
                            fix="check the network output (diverged training, bad input image)")
     for k in np.flatnonzero(pivots == IMPRECISE):
         pivots[k] = _refine(cost[k], a[k], b[k], flow[k], max_pivots, (distance, flow, alpha, beta),
-                            k)
+                            int(k))
     for k in np.flatnonzero(pivots == CAPPED):
         distance[k], flow[k], alpha[k], beta[k] = _fallback(cost[k], a[k], b[k])
     return ExactSolution(distance, flow, alpha, beta, pivots)
