@@ -130,3 +130,15 @@ def test_sampling_on_a_flat_image_gives_its_colour():
 def test_unknown_kind_is_a_clear_error(tiny_backbone):
     with pytest.raises(DeepEMDError, match="unknown local feature kind 'grids'"):
         local.create("grids", tiny_backbone)
+
+
+def test_backbone_in_pieces_gives_the_same_maps(tiny_backbone):
+    from deepemd.local.crops import forward_chunks
+
+    counted = CountingBackbone(tiny_backbone).eval()
+    x = torch.randn(7, 3, 16, 16)
+    with torch.no_grad():
+        whole = tiny_backbone(x)
+        pieces = forward_chunks(counted, x, pixels=3 * 16 * 16)
+    assert counted.calls == [3, 3, 1]
+    torch.testing.assert_close(pieces, whole)

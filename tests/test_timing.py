@@ -1,0 +1,49 @@
+"""Stage timings recorded from inside the job code, the whole-job ETA, and the long-run warning."""
+from __future__ import annotations
+
+import time
+
+from deepemd.timing import JobClock, format_seconds, record, recording, stage
+
+
+def test_stages_are_recorded_only_inside_a_recording():
+    with stage("outside"):
+        pass
+    with recording() as timer:
+        with stage("a"):
+            time.sleep(0.01)
+        with stage("a"):
+            pass
+        record("b", 2.5)
+        with recording() as inner:
+            with stage("c"):
+                pass
+    assert set(timer.seconds) == {"a", "b"} and timer.calls["a"] == 2
+    assert timer.get("a") >= 0.01 and timer.get("b") == 2.5 and set(inner.seconds) == {"c"}
+
+
+def test_job_clock_replaces_each_guess_by_the_measured_rate():
+    clock = JobClock()
+    clock.plan("features", 100, 1.0)
+    clock.plan("rerank", 50, 0.1)
+    assert clock.remaining() == 100 + 5
+    clock.advance("features", 10, 2.0)  # measured: 0.2 s per image
+    assert abs(clock.remaining() - (90 * 0.2 + 5)) < 1e-9
+    assert "job ETA 23s" in clock.describe()
+    assert format_seconds(75) == "1m15s" and format_seconds(4000) == "1h06m"
+
+
+def test_long_run_warning_names_the_cheaper_options():
+    from deepemd.retrieval.config import EvalConfig
+    from deepemd.retrieval.evaluate import long_run_warning
+
+    cfg = EvalConfig(data_root="x", image_size=224)
+    clock = JobClock()
+    clock.plan("features", 2000, 0.5)
+    clock.plan("rerank: +DeepEMD-FCN", 2000, 0.01)
+    text = long_run_warning(clock, cfg, 2000)
+    assert "about 17m" in text and "--methods fcn" in text and "--image-size (now 224 px" in text
+    assert "--per-class" in text
+    quick = JobClock()
+    quick.plan("features", 10, 0.5)
+    assert long_run_warning(quick, cfg, 10) is None
