@@ -45,8 +45,8 @@ def _fewshot_test(root: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _retrieval_eval(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["retrieval", "eval", "--layout", "folder", "--data-root", str(root),
-            "--backbone", "resnet12", "--weights", "none", "--image-size", "32", "--out", str(out), *extra]
+    return ["retrieval", "eval", "--layout", "folder", "--data-root", str(root), *TINY_RESNET,
+            "--weights", "none", "--out", str(out), *extra]
 
 
 @dataclass
