@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from deepemd import backbones
-from deepemd.emd import cross_reference_weights, cost_matrix, similarity, solve
+from deepemd.emd import cost_matrix, cross_reference_weights, similarity, solve
 
 Row = dict[str, str]
 

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from deepemd.data.cache import cache_dir
-from deepemd.eval.tables import to_markdown
 from deepemd.emd import pairwise_similarity
+from deepemd.eval.tables import to_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from deepemd.emd.sfc import SFCFit, minibatches
-from deepemd.registry import Registry
 from deepemd.fewshot.episode_emd import NodeSets, episode_similarity, node_dots, raw_dots
 from deepemd.fewshot.features import FeatureCache
+from deepemd.registry import Registry
 
 
 @dataclass

@@ -7,6 +7,7 @@ episode, ``fit_sfc`` per episode) scored on the same seeded episodes through ``e
 import numpy as np
 import pytest
 import torch
+from fewshot_reference import REFERENCE
 
 from deepemd.emd import pairwise_similarity
 from deepemd.emd.sfc import SFCFit
@@ -14,7 +15,6 @@ from deepemd.fewshot.episode_emd import NodeSets, episode_similarity
 from deepemd.fewshot.episodes import episode_indices, episode_labels, evaluate, make_batch, make_episode
 from deepemd.fewshot.features import FeatureCache
 from deepemd.fewshot.methods import METHODS, MethodOptions, default_methods
-from fewshot_reference import REFERENCE
 
 NODES, DIM, CLASSES, PER_CLASS = 4, 24, 7, 8
 
