@@ -4,6 +4,8 @@ Python API (the CLI `deepemd retrieval train | index | search | eval` wraps the 
 
 - :func:`run_eval` (``EvalConfig``): leave-one-out P@1 / RP / MAP@R, raw vs +DeepEMD.
 - :func:`train` (``TrainConfig``): a pytorch-metric-learning loss, resumable, DDP under torchrun.
+- :class:`Gallery`: ``Gallery.open(path).search(images, k)`` -- a built gallery with the network
+  that built it (rebuilt from the options it records), FAISS shortlist + DeepEMD rerank.
 - :func:`run_index` / :func:`run_search` (``IndexConfig`` / ``SearchConfig``): build a gallery
   (FAISS index + local-feature store), or a store for your own FAISS index, and query it.
 - :class:`Reranker` / :class:`Shortlist`: rescore any shortlist (e.g. a FAISS search of your own
@@ -22,7 +24,7 @@ _EXPORTS = {
     "Reranker": "deepemd.retrieval.rerank", "Shortlist": "deepemd.eval.shortlist",
     "rerank": "deepemd.retrieval.rerank", "RerankSettings": "deepemd.retrieval.rerank",
     "DeepEMDSimilarity": "deepemd.retrieval.distance", "flatten_sets": "deepemd.retrieval.distance",
-    "open_gallery": "deepemd.retrieval.gallery", "search_gallery": "deepemd.retrieval.gallery",
+    "Gallery": "deepemd.retrieval.gallery", "open_gallery": "deepemd.retrieval.gallery", "search_gallery": "deepemd.retrieval.gallery",
     "build_foreign_store": "deepemd.retrieval.gallery",
     "EvalConfig": "deepemd.retrieval.config", "TrainConfig": "deepemd.retrieval.config",
     "IndexConfig": "deepemd.retrieval.config", "SearchConfig": "deepemd.retrieval.config",

@@ -5,13 +5,17 @@ Every stage (``train``, ``index``, ``search``, ``eval``) builds here on top of t
 """
 from __future__ import annotations
 
-from typing import Iterable
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 
 from deepemd import build as core
 from deepemd.data import ImageList
-from deepemd.retrieval.config import EvalConfig, IndexConfig, SearchConfig, TrainConfig
+from deepemd.options import LocalKindOption
+from deepemd.retrieval.config import (EvalConfig, IndexConfig, RetrievalLocalOptions, RetrievalModelOptions,
+                                      SearchConfig, TrainConfig)
 from deepemd.retrieval.model import Embedder, LocalSpec, build_backbone, load_trained
 
 
@@ -26,8 +30,15 @@ def local_specs(cfg: EvalConfig | IndexConfig | SearchConfig, kinds: Iterable[st
                            cfg.patch_size, cfg.seed) for kind in dict.fromkeys(kinds))
 
 
+#: The options that rebuild an embedding network and its local sets (a gallery records them).
+RECIPE_GROUPS = (RetrievalModelOptions, RetrievalLocalOptions, LocalKindOption)
+
+
 def make_embedder(cfg: EvalConfig | IndexConfig | SearchConfig, specs: tuple[LocalSpec, ...]) -> Embedder:
-    """The network named by ``--checkpoint`` (a trained model) or ``--backbone/--weights``."""
+    """The network named by ``--checkpoint`` (a trained model) or ``--backbone/--weights``.
+
+    ``model.recipe`` keeps the options that made it (files as absolute paths), so a gallery can
+    record them and :meth:`Gallery.open` can rebuild the same network from the folder alone."""
     if cfg.checkpoint:
         net, info = load_trained(cfg.checkpoint)
         if cfg.image_size:
@@ -35,7 +46,21 @@ def make_embedder(cfg: EvalConfig | IndexConfig | SearchConfig, specs: tuple[Loc
     else:
         net, info = build_backbone(cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size, cfg.seed,
                                    widths=tuple(cfg.backbone_widths))
-    return Embedder(net, info, specs)
+    model = Embedder(net, info, specs)
+    model.recipe = recipe(cfg)
+    return model
+
+
+def recipe(cfg: EvalConfig | IndexConfig | SearchConfig) -> dict[str, Any]:
+    """The network and local-set options of ``cfg`` as plain values, files made absolute."""
+    names = {f.name for group in RECIPE_GROUPS for f in dataclasses.fields(group)} - {"device", "batch_size",
+                                                                                      "workers"}
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
+    for key in ("checkpoint", "weights"):
+        value = values.get(key)
+        if value and Path(str(value)).expanduser().exists():
+            values[key] = str(Path(str(value)).expanduser().resolve())
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 def make_loader(images: ImageList, model: Embedder, batch_size: int, workers: int,
@@ -44,4 +69,4 @@ def make_loader(images: ImageList, model: Embedder, batch_size: int, workers: in
     return core.image_loader(images, model.backbone, model.info.image_size, batch_size, workers, train)
 
 
-__all__ = ["dataset_images", "local_specs", "make_embedder", "make_loader"]
+__all__ = ["dataset_images", "local_specs", "make_embedder", "make_loader", "recipe"]

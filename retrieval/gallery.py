@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from deepemd.data import ImageList
+from deepemd.eval.shortlist import Shortlist
 from deepemd.errors import DeepEMDError
 from deepemd.io import atomic_path
 from deepemd.manifest import REPAIR_FIX, check_file, crc32, fingerprint_diffs, read_checked
@@ -72,6 +73,52 @@ class Gallery:
     ids: np.ndarray          # FAISS id of each store row
     paths: list[Path]        # image of each store row (absolute)
     stats: dict[str, int] = field(default_factory=dict)  # reused / embedded rows of the last write
+
+    model: Embedder | None = None  # the network that embeds queries (set by Gallery.open)
+    kind: str = "fcn"
+
+    @classmethod
+    def open(cls, path: str | Path, device: str | None = None) -> "Gallery":
+        """Open gallery ``path`` with the network that built it, rebuilt from the options its
+        ``gallery.json`` records (and checked against its fingerprint: same weights hash)."""
+        from deepemd.config import build_config
+        from deepemd.retrieval.build import local_specs, make_embedder
+        from deepemd.retrieval.config import SearchConfig
+
+        manifest = read_manifest(Path(path))
+        if not manifest.get("options"):
+            raise DeepEMDError("this gallery does not record the options of its network", Path(path),
+                               "rebuild it with `deepemd retrieval index` (it reuses unchanged rows), or open it with "
+                               "open_gallery(path, model, kind)")
+        cfg = build_config(SearchConfig, {**manifest["options"], "gallery": str(path), "device": device},
+                           str(Path(path) / GALLERY_MANIFEST))
+        model = make_embedder(cfg, local_specs(cfg, [cfg.local]))
+        gallery = open_gallery(Path(path), model, cfg.local)
+        gallery.model, gallery.kind = model, cfg.local
+        return gallery
+
+    def search(self, queries: list[str | Path] | np.ndarray, k: int = 10, rerank: bool = True,
+               settings: RerankSettings | None = None, batch_size: int = 32) -> Shortlist:
+        """Top ``k`` gallery entries per query, best first (FAISS ids; :attr:`paths` via
+        :meth:`rows`). ``queries``: image paths, embedded by the gallery's network (the FAISS
+        shortlist is then reranked by DeepEMD unless ``rerank=False``), or global vectors
+        ``(Q, D)`` (no local sets: no rerank)."""
+        if isinstance(queries, np.ndarray):
+            if rerank:
+                raise DeepEMDError("query vectors carry no local sets to rerank with",
+                                   fix="give query images, or search(vectors, rerank=False)")
+            scores, ids = faiss_index.search(self.index, queries.astype(np.float32), k)
+            return Shortlist(ids, scores)
+        if self.model is None:
+            raise DeepEMDError("this gallery was opened without its network", fix="open it with Gallery.open(path)")
+        paths = [Path(q) for q in queries]
+        glob, sets = make_producer(self.model, self.kind, paths, batch_size, 0,
+                                   next(self.model.parameters()).device, with_vectors=True)(np.arange(len(paths)))
+        if rerank:
+            scores, ids, _ = search_gallery(self, glob, sets, k, settings or RerankSettings())
+        else:
+            scores, ids = faiss_index.search(self.index, glob, k)
+        return Shortlist(ids, scores)
 
     def rows(self, faiss_ids: np.ndarray) -> np.ndarray:
         """Store rows of FAISS ids (identity for deepemd-built indexes)."""
@@ -384,6 +431,7 @@ def write_gallery(model: Embedder, kind: str, paths: list[Path], out: Path, spec
             index = faiss_index.build_index_from_store(store, spec=spec, metric="ip", progress=progress)
             faiss_index.save_index(index, staging / INDEX_FILE, fp)
         manifest = {"format": GALLERY_FORMAT, "version": GALLERY_VERSION, "fingerprint": model.fingerprint(kind),
+                    "options": getattr(model, "recipe", None),
                     "count": len(paths), "index": spec is not None, "store_dtype": store_dtype,
                     "files": {name: {"bytes": (staging / name).stat().st_size,
                                      "crc32": crc32((staging / name).read_bytes())} for name in (ID_MAP, SOURCES)}}
