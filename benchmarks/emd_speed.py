@@ -6,7 +6,7 @@
 import argparse
 import sys
 
-from deepemd.emd.bench import add_arguments, run
+from deepemd.bench.emd import add_arguments, run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -21,16 +21,6 @@ from deepemd.io import USER_ERRNOS, check_output_folder, os_error
 ENTRY_POINT_GROUP = "deepemd.commands"
 
 
-def _register_bench(subparsers: argparse._SubParsersAction) -> None:
-    bench = subparsers.add_parser("bench", help="speed tables (EMD solvers)")
-    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{emd}")
-    emd = sub.add_parser("emd", help="per-problem time of each EMD solver, ratios to cv2.EMD and qpth")
-    from deepemd.emd.bench import add_arguments, run  # local: keeps `deepemd --help` fast
-
-    add_arguments(emd)
-    emd.set_defaults(func=run)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepemd",
@@ -39,7 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _register_bench(subparsers)
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         ep.load()(subparsers)
     return parser

@@ -92,7 +92,7 @@ def test_uniform_weights_and_sinkhorn_route_through_similarity():
 def test_bench_prints_a_ratio_table(capsys):
     import argparse
 
-    from deepemd.emd.bench import add_arguments, run
+    from deepemd.bench.emd import add_arguments, run
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -110,7 +110,7 @@ def test_bench_prints_a_ratio_table(capsys):
 def test_bench_pairwise_mode_prints_the_rerank_table(capsys):
     import argparse
 
-    from deepemd.emd.bench import add_arguments, run
+    from deepemd.bench.emd import add_arguments, run
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

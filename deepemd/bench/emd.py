@@ -392,3 +392,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nqpth with a CPU batch of 2 at 25x25: {probe_qpth_batch()}")
     print(f"loadavg at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """``deepemd bench emd``."""
+    parser = subparsers.add_parser("emd", help="per-problem time of each EMD solver, ratios to cv2.EMD and qpth")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
