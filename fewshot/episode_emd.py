@@ -28,18 +28,20 @@ from deepemd.errors import DeepEMDError
 @dataclass
 class NodeSets:
     """Local feature sets ``(..., m, d)`` with what the EMD cost and weights need of each set,
-    computed once per set: ``raw`` (the features: cross-reference weights, KNN), ``feats`` (what
-    the cost's dot products are taken of: channel-centred when ``center``, scaled per node where
-    their norms would leave the dtype's safe range, as pairwise_similarity does), ``norms``
-    (theirs), ``set_means`` (``(..., d)`` raw mean node) and ``means`` (``(..., m)`` each node's
-    raw channel mean when centred, else None)."""
+    computed once per set: ``feats`` (what the cost's dot products are taken of: channel-centred
+    when ``center``, scaled per node where their norms would leave the dtype's safe range, as
+    pairwise_similarity does), ``norms`` (theirs), ``set_means`` (``(..., d)`` raw mean node),
+    ``means`` (``(..., m)`` each node's raw channel mean when centred, else None) and
+    ``scaled`` (whether ``feats`` were rescaled: then raw products need the raw features).
+    The raw features themselves are gathered only if asked for (:attr:`raw`): products with
+    them follow from ``feats`` and ``means`` (:func:`raw_products`)."""
 
-    raw: torch.Tensor
     feats: torch.Tensor
     norms: torch.Tensor
     set_means: torch.Tensor
     means: torch.Tensor | None
-    scaled: bool  # feats were rescaled per node: raw dots no longer follow from their dots
+    scaled: bool
+    raw_rows: tuple[torch.Tensor, torch.Tensor | slice]  # (all raw features, this set's rows)
 
     @classmethod
     def of(cls, x: torch.Tensor, center: bool) -> "NodeSets":
@@ -48,12 +50,33 @@ class NodeSets:
         norms = torch.linalg.vector_norm(f, dim=-1)
         require_finite("local features", x, norms)
         safe, norms = safe_norms(f, norms)
-        return cls(x, safe, norms, x.mean(dim=-2), x.mean(dim=-1) if center else None, safe is not f)
+        return cls(safe, norms, x.mean(dim=-2), x.mean(dim=-1) if center else None, safe is not f,
+                   (x, slice(None)))
+
+    @property
+    def raw(self) -> torch.Tensor:
+        source, rows = self.raw_rows
+        return source[rows]
 
     def take(self, idx: torch.Tensor) -> "NodeSets":
         """Rows ``idx`` of the leading axis (``(E, n)`` indices give ``(E, n, ...)`` sets)."""
-        return NodeSets(self.raw[idx], self.feats[idx], self.norms[idx], self.set_means[idx],
-                        None if self.means is None else self.means[idx], self.scaled)
+        if not isinstance(self.raw_rows[1], slice):
+            raise DeepEMDError("NodeSets.take indexes the sets of a whole run, not a selection")
+        return NodeSets(self.feats[idx], self.norms[idx], self.set_means[idx],
+                        None if self.means is None else self.means[idx], self.scaled, (self.raw_rows[0], idx))
+
+
+def raw_products(x: NodeSets, w: torch.Tensor) -> torch.Tensor:
+    """``raw (E,P,m,d) @ w (E,d,k) -> (E,P*m,k)``, from the cost features when they are the raw
+    ones centred: ``raw = feats + mean``, so ``raw @ w = feats @ w + mean * w.sum(d)`` (exact up to
+    rounding, and the raw features are never gathered)."""
+    e, p, m, d = x.feats.shape
+    if x.scaled:
+        return torch.bmm(x.raw.reshape(e, p * m, d), w)
+    out = torch.bmm(x.feats.reshape(e, p * m, d), w)
+    if x.means is not None:
+        out = out + x.means.reshape(e, p * m, 1) * w.sum(dim=1, keepdim=True)
+    return out
 
 
 def node_dots(a: NodeSets, b: NodeSets) -> torch.Tensor:
@@ -73,7 +96,7 @@ def raw_dots(dots: torch.Tensor, a: NodeSets, b: NodeSets) -> torch.Tensor | Non
         return None
     if a.means is None or b.means is None:
         return dots
-    d = a.raw.shape[-1]
+    d = a.feats.shape[-1]
     return dots + d * a.means[:, :, :, None, None] * b.means[:, None, None, :, :]
 
 
@@ -87,19 +110,20 @@ def episode_similarity(a: NodeSets, b: NodeSets, weights: str = "cross", solver:
     """
     if weights not in ("cross", "uniform"):
         raise DeepEMDError(f"unknown weights {weights!r} for pairwise scoring", fix="use one of ['cross', 'uniform']")
-    if a.raw.dim() != 4 or b.raw.dim() != 4 or a.raw.shape[0] != b.raw.shape[0] or a.raw.shape[3] != b.raw.shape[3]:
+    sa, sb = a.feats.shape, b.feats.shape
+    if len(sa) != 4 or len(sb) != 4 or sa[0] != sb[0] or sa[3] != sb[3]:
         raise DeepEMDError(f"episode sets must be (episodes, sets, nodes, channels) with equal episodes and "
-                           f"channels, got {tuple(a.raw.shape)} and {tuple(b.raw.shape)}")
-    e, p, m, d = a.raw.shape
-    q, n = b.raw.shape[1:3]
+                           f"channels, got {tuple(sa)} and {tuple(sb)}")
+    e, p, m, d = sa
+    q, n = sb[1:3]
     if dots is None:
         dots = node_dots(a, b)
     cos = dots / (a.norms[:, :, :, None, None] * b.norms[:, None, None, :, :])
     cost = (1.0 - cos).permute(0, 1, 3, 2, 4).reshape(e * p * q, m, n)
     total = equal_mass(m, n)
     if weights == "cross":  # relu(u_i . mean_j v_j) + eps: matmuls against the other side's set means
-        su = torch.bmm(a.raw.reshape(e, p * m, d), b.set_means.transpose(1, 2)).reshape(e, p, m, q)
-        sv = torch.bmm(b.raw.reshape(e, q * n, d), a.set_means.transpose(1, 2)).reshape(e, q, n, p)
+        su = raw_products(a, b.set_means.transpose(1, 2)).reshape(e, p, m, q)
+        sv = raw_products(b, a.set_means.transpose(1, 2)).reshape(e, q, n, p)
         su = torch.relu(su.permute(0, 1, 3, 2)) + WEIGHT_EPS  # (E,P,Q,m)
         sv = torch.relu(sv.permute(0, 3, 1, 2)) + WEIGHT_EPS  # (E,P,Q,n)
         wu = (su * (total / su.sum(dim=-1, keepdim=True))).reshape(e * p * q, m)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from deepemd.emd.sfc import SFCFit, minibatches
-from deepemd.fewshot.episode_emd import NodeSets, episode_similarity, node_dots, raw_dots
+from deepemd.fewshot.episode_emd import NodeSets, episode_similarity, node_dots, raw_dots, raw_products
 from deepemd.fewshot.features import FeatureCache
 from deepemd.registry import Registry
 
@@ -181,17 +181,14 @@ def sfc_prototypes(eb: EpisodeBatch, o: MethodOptions) -> torch.Tensor:
     episode walks the same seeded mini-batch order (each episode's generator had the same seed),
     and one SGD over the stacked prototypes on the SUM of the episodes' mean losses gives each
     episode its own update; each step's EMD problems of all episodes are one solve."""
-    support = eb.nodes("support", "local", o.center)
-    e, s, m, d = support.raw.shape
-    protos = support.raw.reshape(e, eb.way, eb.shot, m, d).mean(dim=2).clone().requires_grad_(True)
+    sets = eb.rows("support", "local")
+    e, s, m, d = sets.shape
+    protos = sets.reshape(e, eb.way, eb.shot, m, d).mean(dim=2).clone().requires_grad_(True)
     opt = torch.optim.SGD([protos], lr=o.sfc.lr, momentum=o.sfc.momentum, dampening=o.sfc.dampening)
     labels = eb.support_labels
     with torch.enable_grad():
         for idx in minibatches(s, o.sfc, torch.Generator().manual_seed(o.seed)):
-            batch = NodeSets(*(None if t is None else t[:, idx] for t in
-                               (support.raw, support.feats, support.norms, support.set_means, support.means)),
-                             support.scaled)
-            logits = _emd(batch, NodeSets.of(protos, o.center), o)  # (E, batch, way)
+            logits = _emd(NodeSets.of(sets[:, idx], o.center), NodeSets.of(protos, o.center), o)  # (E, batch, way)
             loss = F.cross_entropy(logits.reshape(-1, eb.way), labels[idx].repeat(e), reduction="sum") / len(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -355,9 +352,14 @@ def prediction_fusion(o: MethodOptions) -> Method:
     class means), the predicted probabilities are averaged over cells."""
     def run(eb: EpisodeBatch) -> torch.Tensor:
         protos = F.normalize(_class_means(eb.rows("support", "global_"), eb), dim=2)  # (E, way, C)
-        cells = eb.nodes("query", "local", o.center).raw if eb.local_is_cells else eb.rows("query", "cells")
-        e, nq, m, c = cells.shape
-        cos = (cells.reshape(e, nq * m, c) @ protos.transpose(1, 2)).reshape(e, nq, m, eb.way)
+        if eb.local_is_cells:  # from the EMD's gathered sets, without a raw copy of the cells
+            nodes = eb.nodes("query", "local", o.center)
+            products = raw_products(nodes, protos.transpose(1, 2))
+        else:
+            cells = eb.rows("query", "cells")
+            products = cells.flatten(1, 2) @ protos.transpose(1, 2)
+        e, nq, m = _cell_norms(eb, "query").shape
+        cos = products.reshape(e, nq, m, eb.way)
         probs = torch.softmax(COSINE_SCALE * cos / _cell_norms(eb, "query")[..., None], dim=3).mean(dim=2)
         return torch.log(probs + 1e-12)
     return Method(run)

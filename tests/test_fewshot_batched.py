@@ -44,6 +44,17 @@ def test_episode_scores_are_pairwise_similarity_per_episode(center, weights):
         torch.testing.assert_close(got[e], want, rtol=1e-5, atol=1e-5)
 
 
+def test_episode_scores_of_tiny_features_take_the_rescaled_route_as_pairwise_does():
+    gen = torch.Generator().manual_seed(8)
+    a, b = _sets(gen, 2, 3, 5, 16) * 1e-25, _sets(gen, 2, 4, 5, 16)  # a's squared norms underflow float32
+    nodes = NodeSets.of(a, True)
+    assert nodes.scaled
+    got = episode_similarity(nodes, NodeSets.of(b, True), temperature=12.5)
+    for e in range(2):
+        want = pairwise_similarity(a[e], b[e], temperature=12.5, center=True)
+        torch.testing.assert_close(got[e], want, rtol=1e-5, atol=1e-5)
+
+
 def test_episode_scores_have_the_pairwise_gradient():
     gen = torch.Generator().manual_seed(2)
     a, b = _sets(gen, 2, 3, 5, 8), _sets(gen, 2, 2, 5, 8)
