@@ -83,6 +83,10 @@ def cost_matrix(u: torch.Tensor, v: torch.Tensor, center: bool = False) -> torch
 
     ``center=True`` subtracts each node's mean over channels first, as the authors' code does
     before the cosine. A zero-norm node has cosine 0 to everything, i.e. cost 1.
+
+    >>> u = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    >>> cost_matrix(u, u).squeeze(0).tolist()
+    [[0.0, 1.0], [1.0, 0.0]]
     """
     u, v = check_features(u, v)
     dtype = working_dtype(u)
@@ -149,6 +153,12 @@ def cross_reference_weights(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Ten
 
     ``w_i = relu(u_i . mean_j v_j) + 1e-3`` on the raw features (as the authors' code), then
     each side is rescaled to the same total ``(m + n) / 2`` so the transport is balanced.
+
+    A node pointing away from the other set's mean gets (almost) no mass:
+
+    >>> wu, wv = cross_reference_weights(torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]]), torch.tensor([[[1.0, 0.0]]]))
+    >>> [round(w, 3) for w in wu[0].tolist()], round(float(wu.sum()), 6), round(float(wv.sum()), 6)
+    ([1.499, 0.001], 1.5, 1.5)
     """
     u, v = check_features(u, v)
     u = u.to(working_dtype(u))
