@@ -17,16 +17,15 @@ import pandas as pd
 from deepemd.device import default_device
 from deepemd.emd.sfc import SFCFit
 from deepemd.eval import write_results
+from deepemd.eval.flows import node_boxes
 from deepemd.fewshot import build
 from deepemd.fewshot.config import EvalConfig
 from deepemd.fewshot.episodes import check_episode_size, episode_indices, evaluate, summarise
 from deepemd.fewshot.features import FeatureCache, cached, extract
-from deepemd.fewshot.methods import METHODS, MethodOptions, select
-from deepemd.eval.flows import node_boxes
 from deepemd.fewshot.figures import episode_flow_figure
+from deepemd.fewshot.methods import METHODS, MethodOptions, select
 from deepemd.io import atomic_path
 from deepemd.seeding import seed_everything
-
 
 #: Options that change the extracted features (the feature cache key).
 FEATURE_OPTIONS = ("layout", "data_root", "split", "image_size", "backbone", "backbone_widths", "weights",
