@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=5, help="Omniglot training drawings per character")
     parser.add_argument("--fashion-shots", type=int, default=10)
     parser.add_argument("--fashion-pool", type=int, default=100, help="train-file images per class to draw shots from")
-    parser.add_argument("--fashion-test", type=int, default=500)
+    parser.add_argument("--fashion-test", type=int, default=200)
     parser.add_argument("--ordinal-shots", type=int, default=20)
     parser.add_argument("--ordinal-pool", type=int, default=40)
     parser.add_argument("--ordinal-test", type=int, default=100)
