@@ -110,5 +110,15 @@ def check_fingerprint(stored: dict[str, Any], expected: dict[str, Any] | None, w
         )
 
 
-__all__ = ["crc32", "file_crc32", "file_entry", "check_bytes", "read_checked", "check_file",
-           "normalise_fingerprint", "fingerprint_diffs", "check_fingerprint", "REPAIR_FIX"]
+__all__ = [
+    "REPAIR_FIX",
+    "check_bytes",
+    "check_file",
+    "check_fingerprint",
+    "crc32",
+    "file_crc32",
+    "file_entry",
+    "fingerprint_diffs",
+    "normalise_fingerprint",
+    "read_checked",
+]
