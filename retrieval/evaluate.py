@@ -90,11 +90,15 @@ def plan_job(model: Embedder, cfg: EvalConfig, n_images: int, methods: list[tupl
     size = model.info.image_size
     x = torch.rand(2, 3, size, size, device=device)
     model.for_inference(device)
+    generators = [e.generator for e in model.extractors.values() if hasattr(e, "generator")]
+    states = [g.get_state() for g in generators]  # the run's random patches must not depend on the plan
     with torch.inference_mode():
         model(x)
         start = time.perf_counter()
         model(x)
     clock.plan("features", n_images, (time.perf_counter() - start) / 2)
+    for g, state in zip(generators, states):
+        g.set_state(state)
     depth = max(1, min(cfg.rerank_k, n_images - 1))
     gen = torch.Generator().manual_seed(0)
     for kind, weights, label in methods:

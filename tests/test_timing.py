@@ -47,3 +47,18 @@ def test_long_run_warning_names_the_cheaper_options():
     quick = JobClock()
     quick.plan("features", 10, 0.5)
     assert long_run_warning(quick, cfg, 10) is None
+
+
+def test_planning_the_run_leaves_its_random_patches_alone():
+    import torch
+
+    from deepemd.retrieval.build import local_specs, make_embedder
+    from deepemd.retrieval.config import EvalConfig
+    from deepemd.retrieval.evaluate import parse_method, plan_job
+
+    cfg = EvalConfig(data_root="x", image_size=32, patch_size=32, methods=("sampling",), rerank_k=5, num_patches=3)
+    model = make_embedder(cfg, local_specs(cfg, ["sampling"]))
+    before = model.extractors["sampling"].generator.get_state()
+    clock = plan_job(model, cfg, 10, [parse_method("sampling", "cross")], torch.device("cpu"))
+    assert torch.equal(model.extractors["sampling"].generator.get_state(), before)
+    assert set(clock.plans) == {"features", "rerank: +DeepEMD-Sampling"} and clock.remaining() > 0
