@@ -39,6 +39,7 @@ TEST_METHODS = {1: ["emd", "protonet"], 5: ["emd_nn", "protonet"]}
 RETRIEVAL_RUNS = {
     "contrastive_deepemd": ["--loss", "contrastive", "--distance", "deepemd"],
     "normsoftmax_cosine": ["--loss", "normsoftmax", "--distance", "cosine", "--loss-lr", "1e-2"],
+    "contrastive_deepemd_bn_train": ["--loss", "contrastive", "--distance", "deepemd", "--bn", "train"],
 }
 
 
