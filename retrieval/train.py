@@ -41,8 +41,8 @@ from deepemd.seeding import derive_seed
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.csv"
 #: Options that must not change between a checkpoint and its resumption.
-FROZEN = ("backbone", "embed_dim", "image_size", "loss", "distance", "pyramid", "m_per_class", "batch_size", "seed",
-          "bn", "bn_affine")
+FROZEN = ("backbone", "backbone_widths", "embed_dim", "image_size", "loss", "distance", "pyramid", "m_per_class",
+          "batch_size", "seed", "bn", "bn_affine", "label_loss", "hierarchy")
 
 
 class TrainNet(nn.Module):
