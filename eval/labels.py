@@ -66,6 +66,14 @@ def mistake_severity(scores, labels, distance) -> float:
     return float(d[pred[wrong], y[wrong]].mean()) if wrong.any() else math.nan
 
 
+def first_result_severity(first_labels, query_labels, distance) -> float:
+    """Retrieval's mistake severity: mean ``d(class of the first result, class of the query)``
+    over the queries whose first result is of another class (nan if none is)."""
+    first, truth = _np(first_labels).astype(np.int64), _np(query_labels).astype(np.int64)
+    wrong = first != truth
+    return float(_np(distance)[first[wrong], truth[wrong]].mean()) if wrong.any() else math.nan
+
+
 def hierarchical_distance_at_k(scores, labels, distance, k: int) -> float:
     """Mean over rows of the mean distance of the ``k`` top-scored classes to the truth."""
     s, y = _checked(scores, labels)

@@ -13,11 +13,12 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from deepemd.eval.shortlist import Shortlist
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import FaissKNN, return_results
 
 from deepemd.errors import DeepEMDError
+from deepemd.eval.labels import first_result_severity
+from deepemd.eval.shortlist import Shortlist
 from deepemd.timing import record
 
 METRICS = {"precision_at_1": "P@1", "r_precision": "RP", "mean_average_precision_at_r": "MAP@R"}
@@ -30,18 +31,21 @@ Reorder = Callable[[Shortlist, int, np.ndarray | None], Shortlist]
 
 
 class TimedKNN:
-    """Wraps any pml ``knn_func`` and counts the seconds spent finding neighbours."""
+    """Wraps any pml ``knn_func``, counts the seconds spent finding neighbours and keeps each
+    query's first neighbour (for the severity of the first wrong result)."""
 
     def __init__(self, knn_func: Callable) -> None:
         self.knn_func = knn_func
         self.seconds = 0.0
         self.queries = 0
+        self.first: np.ndarray | None = None
 
     def __call__(self, query, k, reference, ref_includes_query):
         start = time.perf_counter()
         result = self.knn_func(query, k, reference, ref_includes_query)
         self.seconds += time.perf_counter() - start
         self.queries += len(query)
+        self.first = result[1][:, 0].detach().cpu().numpy().astype(np.int64)
         return result
 
     @property
@@ -74,10 +78,12 @@ class ShortlistKNN:
 
 
 def retrieval_metrics(embeddings: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
-                      knn_func: Callable | None = None) -> dict[str, float]:
+                      knn_func: Callable | None = None, distance: np.ndarray | None = None) -> dict[str, float]:
     """Leave-one-out P@1, RP, MAP@R (in percent) and ``queries/s`` of the k-NN step.
 
-    ``knn_func=None`` is pml's default FAISS k-NN on the embeddings (the "raw" row).
+    ``knn_func=None`` is pml's default FAISS k-NN on the embeddings (the "raw" row). With a
+    ``distance`` between classes (a label hierarchy's, ``(K, K)``), the row also holds the
+    ``severity`` of the first wrong result: its mean distance to the query's class.
     """
     emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
     lab = torch.as_tensor(np.asarray(labels)).long()
@@ -93,6 +99,8 @@ def retrieval_metrics(embeddings: np.ndarray | torch.Tensor, labels: np.ndarray 
     raw = calc.get_accuracy(emb, lab)
     record("metrics", time.perf_counter() - start - timed.seconds)
     row = {name: 100.0 * float(raw[key]) for key, name in METRICS.items()}
+    if distance is not None and timed.first is not None:
+        row["severity"] = first_result_severity(np.asarray(labels)[timed.first], labels, distance)
     row["queries/s"] = timed.queries_per_second
     return row
 

@@ -52,6 +52,7 @@ class EvalConfig(RetrievalModelOptions, RetrievalLocalOptions, RetrievalDataOpti
         ("fcn", "grid", "sampling"), "rows after 'raw': local kinds (append :uniform or :cross to override "
         "the node weights)", choices=registry_choices("deepemd.local", "KINDS"))
     flow_queries: int = option(3, "queries drawn in flows.png (0: no picture)", minimum=0)
+    hierarchy: Optional[str] = same_option(LabelSpaceOptions, "hierarchy", None)
     out: str = out_option("runs/retrieval-eval")
 
 

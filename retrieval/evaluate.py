@@ -15,9 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from deepemd.build import resolve_data
+from deepemd.data import ImageList
+from deepemd.device import default_device
+from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
 from deepemd.eval.retrieval import ShortlistKNN, depth_note, retrieval_metrics
 from deepemd.eval.shortlist import Shortlist
+from deepemd.io import atomic_path
 from deepemd.retrieval import index as faiss_index
 from deepemd.retrieval.build import (
     dataset_images,
@@ -28,10 +34,6 @@ from deepemd.retrieval.build import (
 from deepemd.retrieval.config import EvalConfig
 from deepemd.retrieval.model import Embedder, embed_loader
 from deepemd.retrieval.rerank import Reranker, RerankSettings
-
-from deepemd.device import default_device
-from deepemd.errors import DeepEMDError
-from deepemd.io import atomic_path
 from deepemd.timing import JobClock, format_seconds, stage
 
 #: A run its own estimate puts over this many seconds gets a warning naming cheaper options.
@@ -72,13 +74,15 @@ def rerank_knn(sets: np.ndarray, settings: RerankSettings, progress: bool = True
 
 def evaluate_arrays(glob: np.ndarray, labels: np.ndarray, sets: dict[str, np.ndarray],
                     methods: list[tuple[str, str, str]], settings: RerankSettings,
-                    clock: JobClock | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Rows ``method, P@1, RP, MAP@R, queries/s``: raw first, then each +DeepEMD method."""
-    rows = [{"method": "raw", **retrieval_metrics(glob, labels)}]
+                    clock: JobClock | None = None, progress: bool = True,
+                    distance: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Rows ``method, P@1, RP, MAP@R, queries/s``: raw first, then each +DeepEMD method; with a
+    class ``distance`` (a label hierarchy's) also the severity of each query's first wrong result."""
+    rows = [{"method": "raw", **retrieval_metrics(glob, labels, distance=distance)}]
     for kind, weights, label in methods:
         knn = rerank_knn(sets[kind], RerankSettings(settings.depth, weights, settings.solver, settings.alpha,
                                                     settings.center), progress, clock, f"rerank: {label}")
-        rows.append({"method": label, **retrieval_metrics(glob, labels, knn)})
+        rows.append({"method": label, **retrieval_metrics(glob, labels, knn, distance)})
     return rows
 
 
@@ -132,6 +136,16 @@ def clock_size(cfg: EvalConfig) -> str:
     return f"{cfg.image_size} px" if cfg.image_size else "the backbone's default"
 
 
+def class_distances(cfg: EvalConfig, images: ImageList) -> np.ndarray | None:
+    """``(K, K)`` path lengths between the eval classes in ``--hierarchy``'s tree (None without one)."""
+    if not cfg.hierarchy:
+        return None
+    from deepemd.labels import load_hierarchy
+
+    root = resolve_data(cfg)[1] if cfg.hierarchy == "folders" else None
+    return load_hierarchy(cfg.hierarchy, images.classes, root).distance_matrix().numpy()
+
+
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """The whole job; returns rows, notes and paths (also written to ``cfg.out``)."""
     if not cfg.data_root:
@@ -154,7 +168,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     glob, sets, labels = embed_loader(model, loader, device, progress=progress, clock=clock)
     embed_seconds = time.perf_counter() - start
     settings = RerankSettings(cfg.rerank_k, cfg.node_weights, cfg.solver, cfg.alpha, cfg.center)
-    rows = evaluate_arrays(glob, labels, sets, methods, settings, clock, progress)
+    rows = evaluate_arrays(glob, labels, sets, methods, settings, clock, progress, class_distances(cfg, images))
     notes = [f"{len(images)} images in {len(np.unique(labels))} classes ({cfg.layout} layout, split "
              f"'{cfg.split}'), leave-one-out; backbone {model.info.backbone} ({model.info.source}), "
              f"{model.info.image_size} px; features took {embed_seconds:.1f} s; queries/s counts the "
