@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deepemd import local
+from deepemd.backbones import evaluating
 from deepemd.data import ImageDataset
 from deepemd.io import load_checkpoint, save_checkpoint
 
@@ -57,15 +58,12 @@ def extract(dataset: ImageDataset, backbone: nn.Module, extractor: nn.Module, ki
     For ``kind == "fcn"`` the local set comes from the same backbone pass
     (``from_feature_map``); grid and sampling need their own pass over the crops.
     """
-    was_training = backbone.training
-    backbone.eval()
-    extractor.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     globals_, cells, locals_, labels = [], [], [], []
     local_is_cells = True  # plain FCN: the local set IS the cells; keep one copy in memory
     if hasattr(extractor, "reseed"):  # sampling: the same crops for the same seed
         extractor.reseed(seed)
-    try:
+    with evaluating(backbone, extractor):
         for images, targets in tqdm(loader, desc="features", disable=not progress, leave=False):
             images = images.to(device)
             fmap = backbone(images)
@@ -75,9 +73,6 @@ def extract(dataset: ImageDataset, backbone: nn.Module, extractor: nn.Module, ki
             local_is_cells = local_is_cells and sets.shape == cells[-1].shape and torch.equal(sets, cells[-1])
             locals_.append(sets)
             labels.append(np.asarray(targets, dtype=np.int64))
-    finally:
-        backbone.train(was_training)
-        extractor.train(was_training)
     all_cells = torch.cat(cells)
     sets = all_cells if local_is_cells else torch.cat(locals_)
     return FeatureCache(torch.cat(globals_), all_cells, sets, np.concatenate(labels))

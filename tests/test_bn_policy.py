@@ -174,3 +174,17 @@ def test_test_time_feature_extraction_runs_the_backbone_in_eval_mode(blobs, star
     extract(build.dataset(images, cfg, backbone, train=False), backbone, build.create_extractor(cfg, backbone),
             "fcn", progress=False)
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+
+
+def test_a_validation_pass_keeps_frozen_batchnorm_frozen():
+    """Feature extraction (validation, test) leaves every submodule in its own mode afterwards."""
+    from torch import nn
+
+    from deepemd.backbones import evaluating
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    net.train()
+    net[1].eval()  # the frozen policy: BN in eval inside a training model
+    with evaluating(net):
+        assert not any(m.training for m in net.modules())
+    assert net.training and net[0].training and not net[1].training

@@ -8,9 +8,10 @@ local checkpoint. Nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, Callable, Iterator, cast
 
 import torch
 from torch import Tensor, nn
@@ -151,20 +152,31 @@ def pretrained_from_option(name: str, weights: str) -> bool | str:
     return value
 
 
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Every module in eval mode inside the block, and afterwards each submodule back in its
+    own mode: a frozen-BatchNorm policy survives a validation pass (``module.train(flag)`` would
+    put its BN layers back in train mode)."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def feature_map_size(backbone: nn.Module, input_size: int | None = None) -> tuple[int, int]:
     """``(h, w)`` of the map for a square ``input_size`` image (default: the backbone's own),
     measured with one dummy forward in eval mode so BatchNorm statistics are untouched."""
     size = int(input_size or default_cfg(backbone)["input_size"])
-    was_training = backbone.training
-    backbone.eval()
-    try:
+    with evaluating(backbone):
         param = next(backbone.parameters(), None)
         x = torch.zeros(1, 3, size, size, device=param.device if param is not None else "cpu")
         h, w = backbone(x).shape[-2:]
-    finally:
-        backbone.train(was_training)
     return int(h), int(w)
 
 
-__all__ = ["BACKBONES", "BackboneEntry", "create", "default_cfg", "out_channels", "list_backbones", "feature_map_size", "ProjectedBackbone"]
+__all__ = ["BACKBONES", "BackboneEntry", "create", "default_cfg", "evaluating", "out_channels", "list_backbones", "feature_map_size", "ProjectedBackbone"]
