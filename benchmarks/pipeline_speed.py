@@ -218,6 +218,21 @@ def retrieval_section(args) -> None:
     print(f"load average after: {os.getloadavg()}")
 
 
+def ab_section(args) -> None:
+    """The whole eval, today's code and ``--baseline-commit``'s, alternated ``--ab-rounds`` times
+    on the same folder (on a shared machine the load drifts between runs: alternating and
+    keeping each side's fastest run compares them under the same conditions)."""
+    out = tempfile.mkdtemp(prefix="pipeline-ab-")
+    options = eval_options(args, out)
+    ours, base = [], []
+    for _ in range(args.ab_rounds):
+        base.append(run_baseline(args.baseline_commit, {**options, "out": out + "-base"}, torch.get_num_threads())[0])
+        ours.append(run_current(options)[0])
+        print(f"round: baseline {base[-1]:.1f} s, ours {ours[-1]:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+    print(f"whole eval, best of {args.ab_rounds} alternated runs: baseline {args.baseline_commit} {min(base):.1f} s, "
+          f"ours {min(ours):.1f} s: speed-up {min(base) / min(ours):.2f}x")
+
+
 def fcn224_section(args) -> None:
     """FCN + pyramid at 224 px (63 x 1280), top-100: ours (k = 100 and pruned k = 10) vs floor."""
     from deepemd.eval.shortlist import Shortlist
@@ -265,13 +280,12 @@ def fcn224_section(args) -> None:
 def fewshot_section(args) -> None:
     """`fewshot test` (5-way 1-shot, every default method) vs the EMD scoring alone on the same
     episodes (``pairwise_similarity`` of each episode's queries against its supports)."""
+    from deepemd.emd import pairwise_similarity
     from deepemd.fewshot import build
     from deepemd.fewshot.config import EvalConfig as FewShotEval
     from deepemd.fewshot.episodes import episode_indices
     from deepemd.fewshot.evaluate import feature_key, run_test
     from deepemd.fewshot.features import cached
-
-    from deepemd.emd import pairwise_similarity
 
     out = tempfile.mkdtemp(prefix="pipeline-fewshot-")
     cfg = FewShotEval(data_root=args.data_root, way=5, shot=1, query=15, episodes=args.fewshot_episodes,
@@ -313,6 +327,8 @@ def main() -> None:
     ap.add_argument("--rerank-queries", type=int, default=40, help="queries the rerank floors are timed on")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--baseline-commit", default=None, help="also run this commit's eval on the same folder")
+    ap.add_argument("--ab-rounds", type=int, default=0,
+                    help="only alternate whole evals of --baseline-commit and today's code this many times")
     ap.add_argument("--fcn224", action="store_true", help="FCN + pyramid at 224 px top-100 rerank section")
     ap.add_argument("--fcn224-images", type=int, default=300)
     ap.add_argument("--fewshot", action="store_true", help="fewshot test section")
@@ -323,7 +339,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"uptime: {subprocess.run(['uptime'], check=False, capture_output=True, text=True).stdout.strip()}")
-    if not args.no_eval:
+    if args.ab_rounds:
+        ab_section(args)
+    elif not args.no_eval:
         retrieval_section(args)
     if args.fcn224:
         fcn224_section(args)

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from deepemd.eval.shortlist import Shortlist
 from tqdm.auto import tqdm
 
 from deepemd.emd import solve
@@ -39,6 +38,7 @@ from deepemd.emd.features import (
     pair_uniform_weights,
 )
 from deepemd.errors import DeepEMDError
+from deepemd.eval.shortlist import Shortlist
 from deepemd.timing import JobClock, stage
 
 #: ``fetch(ids (k,) int64) -> (k, n, d)`` local sets of those database ids.

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from deepemd.eval.shortlist import Shortlist
-from deepemd.retrieval.rerank import Reranker
 
 from deepemd.emd import (
     cost_matrix,
@@ -19,16 +17,17 @@ from deepemd.emd import (
 )
 from deepemd.emd.bounds import centroid_bound, relaxed_bound, score_upper_bound
 from deepemd.errors import DeepEMDError
+from deepemd.eval.shortlist import Shortlist
+from deepemd.retrieval.rerank import Reranker
 
 
 @pytest.fixture(scope="module")
 def real_sets():
     """FCN + pyramid sets (23 nodes x 1280-d, float16 as eval keeps them) of 40 demo images."""
+    from deepemd.build import read_images
     from deepemd.retrieval.build import local_specs, make_embedder, make_loader
     from deepemd.retrieval.config import EvalConfig
     from deepemd.retrieval.model import embed_loader
-
-    from deepemd.build import read_images
 
     cfg = EvalConfig(data_root="demo", max_classes=8, per_class=5, image_size=96, methods=("fcn",))
     images = read_images(cfg, cfg.split, cfg.seed)
