@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from cli_bad_inputs import CASES, cannot_run, run_case
 
 
@@ -60,6 +59,7 @@ def test_skip_bad_turns_the_corrupt_image_error_into_a_counted_skip(tmp_path):
 
 def test_fewshot_skip_bad_drops_the_truncated_image(tmp_path):
     from cli_bad_inputs import _fewshot_test, _truncated_image
+
     from deepemd.cli import main
 
     argv, _ = _truncated_image(tmp_path)

@@ -12,8 +12,16 @@ import torch
 from conftest import make_class_folders, write_image
 from PIL import Image
 
-from deepemd.data import (EpisodeSampler, ImageDataset, build_transform, class_balanced_sampler, demo_root,
-                          export_fashion_mnist, load_image, read_layout)
+from deepemd.data import (
+    EpisodeSampler,
+    ImageDataset,
+    build_transform,
+    class_balanced_sampler,
+    demo_root,
+    export_fashion_mnist,
+    load_image,
+    read_layout,
+)
 from deepemd.data.fashion_mnist import SOURCE as FASHION_SOURCE
 from deepemd.errors import DeepEMDError
 
