@@ -11,11 +11,11 @@ bound (``deepemd.emd.bounds``) then caps every candidate's score, and the LP is 
 candidates whose cap can still reach the row's k-th best exact score. Pruned candidates score
 strictly below every returned one, so the top k and its scores are those of the full rerank.
 
-Where the time goes (measured on EfficientNet features, 63 nodes x 1280-d, top-100): the node
-dot products. Those features are ReLU outputs (88% zeros; a query's nodes together touch ~40%
-of the channels), so the dots run over the query's non-zero channels only -- the same numbers,
-~2.5x fewer multiply-adds -- in numpy's BLAS (3x torch's float32 matmul on this AMD CPU), and
-float16 store rows are converted only on those channels, never as a float32 copy of the row.
+Where the time goes (EfficientNet features, 63 nodes x 1280-d, top-100, idle machine): the
+node dots, one float32 matmul per row (~26 ms; torch converts the float16 rows first, ~4 ms),
+then the solves (~16 ms for all 100, fewer after pruning). Tried and dropped: dots over the
+query's non-zero channels only (ReLU features are 88% zeros, a query touches ~40% of the
+channels) -- the column gather cost more than the multiply-adds it saved (43 vs 26 ms).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from deepemd.emd.features import (
     NORM_EPS,
     pair_costs,
     pair_cross_weights,
+    pair_dots,
     pair_uniform_weights,
 )
 from deepemd.errors import DeepEMDError
@@ -237,13 +238,9 @@ class Reranker:
         """Costs (float64) and weights of the query against every candidate set."""
         q = query.float()
         k, n, d = sets.shape
-        m = q.shape[0]
         if q.ndim != 2 or q.shape[1] != d:
             raise DeepEMDError(f"query set {tuple(q.shape)} and candidate sets {tuple(sets.shape)} differ in channels")
-        support = torch.nonzero((q != 0).any(dim=0))[:, 0]  # channels where the query has mass
-        qs = q[:, support].numpy()
-        cs = sets[:, :, support].float().reshape(k * n, -1).numpy()
-        dots = torch.from_numpy(cs @ qs.T).reshape(k, n, m).transpose(1, 2)  # (k, m, n)
+        dots = pair_dots(q[None], sets.float())  # (k, m, n): one matmul for the whole row
         q_norms, q_means = node_stats(q[None], self.settings.center)
         if self.settings.weights == "cross":
             wu, wv = pair_cross_weights(q[None], sets, dots=dots)  # shapes only: weights from the dots
