@@ -49,7 +49,7 @@ from deepemd.io import atomic_path
 from deepemd.manifest import REPAIR_FIX, check_file, crc32, fingerprint_diffs, read_checked
 from deepemd.retrieval import index as faiss_index
 from deepemd.retrieval.model import Embedder
-from deepemd.retrieval.rerank import RerankSettings, rerank
+from deepemd.retrieval.rerank import Reranker, RerankSettings
 from deepemd.retrieval.store import MANIFEST as STORE_MANIFEST
 from deepemd.retrieval.store import LocalFeatureStore, build_store
 from deepemd.retrieval.transaction import GalleryLock, staging_path, swap_in
@@ -486,10 +486,10 @@ def search_gallery(gallery: Gallery, query_vectors: np.ndarray, query_sets: np.n
         raise DeepEMDError(f"query vectors have {query_vectors.shape[1]} dimensions, the index {gallery.index.d}",
                            fix="give --query-vectors made by the model that built the index, or use that backbone")
     scores, ids = faiss_index.search(gallery.index, query_vectors, max(k, settings.depth))
-    raw = ids.copy()
+    shortlist = Shortlist(ids, scores)
 
     def fetch(faiss_ids: np.ndarray) -> np.ndarray:
         return gallery.store.get(gallery.rows(faiss_ids))
 
-    scores, ids = rerank(scores, ids, lambda i: query_sets[i], fetch, settings, progress=progress)
-    return scores[:, :k], ids[:, :k], raw[:, :k]
+    top = Reranker.from_settings(fetch, settings, k=k, progress=progress).rerank(lambda i: query_sets[i], shortlist)
+    return np.array(top.scores), np.array(top.ids), ids[:, :k]
