@@ -5,8 +5,8 @@ The core knows no job. Each job registers its subcommands through the entry-poin
 ``func=callable(args) -> int | None`` on them. User errors (:class:`DeepEMDError`) print one
 message and exit 2; ``--debug`` shows the traceback instead. So do failures of the user's file
 system (permission denied, a file where a folder should be, a full or read-only disk: an
-``OSError`` naming a file, see :data:`deepemd.io.USER_ERRNOS`), and a command's ``--out`` given on
-the command line is checked (:func:`deepemd.io.check_output_folder`) before the command runs.
+``OSError`` naming a file, see :data:`deepemd.io.USER_ERRNOS`); a command's ``out`` (flag or
+YAML) is checked when its options are read (``deepemd.config.add_command``), before it runs.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from typing import Sequence
 
 from deepemd.errors import DeepEMDError
-from deepemd.io import USER_ERRNOS, check_output_folder, os_error
+from deepemd.io import USER_ERRNOS, os_error
 
 ENTRY_POINT_GROUP = "deepemd.commands"
 
@@ -43,8 +43,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 0 if not argv else 2
-        if getattr(args, "out", None):
-            check_output_folder(args.out)
         result = args.func(args)
         return int(result or 0)
     except DeepEMDError as exc:

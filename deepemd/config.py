@@ -276,5 +276,16 @@ def add_command(subparsers: argparse._SubParsersAction, name: str, cls: type[T],
                                    formatter_class=HelpFormatter)
     parser.add_argument("--config", help="YAML file with any of the options below (flags override it; see configs/)")
     add_dataclass_arguments(parser, cls)
-    parser.set_defaults(func=lambda args: run(config_from_args(cls, args)), config_class=cls)
+    parser.set_defaults(func=lambda args: run(checked_outputs(config_from_args(cls, args))), config_class=cls)
     return parser
+
+
+def checked_outputs(cfg: T) -> T:
+    """``cfg`` once its ``out`` folder (from a flag or the YAML) is known to be usable: a file
+    there, a file above it or a folder this user may not write is refused before any work."""
+    out = getattr(cfg, "out", None)
+    if out:
+        from deepemd.io import check_output_folder
+
+        check_output_folder(out)
+    return cfg

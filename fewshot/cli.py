@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from deepemd.config import add_command, config_from_args
+from deepemd.config import add_command, checked_outputs, config_from_args
 from deepemd.fewshot.config import EvalConfig, PretrainConfig, TrainConfig
 
 
@@ -58,4 +58,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if name == "test":
             parser.add_argument("--list-methods", action="store_true", help="list the methods and exit")
             parser.set_defaults(func=lambda args: _list_methods() if args.list_methods
-                                else _test(config_from_args(EvalConfig, args)))
+                                else _test(checked_outputs(config_from_args(EvalConfig, args))))

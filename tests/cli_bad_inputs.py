@@ -115,6 +115,24 @@ def _wrong_type_flag(tmp: Path):
     return _fewshot_test(_images(tmp / "data"), tmp / "out", "--episodes", "many"), "episodes"
 
 
+def _zero_batch_size(tmp: Path):
+    return _retrieval_eval(_images(tmp / "data"), tmp / "out", "--batch-size", "0"), "batch_size"
+
+
+def _negative_top(tmp: Path):
+    return ["retrieval", "search", "--gallery", str(tmp / "gallery"), "--top", "-3"], "top"
+
+
+def _duplicate_config_key(tmp: Path):
+    cfg = tmp / "exp.yaml"
+    cfg.write_text("way: 5\nshot: 1\nway: 10\n")
+    return ["fewshot", "test", "--config", str(cfg)], str(cfg)
+
+
+def _unknown_method(tmp: Path):
+    return _fewshot_test(_images(tmp / "data"), tmp / "out", "--methods", "protonett"), "protonett"
+
+
 def _unknown_backbone(tmp: Path):
     return (["retrieval", "eval", "--layout", "folder", "--data-root", str(_images(tmp / "data")),
              "--backbone", "resnet13", "--out", str(tmp / "out")], "resnet13")
@@ -215,7 +233,7 @@ def _image_not_readable(tmp: Path):
 
 
 def _config_out_is_a_file(tmp: Path):
-    """``out`` from the YAML escapes the command-line check: the job's own write must fail cleanly."""
+    """``out`` from the YAML is checked like the flag, when the options are read (before any work)."""
     out = tmp / "results.txt"
     out.write_text("notes\n")
     cfg = tmp / "exp.yaml"
@@ -336,6 +354,10 @@ CASES = [
     Case("wrong type in config", _wrong_type, "'way' must be int"),
     Case("wrong type on the command line", _wrong_type_flag, "'episodes' must be int"),
     Case("unknown backbone", _unknown_backbone, "resnet13"),
+    Case("a number out of its range (--batch-size 0)", _zero_batch_size, "'batch_size' must be >= 1"),
+    Case("a negative result count (--top -3)", _negative_top, "'top' must be >= 1"),
+    Case("a key given twice in a config", _duplicate_config_key, "given twice"),
+    Case("unknown few-shot method", _unknown_method, "did you mean 'protonet'"),
     Case("missing checkpoint", _missing_checkpoint, "not found"),
     Case("truncated checkpoint", _truncated_checkpoint, "not a readable"),
     Case("checkpoint of another model", _mismatched_checkpoint, "does not match"),
@@ -348,7 +370,7 @@ CASES = [
     Case("config file this user may not read", _config_not_readable, "permission denied", as_user="nobody"),
     Case("image this user may not read", _image_not_readable, "cannot read image: permission denied",
          as_user="nobody"),
-    Case("out in the config names an existing file", _config_out_is_a_file, "file exists"),
+    Case("out in the config names an existing file", _config_out_is_a_file, "names an existing file"),
     Case("a folder where an output file goes", _output_file_is_a_folder, "is a directory"),
     Case("label hierarchy with a cycle", _hierarchy_cycle, "cycle"),
     Case("label hierarchy with several roots", _hierarchy_several_roots, "roots"),
