@@ -6,13 +6,13 @@ One dict of tensors and plain types: ``backbone`` (what ``test`` and ``train --i
 Written each epoch through :func:`deepemd.io.save_checkpoint` (temp file + rename), so a run
 killed mid-write resumes from the previous epoch.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -25,14 +25,40 @@ from deepemd.io import load_checkpoint, load_state_dict_checked, save_checkpoint
 LAST, BEST = "last.pt", "best.pt"
 #: Options of pre-training and meta-training that must not change between a checkpoint and its
 #: resumption (those a command does not have are skipped).
-FROZEN = ("backbone", "backbone_widths", "image_size", "local", "pyramid", "grid_levels", "grid_ratio",
-          "num_patches", "batch_size", "seed", "bn", "bn_affine", "way", "shot", "query", "episodes_per_epoch",
-          "rotation", "loss", "hierarchy")
+FROZEN = (
+    "backbone",
+    "backbone_widths",
+    "image_size",
+    "local",
+    "pyramid",
+    "grid_levels",
+    "grid_ratio",
+    "num_patches",
+    "batch_size",
+    "seed",
+    "bn",
+    "bn_affine",
+    "way",
+    "shot",
+    "query",
+    "episodes_per_epoch",
+    "rotation",
+    "loss",
+    "hierarchy",
+)
 
 
-def save_training_state(path: Path, *, backbone: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: Any, epoch: int, best: dict[str, float], config: Any,
-                        heads: nn.Module | None = None) -> None:
+def save_training_state(
+    path: Path,
+    *,
+    backbone: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    epoch: int,
+    best: dict[str, float],
+    config: Any,
+    heads: nn.Module | None = None,
+) -> None:
     state = {
         "backbone": backbone.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -47,12 +73,26 @@ def save_training_state(path: Path, *, backbone: nn.Module, optimizer: torch.opt
     save_checkpoint(state, path)
 
 
+def save_epoch(out: Path, history: list[dict], improved: bool, **state: Any) -> None:
+    """End of a training epoch on the main rank: ``OUT/last.pt``, ``OUT/best.pt`` when validation
+    improved, and the per-epoch table ``OUT/history.csv`` across resumes."""
+    from deepemd.eval import write_results
+
+    save_training_state(out / LAST, **state)
+    if improved:
+        save_training_state(out / BEST, **state)
+    write_results(merge_history(out, history), out, name="history", float_format="%.6g")
+
+
 def load_training_state(path: Path) -> dict[str, Any]:
     state = load_checkpoint(path)
     missing = [k for k in ("backbone", "optimizer", "scheduler", "epoch", "best") if k not in state]
     if missing:
-        raise DeepEMDError(f"not a fewshot training checkpoint (missing '{missing[0]}')", path,
-                           "delete it, or point --out to a fresh folder")
+        raise DeepEMDError(
+            f"not a fewshot training checkpoint (missing '{missing[0]}')",
+            path,
+            "delete it, or point --out to a fresh folder",
+        )
     return state
 
 
@@ -88,13 +128,15 @@ def run_keeping_best(body: Callable[..., nn.Module], cfg: Any, progress: bool, l
 
 def sgd_with_steps(model: nn.Module, cfg: Any) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.StepLR]:
     """The authors' optimiser for both stages: SGD (Nesterov when momentum > 0), step decay."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
+    )
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
 
 
-def resume_or_start(config: Any, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> tuple[int, dict[str, Any]]:
+def resume_or_start(
+    config: Any, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[int, dict[str, Any]]:
     """``(epoch to run next, best-so-far record)``: a fresh start, or, with ``config.resume`` and
     an ``OUT/last.pt``, its training state restored (each module under its saved key, optimiser,
     schedule, RNGs). A run whose ``config`` differs from the checkpoint's in an option of

@@ -10,6 +10,7 @@ paper re-uses the 1-shot model for K-shot and fits an SFC at test time instead).
 Validation episodes (classes never trained on) pick ``best.pt``; the pre-trained start is
 validated first, so meta-training never hands back a model worse than where it started.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -23,13 +24,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from deepemd import distributed
 from deepemd.backbones import batchnorm
 from deepemd.emd import pairwise_similarity
 from deepemd.eval import write_results
-from deepemd import distributed
 from deepemd.fewshot import build
-from deepemd.fewshot.checkpoints import (BEST, LAST, merge_history, resume_or_start, run_keeping_best,
-                                         save_training_state, sgd_with_steps, val_note)
+from deepemd.fewshot.checkpoints import (
+    BEST,
+    resume_or_start,
+    run_keeping_best,
+    save_epoch,
+    save_training_state,
+    sgd_with_steps,
+    val_note,
+)
 from deepemd.fewshot.config import TrainConfig
 from deepemd.fewshot.episodes import check_episode_size, episode_indices, episode_labels, evaluate
 from deepemd.fewshot.features import extract
@@ -51,20 +59,35 @@ class EpisodeNet(nn.Module):
         sets = self.extractor(images)
         n_support = self.way * self.shot
         support = sets[:n_support].reshape(self.way, self.shot, *sets.shape[1:]).mean(dim=1)
-        return pairwise_similarity(sets[n_support:], support, weights=self.weights, solver=self.solver,
-                                   temperature=self.temperature, center=self.center)
+        return pairwise_similarity(
+            sets[n_support:],
+            support,
+            weights=self.weights,
+            solver=self.solver,
+            temperature=self.temperature,
+            center=self.center,
+        )
 
 
 @torch.no_grad()
-def validate(cfg: TrainConfig, backbone: nn.Module, extractor: nn.Module, val_set, device: torch.device,
-             progress: bool) -> float:
+def validate(
+    cfg: TrainConfig, backbone: nn.Module, extractor: nn.Module, val_set, device: torch.device, progress: bool
+) -> float:
     """Mean accuracy (percent) of seeded val episodes with the variant being trained."""
-    cache = extract(val_set, backbone, extractor, cfg.local, batch_size=cfg.batch_size, workers=cfg.workers,
-                    device=device, seed=cfg.seed, progress=progress)
+    cache = extract(
+        val_set,
+        backbone,
+        extractor,
+        cfg.local,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        device=device,
+        seed=cfg.seed,
+        progress=progress,
+    )
     opts = MethodOptions(weights=cfg.node_weights, solver=cfg.solver, temperature=cfg.temperature, center=cfg.center)
     method = emd_nn(opts) if cfg.shot == 1 else emd_fusion(opts)
-    accs = evaluate(cache, {"val": method}, cfg.way, cfg.shot, cfg.query, cfg.val_episodes, cfg.seed,
-                    progress=progress)
+    accs = evaluate(cache, {"val": method}, cfg.way, cfg.shot, cfg.query, cfg.val_episodes, cfg.seed, progress=progress)
     return 100.0 * float(accs["val"].mean())
 
 
@@ -79,9 +102,12 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
     train, val = build.train_val_splits(cfg, cfg.val_split, cfg.val_fraction, cfg.way, cfg.val_episodes > 0)
     check_episode_size(train.labels, cfg.way, cfg.shot, cfg.query, "train split")
     if len(train.classes) < 2 * cfg.way:
-        warnings.warn(f"only {len(train.classes)} train classes for {cfg.way}-way episodes: every episode is "
-                      "(nearly) the same task, and meta-training tends to specialise to these classes "
-                      "(on Fashion-MNIST's 5 classes it cost 16 points on the test classes)", stacklevel=2)
+        warnings.warn(
+            f"only {len(train.classes)} train classes for {cfg.way}-way episodes: every episode is "
+            "(nearly) the same task, and meta-training tends to specialise to these classes "
+            "(on Fashion-MNIST's 5 classes it cost 16 points on the test classes)",
+            stacklevel=2,
+        )
     if val is not None:
         check_episode_size(val.labels, cfg.way, cfg.shot, cfg.query, "validation split")
     backbone = build.create_backbone(cfg, cfg.init).to(device)
@@ -100,18 +126,39 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
     if start_epoch == 0 and rank.main and val_set is not None:  # epoch -1 = the start, a candidate for best.pt
         start_acc = validate(cfg, backbone, extractor, val_set, device, progress)
         best = {"accuracy": start_acc, "epoch": -1}
-        save_training_state(out / BEST, backbone=backbone, optimizer=optimizer, scheduler=scheduler,
-                            epoch=-1, best=best, config=cfg)
-        write_results([{"epoch": -1, "loss": float("nan"), "train_accuracy": float("nan"),
-                        "val_accuracy": start_acc, "lr": cfg.lr}], out, name="history", float_format="%.6g")
+        save_training_state(
+            out / BEST, backbone=backbone, optimizer=optimizer, scheduler=scheduler, epoch=-1, best=best, config=cfg
+        )
+        write_results(
+            [
+                {
+                    "epoch": -1,
+                    "loss": float("nan"),
+                    "train_accuracy": float("nan"),
+                    "val_accuracy": start_acc,
+                    "lr": cfg.lr,
+                }
+            ],
+            out,
+            name="history",
+            float_format="%.6g",
+        )
         print(f"meta-train start: val acc {start_acc:.2f}%", flush=True)
     ddp_model = distributed.wrap(model, rank, device)
     per_step = rank.world
     episodes = -(-cfg.episodes_per_epoch // per_step) * per_step  # equal steps on every rank
     history = []
     for epoch in range(start_epoch, cfg.epochs):
-        idx_stream = episode_indices(train.labels, cfg.way, cfg.shot, cfg.query, episodes,
-                                     seed=derive_seed(cfg.seed, "episodes", epoch), rank=rank.rank, world=rank.world)
+        idx_stream = episode_indices(
+            train.labels,
+            cfg.way,
+            cfg.shot,
+            cfg.query,
+            episodes,
+            seed=derive_seed(cfg.seed, "episodes", epoch),
+            rank=rank.rank,
+            world=rank.world,
+        )
         loader = DataLoader(train_set, batch_sampler=[list(i) for i in idx_stream], num_workers=cfg.workers)
         batchnorm.train_mode(model, cfg.bn)
         losses, accs = [], []
@@ -132,16 +179,31 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
         improved = val_set is None or val_acc > best["accuracy"]  # no validation: the last epoch is kept
         if improved:
             best = {"accuracy": val_acc, "epoch": epoch}
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "train_accuracy": 100.0 * float(np.mean(accs)),
-                        "val_accuracy": val_acc, "lr": scheduler.get_last_lr()[0]})
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                "train_accuracy": 100.0 * float(np.mean(accs)),
+                "val_accuracy": val_acc,
+                "lr": scheduler.get_last_lr()[0],
+            }
+        )
         if rank.main:
-            save = dict(backbone=backbone, optimizer=optimizer, scheduler=scheduler, epoch=epoch, best=best, config=cfg)
-            save_training_state(out / LAST, **save)
-            if improved:
-                save_training_state(out / BEST, **save)
-            write_results(merge_history(out, history), out, name="history", float_format="%.6g")
-            print(f"meta-train epoch {epoch}: loss {history[-1]['loss']:.3f} episode acc "
-                  f"{history[-1]['train_accuracy']:.1f}% " + val_note(val_acc, best), flush=True)
+            save_epoch(
+                out,
+                history,
+                improved,
+                backbone=backbone,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                epoch=epoch,
+                best=best,
+                config=cfg,
+            )
+            print(
+                f"meta-train epoch {epoch}: loss {history[-1]['loss']:.3f} episode acc "
+                f"{history[-1]['train_accuracy']:.1f}% " + val_note(val_acc, best),
+                flush=True,
+            )
         distributed.barrier(rank)
     return backbone
-

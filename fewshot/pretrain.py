@@ -5,6 +5,7 @@ Each epoch the backbone is validated by few-shot episodes on classes it never tr
 (DeepEMD-FCN as the paper, or the cheaper prototype rule); ``best.pt`` keeps the best epoch and
 ``last.pt`` every epoch, from which an interrupted run resumes.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -18,19 +19,22 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from deepemd import local
+from deepemd import distributed, local
 from deepemd.backbones import batchnorm
+from deepemd.build import resolve_data
 from deepemd.errors import DeepEMDError
-from deepemd.eval import write_results
-from deepemd import distributed
 from deepemd.fewshot import build
-from deepemd.fewshot.checkpoints import (BEST, LAST, merge_history, resume_or_start, run_keeping_best,
-                                         save_training_state, sgd_with_steps, val_note)
+from deepemd.fewshot.checkpoints import (
+    resume_or_start,
+    run_keeping_best,
+    save_epoch,
+    sgd_with_steps,
+    val_note,
+)
 from deepemd.fewshot.config import PretrainConfig
 from deepemd.fewshot.episodes import check_episode_size, evaluate
 from deepemd.fewshot.features import extract
 from deepemd.fewshot.methods import MethodOptions, emd_nn, protonet
-from deepemd.build import resolve_data
 from deepemd.labels import build_label_loss
 from deepemd.seeding import derive_seed, seed_everything
 
@@ -65,8 +69,14 @@ def rotated_copies(images: torch.Tensor, generator: torch.Generator) -> tuple[to
     return out, turns.to(images.device)
 
 
-def pretrain_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PretrainConfig,
-                  generator: torch.Generator, criterion=F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+def pretrain_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: PretrainConfig,
+    generator: torch.Generator,
+    criterion=F.cross_entropy,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class loss (``criterion``: cross-entropy, or a ``deepemd.labels.TreeEMDLoss`` for
     ``--loss emd|relaxed-emd|ce+relaxed-emd``) on the upright images (+ ``rotation_weight`` x
     rotation cross-entropy on upright and turned copies, one forward pass). Returns ``(loss, class logits)``."""
@@ -85,12 +95,22 @@ def pretrain_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 def validate(cfg: PretrainConfig, backbone: nn.Module, val_set, device: torch.device, progress: bool) -> float:
     """Mean accuracy (percent) of val episodes: DeepEMD-FCN (``val_method='fcn'``) or prototype."""
     fcn = local.create("fcn", backbone)
-    cache = extract(val_set, backbone, fcn, "fcn", batch_size=cfg.batch_size, workers=cfg.workers,
-                    device=device, seed=cfg.seed, progress=progress)
+    cache = extract(
+        val_set,
+        backbone,
+        fcn,
+        "fcn",
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        device=device,
+        seed=cfg.seed,
+        progress=progress,
+    )
     opts = MethodOptions(weights=cfg.node_weights, solver=cfg.solver, temperature=cfg.temperature, center=cfg.center)
     method = emd_nn(opts) if cfg.val_method == "fcn" else protonet(opts)
-    accs = evaluate(cache, {"val": method}, cfg.val_way, cfg.val_shot, cfg.val_query, cfg.val_episodes,
-                    cfg.seed, progress=progress)
+    accs = evaluate(
+        cache, {"val": method}, cfg.val_way, cfg.val_shot, cfg.val_query, cfg.val_episodes, cfg.seed, progress=progress
+    )
     return 100.0 * float(accs["val"].mean())
 
 
@@ -113,8 +133,10 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
     if rank.main:
         print(f"pretrain {bn_line}", flush=True)
     label_root = resolve_data(cfg)[1] if cfg.hierarchy == "folders" else None
-    class_loss = build_label_loss(cfg.loss, cfg.hierarchy, train.classes, label_root, cfg.emd_rho,
-                                  cfg.ce_weight) or F.cross_entropy
+    class_loss = (
+        build_label_loss(cfg.loss, cfg.hierarchy, train.classes, label_root, cfg.emd_rho, cfg.ce_weight)
+        or F.cross_entropy
+    )
     heads = ClassifierHeads(backbone.out_channels, len(train.classes), cfg.rotation)
     model = PretrainNet(backbone, heads).to(device)
     train_set = build.dataset(train, cfg, backbone, train=True)
@@ -131,9 +153,16 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
         if rank.distributed:
             sampler.set_epoch(epoch)
         else:
-            sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "order", epoch)))
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                            drop_last=len(train_set) > cfg.batch_size)
+            sampler = RandomSampler(
+                train_set, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "order", epoch))
+            )
+        loader = DataLoader(
+            train_set,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            num_workers=cfg.workers,
+            drop_last=len(train_set) > cfg.batch_size,
+        )
         batchnorm.train_mode(model, cfg.bn)
         losses, correct, seen = [], 0, 0
         for images, labels in tqdm(loader, desc=f"pretrain epoch {epoch}", disable=not progress, leave=False):
@@ -153,17 +182,32 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
         improved = val_set is None or val_acc > best["accuracy"]  # no validation: the last epoch is kept
         if improved:
             best = {"accuracy": val_acc, "epoch": epoch}
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_accuracy": val_acc,
-                        "train_accuracy": 100.0 * correct / max(seen, 1), "lr": scheduler.get_last_lr()[0]})
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                "val_accuracy": val_acc,
+                "train_accuracy": 100.0 * correct / max(seen, 1),
+                "lr": scheduler.get_last_lr()[0],
+            }
+        )
         if rank.main:
-            save = dict(backbone=backbone, optimizer=optimizer, scheduler=scheduler, epoch=epoch, best=best,
-                        config=cfg, heads=heads)
-            save_training_state(out / LAST, **save)
-            if improved:
-                save_training_state(out / BEST, **save)
-            write_results(merge_history(out, history), out, name="history", float_format="%.6g")
-            print(f"pretrain epoch {epoch}: loss {history[-1]['loss']:.3f} "
-                  f"train acc {history[-1]['train_accuracy']:.1f}% " + val_note(val_acc, best), flush=True)
+            save_epoch(
+                out,
+                history,
+                improved,
+                backbone=backbone,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                epoch=epoch,
+                best=best,
+                config=cfg,
+                heads=heads,
+            )
+            print(
+                f"pretrain epoch {epoch}: loss {history[-1]['loss']:.3f} "
+                f"train acc {history[-1]['train_accuracy']:.1f}% " + val_note(val_acc, best),
+                flush=True,
+            )
         distributed.barrier(rank)
     return backbone
-
