@@ -11,6 +11,7 @@ its header first and files above ``--max-pixels`` are skipped before anything is
 ``split.csv`` assigns the classes (seeded shuffle) to test / val / train, so the folder layout
 reads ``--split train|val|test`` with no class in two splits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,15 +88,17 @@ def main() -> None:
     names = sorted(written)
     rng.shuffle(names)
     n_test, n_val = args.test_classes, args.val_classes
-    split = {c: "test" for c in names[:n_test]} | {c: "val" for c in names[n_test:n_test + n_val]}
-    split |= {c: "train" for c in names[n_test + n_val:]}
+    split = {c: "test" for c in names[:n_test]} | {c: "val" for c in names[n_test : n_test + n_val]}
+    split |= {c: "train" for c in names[n_test + n_val :]}
     with open(args.out / "split.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "split"])
         w.writerows(sorted(split.items()))
     counts = {s: sum(v == s for v in split.values()) for s in ("train", "val", "test")}
-    print(f"{len(names)} classes, {sum(written.values())} images ({skipped} skipped) -> {args.out}; "
-          f"classes train {counts['train']} / val {counts['val']} / test {counts['test']}")
+    print(
+        f"{len(names)} classes, {sum(written.values())} images ({skipped} skipped) -> {args.out}; "
+        f"classes train {counts['train']} / val {counts['val']} / test {counts['test']}"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ the script itself stays tested) and exits 0. Exit status 1 means a check FAILED.
 
     python benchmarks/device_check.py [--cpu-only] [--batch 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,11 +71,17 @@ def exact_layer(device: torch.device) -> Row:
     cpu_u = u.detach().cpu().requires_grad_(True)
     cpu_score = similarity(cpu_u, v.cpu(), temperature=12.5, center=True)
     cpu_score.sum().backward()
-    diff = max(float((score.detach().cpu() - cpu_score.detach()).abs().max()),
-               float((u.grad.cpu() - cpu_u.grad).abs().max()))
+    diff = max(
+        float((score.detach().cpu() - cpu_score.detach()).abs().max()), float((u.grad.cpu() - cpu_u.grad).abs().max())
+    )
     ok = u.grad.device == u.device and score.device == u.device and diff < 1e-4
-    return _row(f"exact EMD layer, {len(u)} x 25x25 640-d, fwd+bwd", str(device), "ok" if ok else "FAIL",
-                f"score/grad on {score.device}; max abs diff vs CPU {diff:.1e}", seconds)
+    return _row(
+        f"exact EMD layer, {len(u)} x 25x25 640-d, fwd+bwd",
+        str(device),
+        "ok" if ok else "FAIL",
+        f"score/grad on {score.device}; max abs diff vs CPU {diff:.1e}",
+        seconds,
+    )
 
 
 def sinkhorn(device: torch.device) -> Row:
@@ -92,8 +99,13 @@ def sinkhorn(device: torch.device) -> Row:
     exact, _ = solve(cost.cpu().double(), wu.cpu().double(), wv.cpu().double())
     rel = float(((dist.cpu().double() - exact).abs() / exact).max())
     ok = dist.device == cost.device and flow.device == cost.device and bool(torch.isfinite(dist).all()) and rel < 0.05
-    return _row(f"Sinkhorn, {len(u)} x 25x25, {iters} iterations at most", str(device), "ok" if ok else "FAIL",
-                f"on {dist.device}; max relative gap to exact {rel:.2e}", seconds)
+    return _row(
+        f"Sinkhorn, {len(u)} x 25x25, {iters} iterations at most",
+        str(device),
+        "ok" if ok else "FAIL",
+        f"on {dist.device}; max relative gap to exact {rel:.2e}",
+        seconds,
+    )
 
 
 def faiss_search(gpu: bool) -> Row:
@@ -118,8 +130,13 @@ def faiss_search(gpu: bool) -> Row:
     same = float((got == want).mean())
     on_gpu = "Gpu" in type(faiss.downcast_index(index)).__name__
     ok = same > 0.99 and (on_gpu or not gpu)
-    return _row(f"faiss Flat search, {len(queries):,} q x {len(base):,}", type(faiss.downcast_index(index)).__name__,
-                "ok" if ok else "FAIL", f"{same:.1%} of the top-10 ids as on the CPU", seconds)
+    return _row(
+        f"faiss Flat search, {len(queries):,} q x {len(base):,}",
+        type(faiss.downcast_index(index)).__name__,
+        "ok" if ok else "FAIL",
+        f"{same:.1%} of the top-10 ids as on the CPU",
+        seconds,
+    )
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -130,8 +147,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("nccl", rank=rank, world_size=world)
     torch.cuda.set_device(rank)
     torch.manual_seed(0)
-    model = DistributedDataParallel(backbones.create("resnet12", channels=(16, 32, 64, 128)).cuda(rank),
-                                    device_ids=[rank])
+    model = DistributedDataParallel(
+        backbones.create("resnet12", channels=(16, 32, 64, 128)).cuda(rank), device_ids=[rank]
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(rank)  # each rank its own data
     for _ in range(3):
@@ -162,8 +180,13 @@ def ddp_nccl() -> Row:
         seconds = time.perf_counter() - start
         gaps = [float(Path(out, f"rank{r}").read_text()) for r in range(2)]
     ok = max(gaps) == 0.0
-    return _row("DDP over NCCL, 2 ranks, 3 steps", "cuda:0,1", "ok" if ok else "FAIL",
-                f"largest parameter gap between replicas {max(gaps):.1e}", seconds)
+    return _row(
+        "DDP over NCCL, 2 ranks, 3 steps",
+        "cuda:0,1",
+        "ok" if ok else "FAIL",
+        f"largest parameter gap between replicas {max(gaps):.1e}",
+        seconds,
+    )
 
 
 @torch.inference_mode()
@@ -179,8 +202,13 @@ def extraction(device: torch.device, batch: int, batches: int) -> tuple[Row, flo
     _sync(device)
     seconds = time.perf_counter() - start
     rate = batch * batches / seconds
-    return _row(f"EfficientNet-Lite0 160 px, batch {batch}", str(device), "ok",
-                f"{rate:,.0f} images/s, map {tuple(fmap.shape[1:])}", seconds), rate
+    return _row(
+        f"EfficientNet-Lite0 160 px, batch {batch}",
+        str(device),
+        "ok",
+        f"{rate:,.0f} images/s, map {tuple(fmap.shape[1:])}",
+        seconds,
+    ), rate
 
 
 def run(cpu_only: bool, batch: int) -> list[Row]:

@@ -1,8 +1,9 @@
 """Speed table of the EMD solvers (same code as ``deepemd bench emd``).
 
-    python benchmarks/emd_speed.py --quick
-    python benchmarks/emd_speed.py --sizes 25x25 --batches 1000 --threads 2
+python benchmarks/emd_speed.py --quick
+python benchmarks/emd_speed.py --sizes 25x25 --batches 1000 --threads 2
 """
+
 import argparse
 import sys
 

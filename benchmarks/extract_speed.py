@@ -8,6 +8,7 @@ round (as ``timeit`` advises): other load only ever slows a round down.
 
     python benchmarks/extract_speed.py [--backbones efficientnet_lite0 resnet12 --batch-size 4 --rounds 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,10 @@ def main() -> None:
 
     device = default_device(args.device)
     torch.manual_seed(0)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch_size}, "
-          f"best of {args.rounds} interleaved rounds after 1 warm-up")
+    print(
+        f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch_size}, "
+        f"best of {args.rounds} interleaved rounds after 1 warm-up"
+    )
     print("| backbone | input px | extractor | m | images/s | x fcn |\n|---|---|---|---|---|---|")
     for name in args.backbones:
         net = backbones.create(name, pretrained=name in ("efficientnet_lite0", "mobilenetv2")).to(device).eval()

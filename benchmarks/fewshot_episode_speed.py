@@ -27,6 +27,7 @@ methods (tests/fewshot_reference.py) on the first ``--old-episodes`` episodes.
     python benchmarks/fewshot_episode_speed.py --test-path --data-root demo --episodes 200 \
         [--feature-cache DIR] [--old] [--no-layer]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,9 @@ def episode(way: int, query: int, nodes: int, dim: int, seed: int) -> tuple[torc
     return queries, support, labels
 
 
-def step(queries: torch.Tensor, support: torch.Tensor, labels: torch.Tensor, solver: str, grad: bool = True
-         ) -> tuple[float, torch.Tensor | None]:
+def step(
+    queries: torch.Tensor, support: torch.Tensor, labels: torch.Tensor, solver: str, grad: bool = True
+) -> tuple[float, torch.Tensor | None]:
     """Seconds for logits + loss (+ backward); returns the query gradient when ``grad``."""
     q = queries.clone().requires_grad_(grad)
     s = support.clone().requires_grad_(grad)
@@ -87,9 +89,21 @@ def test_cache(cfg):
     images = build.read_split(cfg, cfg.split)
     net = build.create_backbone(cfg, cfg.checkpoint).to(device)
     extractor = build.create_extractor(cfg, net).to(device)
-    return cached(cfg.feature_cache, feature_key(cfg, images), lambda: extract(
-        build.dataset(images, cfg, net, train=False), net, extractor, cfg.local, batch_size=cfg.batch_size,
-        workers=cfg.workers, device=device, seed=cfg.seed, progress=False))
+    return cached(
+        cfg.feature_cache,
+        feature_key(cfg, images),
+        lambda: extract(
+            build.dataset(images, cfg, net, train=False),
+            net,
+            extractor,
+            cfg.local,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            device=device,
+            seed=cfg.seed,
+            progress=False,
+        ),
+    )
 
 
 def test_path_timing(cfg, cache) -> tuple[float, dict[str, float], dict[str, np.ndarray]]:
@@ -113,8 +127,14 @@ def emd_floor(cfg, cache) -> float:
         idx_t = torch.from_numpy(idx)
         queries, support = cache.local[idx_t[n_support:]], cache.local[idx_t[:n_support]]
         start = time.perf_counter()
-        pairwise_similarity(queries, support, weights=cfg.node_weights, solver=cfg.solver,
-                            temperature=cfg.temperature, center=cfg.center)
+        pairwise_similarity(
+            queries,
+            support,
+            weights=cfg.node_weights,
+            solver=cfg.solver,
+            temperature=cfg.temperature,
+            center=cfg.center,
+        )
         total += time.perf_counter() - start
     return total
 
@@ -142,9 +162,17 @@ def test_path_table(args) -> None:
     """The test path's table: each method, the whole episode, the floor (and the old code)."""
     from deepemd.fewshot.config import EvalConfig
 
-    cfg = EvalConfig(data_root=args.data_root, backbone=args.backbone, way=args.way, shot=args.shot,
-                     query=args.query, episodes=args.episodes, feature_cache=args.feature_cache,
-                     out="/tmp/unused", flow_picture=False)
+    cfg = EvalConfig(
+        data_root=args.data_root,
+        backbone=args.backbone,
+        way=args.way,
+        shot=args.shot,
+        query=args.query,
+        episodes=args.episodes,
+        feature_cache=args.feature_cache,
+        out="/tmp/unused",
+        flow_picture=False,
+    )
     cache = test_cache(cfg)
     test_path_timing(dataclasses.replace(cfg, episodes=2), cache)  # kernels compiled, first-touch of the cache pages
     cpu = time.process_time()
@@ -153,21 +181,50 @@ def test_path_table(args) -> None:
     floor = emd_floor(cfg, cache)
     cpu_floor = time.process_time() - cpu
     n = cfg.num_episodes()
-    rows = [{"method": name, "ms / episode": 1e3 * sec / n, "episodes/s": n / sec if sec else float("inf"),
-             "x the EMD work alone": sec / floor} for name, sec in per_method.items()]
+    rows = [
+        {
+            "method": name,
+            "ms / episode": 1e3 * sec / n,
+            "episodes/s": n / sec if sec else float("inf"),
+            "x the EMD work alone": sec / floor,
+        }
+        for name, sec in per_method.items()
+    ]
     # CPU seconds (all threads) beside the wall time: on a shared machine wall time mostly
     # measures the other jobs; CPU time is what the work itself costs.
-    rows.append({"method": "whole episode (all methods, sampling included)", "ms / episode": 1e3 * wall / n,
-                 "episodes/s": n / wall, "x the EMD work alone": wall / floor, "CPU ms / episode": 1e3 * cpu_whole / n})
-    rows.append({"method": "floor: pairwise_similarity per episode", "ms / episode": 1e3 * floor / n,
-                 "episodes/s": n / floor, "x the EMD work alone": 1.0, "CPU ms / episode": 1e3 * cpu_floor / n})
+    rows.append(
+        {
+            "method": "whole episode (all methods, sampling included)",
+            "ms / episode": 1e3 * wall / n,
+            "episodes/s": n / wall,
+            "x the EMD work alone": wall / floor,
+            "CPU ms / episode": 1e3 * cpu_whole / n,
+        }
+    )
+    rows.append(
+        {
+            "method": "floor: pairwise_similarity per episode",
+            "ms / episode": 1e3 * floor / n,
+            "episodes/s": n / floor,
+            "x the EMD work alone": 1.0,
+            "CPU ms / episode": 1e3 * cpu_floor / n,
+        }
+    )
     if args.old:
         old = old_path_timing(cfg, cache, min(args.old_episodes, n))
-        rows.append({"method": f"old per-episode code ({min(args.old_episodes, n)} episodes)",
-                     "ms / episode": 1e3 * old, "episodes/s": 1 / old, "x the EMD work alone": old * n / floor})
-    print(f"\n`fewshot test` path: {cfg.way}-way {cfg.shot}-shot, {cfg.query} queries/class, {n} episodes, "
-          f"{args.data_root} ({len(cache.labels)} images, local sets {tuple(cache.local.shape[1:])}), "
-          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
+        rows.append(
+            {
+                "method": f"old per-episode code ({min(args.old_episodes, n)} episodes)",
+                "ms / episode": 1e3 * old,
+                "episodes/s": 1 / old,
+                "x the EMD work alone": old * n / floor,
+            }
+        )
+    print(
+        f"\n`fewshot test` path: {cfg.way}-way {cfg.shot}-shot, {cfg.query} queries/class, {n} episodes, "
+        f"{args.data_root} ({len(cache.labels)} images, local sets {tuple(cache.local.shape[1:])}), "
+        f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}"
+    )
     print(to_markdown(pd.DataFrame(rows).astype(object).fillna(""), "%.4g"))
 
 
@@ -186,8 +243,11 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--shot", type=int, default=1, help="test path shots (the layer table is 1-shot)")
     parser.add_argument("--episodes", type=int, default=200, help="test path episodes")
-    parser.add_argument("--feature-cache", default=str(cache_dir() / "fewshot-features"),
-                        help="test path: where the extracted features are kept between runs")
+    parser.add_argument(
+        "--feature-cache",
+        default=str(cache_dir() / "fewshot-features"),
+        help="test path: where the extracted features are kept between runs",
+    )
     parser.add_argument("--old", action="store_true", help="test path: also time the pre-batching per-episode code")
     parser.add_argument("--old-episodes", type=int, default=20)
     args = parser.parse_args()
@@ -216,18 +276,40 @@ def layer_table(args) -> None:
     sinkhorn = best_of(args.repeats, lambda: step(queries, support, labels, "sinkhorn", grad=True)[0])
 
     rows = [
-        {"solver": "exact (ours)", "pass": "fwd+bwd", "pairs timed": pairs, "s / episode": exact,
-         "x faster than qpth": qpth_full / exact},
-        {"solver": "qpth (paper)", "pass": "fwd+bwd", "pairs timed": k_pairs,
-         "s / episode": qpth_full, "x faster than qpth": 1.0},
-        {"solver": "sinkhorn", "pass": "fwd+bwd", "pairs timed": pairs, "s / episode": sinkhorn,
-         "x faster than qpth": qpth_full / sinkhorn},
-        {"solver": "opencv (cv2.EMD)", "pass": "fwd only", "pairs timed": pairs, "s / episode": opencv,
-         "x faster than qpth": qpth_full / opencv},
+        {
+            "solver": "exact (ours)",
+            "pass": "fwd+bwd",
+            "pairs timed": pairs,
+            "s / episode": exact,
+            "x faster than qpth": qpth_full / exact,
+        },
+        {
+            "solver": "qpth (paper)",
+            "pass": "fwd+bwd",
+            "pairs timed": k_pairs,
+            "s / episode": qpth_full,
+            "x faster than qpth": 1.0,
+        },
+        {
+            "solver": "sinkhorn",
+            "pass": "fwd+bwd",
+            "pairs timed": pairs,
+            "s / episode": sinkhorn,
+            "x faster than qpth": qpth_full / sinkhorn,
+        },
+        {
+            "solver": "opencv (cv2.EMD)",
+            "pass": "fwd only",
+            "pairs timed": pairs,
+            "s / episode": opencv,
+            "x faster than qpth": qpth_full / opencv,
+        },
     ]
-    print(f"{args.way}-way 1-shot episode, {args.query} queries/class, {args.nodes} nodes x {args.dim}-d, "
-          f"{pairs} EMD problems; best of {args.repeats} (qpth: one run on {k_pairs} pairs"
-          f"{'' if k_pairs == pairs else f', extrapolated x{pairs / k_pairs:.1f} to {pairs}'})")
+    print(
+        f"{args.way}-way 1-shot episode, {args.query} queries/class, {args.nodes} nodes x {args.dim}-d, "
+        f"{pairs} EMD problems; best of {args.repeats} (qpth: one run on {k_pairs} pairs"
+        f"{'' if k_pairs == pairs else f', extrapolated x{pairs / k_pairs:.1f} to {pairs}'})"
+    )
     print(to_markdown(__import__("pandas").DataFrame(rows), "%.4g"))
     print(f"exact on the same {k_pairs} pairs: {exact_part:.4g} s; cosine(grad exact, grad qpth) = {agreement:.4f}")
 

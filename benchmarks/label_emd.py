@@ -17,6 +17,7 @@ for a soft target ``q`` on a random tree; the number of steps until the exact EM
 ``--tol`` x its starting value (best over a small learning-rate grid), for rho = 1, relaxed
 rho = 2, cross-entropy, and Sinkhorn (its transport cost as the loss) at several eps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,19 +58,24 @@ def _time(fn, repeats: int) -> float:
 
 def speed(sizes: list[int], batch: int, repeats: int, sinkhorn_iter: int, eps_rel: float, budget: float) -> None:
     rng = np.random.default_rng(0)
-    print(f"## Speed: one batch of {batch} pairs (softmax prediction vs soft target), forward + backward, "
-          f"float64, {torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.2f}")
+    print(
+        f"## Speed: one batch of {batch} pairs (softmax prediction vs soft target), forward + backward, "
+        f"float64, {torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.2f}"
+    )
     print("LP and Sinkhorn at large K are timed on fewer pairs (column 'pairs timed') and scaled to the batch.\n")
-    print("| K | depth | tree_emd | ot.emd2 (exact LP, loop) | Sinkhorn batched "
-          f"({sinkhorn_iter} it, eps={eps_rel} x mean d) | pairs timed (LP / Sinkhorn) | LP / tree_emd | "
-          "Sinkhorn / tree_emd | Sinkhorn rel. error |")
+    print(
+        "| K | depth | tree_emd | ot.emd2 (exact LP, loop) | Sinkhorn batched "
+        f"({sinkhorn_iter} it, eps={eps_rel} x mean d) | pairs timed (LP / Sinkhorn) | LP / tree_emd | "
+        "Sinkhorn / tree_emd | Sinkhorn rel. error |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for K in sizes:
         _speed_row(K, rng, batch, repeats, sinkhorn_iter, eps_rel, budget)
 
 
-def _speed_row(K: int, rng: np.random.Generator, batch: int, repeats: int, sinkhorn_iter: int, eps_rel: float,
-               budget: float) -> None:
+def _speed_row(
+    K: int, rng: np.random.Generator, batch: int, repeats: int, sinkhorn_iter: int, eps_rel: float, budget: float
+) -> None:
     import ot
 
     from deepemd.emd.sinkhorn import solve_sinkhorn
@@ -99,8 +105,9 @@ def _speed_row(K: int, rng: np.random.Generator, batch: int, repeats: int, sinkh
 
     def sinkhorn():
         z = logits[:n_sink].clone().requires_grad_(True)
-        dist, _ = solve_sinkhorn(D.expand(n_sink, K, K), z.softmax(1), target[:n_sink], eps=eps,
-                                 n_iter=sinkhorn_iter, tol=0.0)
+        dist, _ = solve_sinkhorn(
+            D.expand(n_sink, K, K), z.softmax(1), target[:n_sink], eps=eps, n_iter=sinkhorn_iter, tol=0.0
+        )
         dist.sum().backward()
         sink_value["d"] = dist.detach()
 
@@ -109,8 +116,11 @@ def _speed_row(K: int, rng: np.random.Generator, batch: int, repeats: int, sinkh
     t_sink = _time(sinkhorn, max(1, repeats // 2)) * batch / n_sink
     exact = tree_emd(logits[:n_sink].softmax(1), target[:n_sink], tree)
     err = float(((sink_value["d"] - exact).abs() / exact).mean())
-    print(f"| {K} | {depth} | {t_tree * 1e3:.3f} ms | {t_lp * 1e3:.1f} ms | {t_sink * 1e3:.1f} ms | "
-          f"{n_lp} / {n_sink} | {t_lp / t_tree:.0f}x | {t_sink / t_tree:.0f}x | {100 * err:.1f}% |", flush=True)
+    print(
+        f"| {K} | {depth} | {t_tree * 1e3:.3f} ms | {t_lp * 1e3:.1f} ms | {t_sink * 1e3:.1f} ms | "
+        f"{n_lp} / {n_sink} | {t_lp / t_tree:.0f}x | {t_sink / t_tree:.0f}x | {100 * err:.1f}% |",
+        flush=True,
+    )
 
 
 def _fit(loss_fn, q: torch.Tensor, tree: LabelTree, lr: float, steps: int, tol: float) -> tuple[int | None, float]:
@@ -145,17 +155,22 @@ def convergence(K: int, steps: int, tol: float, lrs: list[float], eps_list: list
     }
     mean_d = float(D.mean())
     for e in eps_list:
-        methods[f"Sinkhorn (eps={e} x mean d)"] = (
-            lambda p, e=e: solve_sinkhorn(D[None], p[None], q[None], eps=e * mean_d, n_iter=sinkhorn_iter, tol=1e-9)[0][0])
-    print(f"\n## Convergence: fit softmax(z) to a soft target on a random tree, K={K}; steps until the exact "
-          f"EMD <= {tol:g} x its start (best learning rate of {lrs}; at most {steps} steps)")
+        methods[f"Sinkhorn (eps={e} x mean d)"] = lambda p, e=e: solve_sinkhorn(
+            D[None], p[None], q[None], eps=e * mean_d, n_iter=sinkhorn_iter, tol=1e-9
+        )[0][0]
+    print(
+        f"\n## Convergence: fit softmax(z) to a soft target on a random tree, K={K}; steps until the exact "
+        f"EMD <= {tol:g} x its start (best learning rate of {lrs}; at most {steps} steps)"
+    )
     print("| loss | steps to reach | best lr | EMD / start after the run (best lr) |")
     print("|---|---|---|---|")
     for name, fn in methods.items():
         results = [(lr, *_fit(fn, q, tree, lr, steps, tol)) for lr in lrs]
         hit = [r for r in results if r[1] is not None]
         lr, reached, final = min(hit, key=lambda r: r[1]) if hit else min(results, key=lambda r: r[2])
-        print(f"| {name} | {reached if reached is not None else f'not in {steps}'} | {lr:g} | {final:.4f} |", flush=True)
+        print(
+            f"| {name} | {reached if reached is not None else f'not in {steps}'} | {lr:g} | {final:.4f} |", flush=True
+        )
 
 
 def main() -> None:
@@ -171,8 +186,9 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=0.02)
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
     parser.add_argument("--conv-eps", type=float, nargs="+", default=[0.01, 0.1, 1.0])
-    parser.add_argument("--budget", type=float, default=2e8,
-                        help="K x K work allowed per slow timing; fewer pairs are timed at large K")
+    parser.add_argument(
+        "--budget", type=float, default=2e8, help="K x K work allowed per slow timing; fewer pairs are timed at large K"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -20,6 +20,7 @@ losses are :class:`deepemd.labels.TreeEMDLoss` configurations and the numbers ar
   (random radius and grey level on a noisy background): the label k is true by construction;
   a chain of 8 classes; reports MAE in class steps, accuracy within +-1 and RPS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,16 +31,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from deepemd.eval.labels import chain_metrics, label_metrics
 from PIL import Image
 
+from deepemd.eval.labels import chain_metrics, label_metrics
 from deepemd.io import atomic_path
 from deepemd.labels import LOSS_NAMES, LabelTree, TreeEMDLoss, chain
 
-FASHION_NAMES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot")
-FASHION_GROUPS = {"T-shirt_top": "tops", "Pullover": "tops", "Coat": "tops", "Shirt": "tops", "Trouser": "bottoms",
-                  "Dress": "one-piece", "Sandal": "footwear", "Sneaker": "footwear", "Ankle_boot": "footwear",
-                  "Bag": "bags"}
+FASHION_NAMES = (
+    "T-shirt_top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle_boot",
+)
+FASHION_GROUPS = {
+    "T-shirt_top": "tops",
+    "Pullover": "tops",
+    "Coat": "tops",
+    "Shirt": "tops",
+    "Trouser": "bottoms",
+    "Dress": "one-piece",
+    "Sandal": "footwear",
+    "Sneaker": "footwear",
+    "Ankle_boot": "footwear",
+    "Bag": "bags",
+}
 SIZE = 96
 
 
@@ -60,7 +81,7 @@ def _features(images: list[np.ndarray], cache: Path, key: str) -> np.ndarray:
     with torch.no_grad():
         for i in range(0, len(images), 64):
             batch = []
-            for img in images[i:i + 64]:
+            for img in images[i : i + 64]:
                 pil = Image.fromarray(img).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)
                 batch.append((torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).float() / 255 - mean) / std)
             out.append(global_features(net(torch.stack(batch))).numpy())
@@ -84,11 +105,15 @@ def omniglot(cache: Path) -> tuple[np.ndarray, np.ndarray, LabelTree]:
         labels += [k] * len(files)
     key = "omniglot-" + hashlib.sha1("|".join(str(p.relative_to(root)) for p in paths).encode()).hexdigest()[:10]
     cached = cache / f"{key}.npy"
-    feats = np.load(cached) if cached.is_file() else _features([np.asarray(Image.open(p).convert("L")) for p in paths],
-                                                                 cache, key)
+    feats = (
+        np.load(cached)
+        if cached.is_file()
+        else _features([np.asarray(Image.open(p).convert("L")) for p in paths], cache, key)
+    )
     alphabet = {c: c.rsplit("_character", 1)[0] for c in classes}
-    tree = LabelTree.from_parents({**{c: a for c, a in alphabet.items()}, **{a: "root" for a in set(alphabet.values())}},
-                                  classes=classes)
+    tree = LabelTree.from_parents(
+        {**{c: a for c, a in alphabet.items()}, **{a: "root" for a in set(alphabet.values())}}, classes=classes
+    )
     return feats, np.asarray(labels), tree
 
 
@@ -103,8 +128,9 @@ def fashion(cache: Path, pool: int, test: int) -> tuple[np.ndarray, np.ndarray, 
         y = _read_idx(SOURCE / f"{part}-labels-idx1-ubyte.gz", 8)
         idx = np.concatenate([np.flatnonzero(y == k)[:n] for k in range(10)])
         parts[part] = (_features(list(x[idx]), cache, f"fashion-{part}-{n}"), y[idx].astype(np.int64))
-    tree = LabelTree.from_parents({**FASHION_GROUPS, **{g: "clothing" for g in set(FASHION_GROUPS.values())}},
-                                  classes=FASHION_NAMES)
+    tree = LabelTree.from_parents(
+        {**FASHION_GROUPS, **{g: "clothing" for g in set(FASHION_GROUPS.values())}}, classes=FASHION_NAMES
+    )
     return (*parts["train"], *parts["t10k"], tree)
 
 
@@ -207,8 +233,9 @@ def table(rows: list[dict], keys: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["omniglot", "fashion", "ordinal"],
-                        choices=["omniglot", "fashion", "ordinal"])
+    parser.add_argument(
+        "--tasks", nargs="+", default=["omniglot", "fashion", "ordinal"], choices=["omniglot", "fashion", "ordinal"]
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--losses", nargs="+", default=list(LOSS_NAMES), choices=list(LOSS_NAMES))
     parser.add_argument("--shots", type=int, default=5, help="Omniglot training drawings per character")
@@ -226,9 +253,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    setup = (f"Frozen ImageNet EfficientNet-Lite0 features ({SIZE} px, pooled) + linear head, full-batch Adam "
-             f"lr {args.lr}, {args.steps} steps, seeds {args.seeds}; mean ± std over seeds; "
-             f"load {os.getloadavg()[0]:.1f}.")
+    setup = (
+        f"Frozen ImageNet EfficientNet-Lite0 features ({SIZE} px, pooled) + linear head, full-batch Adam "
+        f"lr {args.lr}, {args.steps} steps, seeds {args.seeds}; mean ± std over seeds; "
+        f"load {os.getloadavg()[0]:.1f}."
+    )
     report = [setup]
     for task in args.tasks:
         rows = run_task(task, args.seeds, args)
@@ -237,9 +266,11 @@ def main() -> None:
             what = f"ordinal: 1-8 pasted discs, {args.ordinal_shots} train images per count, {args.ordinal_test} test"
         else:
             keys = ["top1", "top5", "severity", "mean_distance", "hd@5"]
-            what = (f"omniglot: 242 characters / 8 alphabets, {args.shots} train drawings per character, rest test"
-                    if task == "omniglot" else
-                    f"fashion: 10 classes / 5 groups, {args.fashion_shots} train images per class, {args.fashion_test} test")
+            what = (
+                f"omniglot: 242 characters / 8 alphabets, {args.shots} train drawings per character, rest test"
+                if task == "omniglot"
+                else f"fashion: 10 classes / 5 groups, {args.fashion_shots} train images per class, {args.fashion_test} test"
+            )
         report += ["", f"### {what}", "", table(rows, keys)]
         print("\n".join(report[-3:]), flush=True)
     report.append(f"\n(total {time.perf_counter() - start:.0f} s)")

@@ -15,6 +15,7 @@ re-made by hand; finished steps are skipped on a re-run.
         --root ~/.cache/deepemd/openclipart-96 --part fewshot retrieval
     python benchmarks/meta_training_gains.py --data omniglot openclipart --part summary
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,26 @@ import pandas as pd
 
 DEEPEMD = [sys.executable, "-m", "deepemd.cli"]
 NET = ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--image-size", "84"]
-META = ["--way", "5", "--shot", "1", "--query", "5", "--temperature", "12.5", "--lr", "1e-3",
-        "--momentum", "0.9", "--weight-decay", "5e-4", "--step-size", "2", "--gamma", "0.5"]
+META = [
+    "--way",
+    "5",
+    "--shot",
+    "1",
+    "--query",
+    "5",
+    "--temperature",
+    "12.5",
+    "--lr",
+    "1e-3",
+    "--momentum",
+    "0.9",
+    "--weight-decay",
+    "5e-4",
+    "--step-size",
+    "2",
+    "--gamma",
+    "0.5",
+]
 #: Methods per shot count. 1-shot: DeepEMD (EMD to the one support). 5-shot: EMD to the nearest
 #: support (+NN); the SFC fit (the paper's 5-shot head) takes ~2 s per episode on this loaded CPU
 #: (20 min per 600-episode test), too much for 6 tests here: add "emd" with a faster machine.
@@ -48,7 +67,7 @@ def run(cmd: list[str], done: Path) -> None:
     if done.exists():
         print(f"skip (done): {done}", flush=True)
         return
-    print("+ deepemd " + " ".join(cmd[len(DEEPEMD):]), flush=True)
+    print("+ deepemd " + " ".join(cmd[len(DEEPEMD) :]), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"})
 
 
@@ -65,9 +84,27 @@ def fewshot(name: str, data: list[str], out: Path, args: argparse.Namespace) -> 
     models = {"start": []}
     for bn in ("frozen", "train"):
         train_out = out / f"meta_{bn}"
-        run([*DEEPEMD, "fewshot", "train", *data, *NET, *META, "--bn", bn, "--epochs", str(args.epochs),
-             "--episodes-per-epoch", str(args.episodes), "--val-episodes", str(args.val_episodes),
-             "--out", str(train_out)], train_out / "done")
+        run(
+            [
+                *DEEPEMD,
+                "fewshot",
+                "train",
+                *data,
+                *NET,
+                *META,
+                "--bn",
+                bn,
+                "--epochs",
+                str(args.epochs),
+                "--episodes-per-epoch",
+                str(args.episodes),
+                "--val-episodes",
+                str(args.val_episodes),
+                "--out",
+                str(train_out),
+            ],
+            train_out / "done",
+        )
         (train_out / "done").touch()
         models[f"meta_{bn}"] = ["--checkpoint", str(train_out / "best.pt")]
         if kept_start(train_out):  # validation kept the untrained start: also test what training made
@@ -75,10 +112,34 @@ def fewshot(name: str, data: list[str], out: Path, args: argparse.Namespace) -> 
     for model, extra in models.items():
         for shot in (1, 5):
             test_out = out / f"test_{model}_{shot}shot"
-            run([*DEEPEMD, "fewshot", "test", *data, *NET, *extra, "--split", "test", "--way", "5",
-                 "--shot", str(shot), "--query", "15", "--episodes", "600", "--methods", *TEST_METHODS[shot],
-                 *cache, "--flow-picture", "false", "--out", str(test_out)],
-                test_out / "episodes.csv")
+            run(
+                [
+                    *DEEPEMD,
+                    "fewshot",
+                    "test",
+                    *data,
+                    *NET,
+                    *extra,
+                    "--split",
+                    "test",
+                    "--way",
+                    "5",
+                    "--shot",
+                    str(shot),
+                    "--query",
+                    "15",
+                    "--episodes",
+                    "600",
+                    "--methods",
+                    *TEST_METHODS[shot],
+                    *cache,
+                    "--flow-picture",
+                    "false",
+                    "--out",
+                    str(test_out),
+                ],
+                test_out / "episodes.csv",
+            )
 
 
 def kept_start(train_out: Path) -> bool:
@@ -87,19 +148,56 @@ def kept_start(train_out: Path) -> bool:
 
 
 def retrieval(name: str, data: list[str], out: Path, args: argparse.Namespace) -> None:
-    evaluate = [*DEEPEMD, "retrieval", "eval", *data, "--split", "test", "--methods", "fcn",
-                "--rerank-k", "100", "--flow-queries", "0"]
+    evaluate = [
+        *DEEPEMD,
+        "retrieval",
+        "eval",
+        *data,
+        "--split",
+        "test",
+        "--methods",
+        "fcn",
+        "--rerank-k",
+        "100",
+        "--flow-queries",
+        "0",
+    ]
     run([*evaluate, *NET, "--out", str(out / "retrieval_start")], out / "retrieval_start" / "results.csv")
     for run_name in args.retrieval_runs:
         opts = RETRIEVAL_RUNS[run_name]
         train_out = out / f"retrieval_{run_name}"
-        run([*DEEPEMD, "retrieval", "train", *data, *NET, "--embed-dim", "none", "--split", "train", *opts,
-             "--epochs", str(args.retrieval_epochs),
-             "--steps-per-epoch", str(args.retrieval_steps), "--lr", "1e-4", "--batch-size", "32", "--m-per-class", "4",
-             "--out", str(train_out)], train_out / "done")
+        run(
+            [
+                *DEEPEMD,
+                "retrieval",
+                "train",
+                *data,
+                *NET,
+                "--embed-dim",
+                "none",
+                "--split",
+                "train",
+                *opts,
+                "--epochs",
+                str(args.retrieval_epochs),
+                "--steps-per-epoch",
+                str(args.retrieval_steps),
+                "--lr",
+                "1e-4",
+                "--batch-size",
+                "32",
+                "--m-per-class",
+                "4",
+                "--out",
+                str(train_out),
+            ],
+            train_out / "done",
+        )
         (train_out / "done").touch()
-        run([*evaluate, "--checkpoint", str(train_out / "checkpoint.pt"), "--out", str(train_out / "eval")],
-            train_out / "eval" / "results.csv")
+        run(
+            [*evaluate, "--checkpoint", str(train_out / "checkpoint.pt"), "--out", str(train_out / "eval")],
+            train_out / "eval" / "results.csv",
+        )
 
 
 def paired(a: pd.Series, b: pd.Series) -> str:
@@ -114,10 +212,16 @@ def summary(name: str, out: Path) -> str:
         if hist.is_file():
             h = pd.read_csv(hist)
             best = h.loc[h["val_accuracy"].idxmax()]
-            lines.append(f"meta-train --bn {bn}: val " + " -> ".join(f"{v:.2f}" for v in h["val_accuracy"])
-                         + f" (epochs -1..{int(h['epoch'].max())}; best epoch {int(best['epoch'])})")
-    models = ["start"] + [m for m in ("meta_frozen", "meta_frozen_last", "meta_train", "meta_train_last")
-                          if (out / f"test_{m}_1shot").is_dir()]
+            lines.append(
+                f"meta-train --bn {bn}: val "
+                + " -> ".join(f"{v:.2f}" for v in h["val_accuracy"])
+                + f" (epochs -1..{int(h['epoch'].max())}; best epoch {int(best['epoch'])})"
+            )
+    models = ["start"] + [
+        m
+        for m in ("meta_frozen", "meta_frozen_last", "meta_train", "meta_train_last")
+        if (out / f"test_{m}_1shot").is_dir()
+    ]
     header = " | ".join(models) + " | " + " | ".join(f"paired: {m} - start" for m in models[1:])
     lines += ["", f"| method | shot | {header} |", "|---" * (2 * len(models) + 1) + "|"]
     for shot in (1, 5):
@@ -128,11 +232,16 @@ def summary(name: str, out: Path) -> str:
         eps = {m: pd.read_csv(t / "episodes.csv") for m, t in tests.items()}
         for method in res["start"].index:
             gains = [paired(eps["start"][method], eps[m][method]) for m in models[1:]]
-            lines.append(f"| {method} | {shot} | " + " | ".join(
-                f"{res[m].loc[method, 'accuracy']:.2f} ± {res[m].loc[method, 'ci95']:.2f}" for m in models)
-                + " | " + " | ".join(gains) + " |")
+            lines.append(
+                f"| {method} | {shot} | "
+                + " | ".join(f"{res[m].loc[method, 'accuracy']:.2f} ± {res[m].loc[method, 'ci95']:.2f}" for m in models)
+                + " | "
+                + " | ".join(gains)
+                + " |"
+            )
     rows = [("pretrained start", out / "retrieval_start")] + [
-        (f"after {r}", out / f"retrieval_{r}" / "eval") for r in RETRIEVAL_RUNS]  # those that ran
+        (f"after {r}", out / f"retrieval_{r}" / "eval") for r in RETRIEVAL_RUNS
+    ]  # those that ran
     if any((p / "results.csv").is_file() for _, p in rows):
         lines += ["", "| retrieval (test classes) | method | P@1 | RP | MAP@R |", "|---|---|---|---|---|"]
         for label, path in rows:

@@ -21,6 +21,7 @@ queries/s beside its floor and the share of LPs the pruned rerank skips at k = 1
     python benchmarks/pipeline_speed.py [--data-root demo|DIR] [--max-classes 20 --per-class 20]
         [--image-size 96] [--baseline-commit 62ea9f4] [--fewshot] [--fcn224]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,23 @@ from deepemd.timing import recording
 
 REPO = Path(__file__).resolve().parents[1]
 #: The options both today's and older EvalConfigs take, so one dict runs either code.
-SHARED = ("layout", "data_root", "split", "max_classes", "per_class", "image_size", "patch_size", "methods",
-          "rerank_k", "flow_queries", "out", "backbone", "weights", "seed", "batch_size")
+SHARED = (
+    "layout",
+    "data_root",
+    "split",
+    "max_classes",
+    "per_class",
+    "image_size",
+    "patch_size",
+    "methods",
+    "rerank_k",
+    "flow_queries",
+    "out",
+    "backbone",
+    "weights",
+    "seed",
+    "batch_size",
+)
 RUNNER = """
 import json, sys, time
 import torch
@@ -68,11 +84,25 @@ def eval_options(args, out: str) -> dict:
     root = args.data_root
     if root == "demo":
         from deepemd.data import demo_root
+
         root = str(demo_root())
-    return {"layout": "folder", "data_root": root, "split": args.split, "max_classes": args.max_classes,
-            "per_class": args.per_class, "image_size": args.image_size, "patch_size": args.patch_size,
-            "methods": list(args.methods), "rerank_k": args.rerank_k, "flow_queries": 0, "out": out,
-            "backbone": args.backbone, "weights": "imagenet", "seed": 0, "batch_size": 32}
+    return {
+        "layout": "folder",
+        "data_root": root,
+        "split": args.split,
+        "max_classes": args.max_classes,
+        "per_class": args.per_class,
+        "image_size": args.image_size,
+        "patch_size": args.patch_size,
+        "methods": list(args.methods),
+        "rerank_k": args.rerank_k,
+        "flow_queries": 0,
+        "out": out,
+        "backbone": args.backbone,
+        "weights": "imagenet",
+        "seed": 0,
+        "batch_size": 32,
+    }
 
 
 def run_current(options: dict) -> tuple[float, dict, list[dict]]:
@@ -95,11 +125,30 @@ def run_baseline(sha: str, options: dict, threads: int) -> tuple[float, list[dic
     src.mkdir()
     archive = subprocess.run(["git", "-C", str(REPO), "archive", sha], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(src)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(src),
+        ],
+        check=True,
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
-    done = subprocess.run([sys.executable, "-c", RUNNER.format(threads=threads), json.dumps(options)],
-                          check=False, cwd=work, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER.format(threads=threads), json.dumps(options)],
+        check=False,
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"baseline {sha} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -137,12 +186,12 @@ def rerank_floor(glob: np.ndarray, sets: np.ndarray, depth: int, weights: str, q
     for q in np.r_[picks[:1], picks]:  # the first query warms up (allocations, kernel load), untimed
         ids = torch.from_numpy(np.argsort(-sims[q])[:depth].copy())
         start = time.perf_counter()
-        dots = pair_dots(full[q:q + 1], full[ids])
-        cost = pair_costs(dots, norms[q:q + 1], norms[ids])
+        dots = pair_dots(full[q : q + 1], full[ids])
+        cost = pair_costs(dots, norms[q : q + 1], norms[ids])
         if weights == "cross":
-            wu, wv = pair_cross_weights(full[q:q + 1], full[ids], dots=dots)
+            wu, wv = pair_cross_weights(full[q : q + 1], full[ids], dots=dots)
         else:
-            wu, wv = pair_uniform_weights(full[q:q + 1], full[ids])
+            wu, wv = pair_uniform_weights(full[q : q + 1], full[ids])
         mid = time.perf_counter()
         solve(cost, wu, wv)
         if warm:
@@ -168,8 +217,10 @@ def retrieval_section(args) -> None:
     model = make_embedder(cfg, local_specs(cfg, [m.split(":")[0] for m in args.methods]))
     size = model.info.image_size
     patch = args.patch_size or size
-    print(f"## retrieval eval: {n} images, {size} px, crops {patch} px, methods {' '.join(args.methods)}, "
-          f"rerank depth {args.rerank_k}; torch threads {torch.get_num_threads()}; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"## retrieval eval: {n} images, {size} px, crops {patch} px, methods {' '.join(args.methods)}, "
+        f"rerank depth {args.rerank_k}; torch threads {torch.get_num_threads()}; load {os.getloadavg()[0]:.1f}"
+    )
     floors = {"fcn": backbone_floor(args.backbone, size, n)}
     for kind in ("grid", "sampling"):
         if any(m.split(":")[0] == kind for m in args.methods):
@@ -181,36 +232,45 @@ def retrieval_section(args) -> None:
         if kind in floors:
             ours_kind[kind] = stages.get(f"crops: {kind}", 0.0) + stages.get(f"backbone: {kind} crops", 0.0)
     for kind, (floor, bs) in floors.items():
-        print(f"| {kind} | {ours_kind[kind]:.1f} | {floor:.1f} (batch {bs}) | {ours_kind[kind] / floor:.2f} | "
-              f"{n / ours_kind[kind]:.1f} |")
+        print(
+            f"| {kind} | {ours_kind[kind]:.1f} | {floor:.1f} (batch {bs}) | {ours_kind[kind] / floor:.2f} | "
+            f"{n / ours_kind[kind]:.1f} |"
+        )
     feat_ours, feat_floor = sum(ours_kind.values()) + decode, sum(f for f, _ in floors.values())
-    print(f"| all + decode/transform {decode:.1f} s | {feat_ours:.1f} | {feat_floor:.1f} | "
-          f"{feat_ours / feat_floor:.2f} | {n / feat_ours:.1f} |")
+    print(
+        f"| all + decode/transform {decode:.1f} s | {feat_ours:.1f} | {feat_floor:.1f} | "
+        f"{feat_ours / feat_floor:.2f} | {n / feat_ours:.1f} |"
+    )
     # the rerank floor on the same sets (re-extracted: run_eval keeps them inside)
     from deepemd.retrieval.build import make_loader
     from deepemd.retrieval.model import embed_loader
 
     images = dataset_images(cfg)
     glob, sets, _ = embed_loader(model, make_loader(images, model, 32, 0), torch.device("cpu"), progress=False)
-    print("\n| rerank | ours queries/s | floor: matmul ms + solve ms per query | floor queries/s | "
-          "ours / floor (time) |\n|---|---|---|---|---|")
+    print(
+        "\n| rerank | ours queries/s | floor: matmul ms + solve ms per query | floor queries/s | "
+        "ours / floor (time) |\n|---|---|---|---|---|"
+    )
     rerank_floor_total = 0.0
     for row, method in zip(rows[1:], args.methods):
         kind, _, weights = method.partition(":")
         mm, sv = rerank_floor(glob, sets[kind], args.rerank_k, weights or "cross", args.rerank_queries)
         rerank_floor_total += n * (mm + sv)
         qps = row["queries/s"]
-        print(f"| {row['method']} ({sets[kind].shape[1]} nodes) | {qps:.1f} | {1e3 * mm:.1f} + {1e3 * sv:.1f} | "
-              f"{1 / (mm + sv):.1f} | {(1 / qps) / (mm + sv):.2f} |")
+        print(
+            f"| {row['method']} ({sets[kind].shape[1]} nodes) | {qps:.1f} | {1e3 * mm:.1f} + {1e3 * sv:.1f} | "
+            f"{1 / (mm + sv):.1f} | {(1 / qps) / (mm + sv):.2f} |"
+        )
     print("\n| stage (ours, whole run) | seconds |\n|---|---|")
     for name, secs in stages.items():
         print(f"| {name} | {secs:.2f} |")
     whole_floor = feat_floor + rerank_floor_total
-    print(f"\nwhole eval: ours {wall:.1f} s, floor {whole_floor:.1f} s (features {feat_floor:.1f} + rerank "
-          f"{rerank_floor_total:.1f}): ours / floor = {wall / whole_floor:.2f}")
+    print(
+        f"\nwhole eval: ours {wall:.1f} s, floor {whole_floor:.1f} s (features {feat_floor:.1f} + rerank "
+        f"{rerank_floor_total:.1f}): ours / floor = {wall / whole_floor:.2f}"
+    )
     if args.baseline_commit:
-        base, base_rows = run_baseline(args.baseline_commit, {**options, "out": out + "-base"},
-                                       torch.get_num_threads())
+        base, base_rows = run_baseline(args.baseline_commit, {**options, "out": out + "-base"}, torch.get_num_threads())
         print(f"baseline {args.baseline_commit}: {base:.1f} s on the same folder: speed-up {base / wall:.2f}x")
         print("| method | ours P@1 / MAP@R | baseline P@1 / MAP@R |\n|---|---|---|")
         for a, b in zip(rows, base_rows):
@@ -229,8 +289,10 @@ def ab_section(args) -> None:
         base.append(run_baseline(args.baseline_commit, {**options, "out": out + "-base"}, torch.get_num_threads())[0])
         ours.append(run_current(options)[0])
         print(f"round: baseline {base[-1]:.1f} s, ours {ours[-1]:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
-    print(f"whole eval, best of {args.ab_rounds} alternated runs: baseline {args.baseline_commit} {min(base):.1f} s, "
-          f"ours {min(ours):.1f} s: speed-up {min(base) / min(ours):.2f}x")
+    print(
+        f"whole eval, best of {args.ab_rounds} alternated runs: baseline {args.baseline_commit} {min(base):.1f} s, "
+        f"ours {min(ours):.1f} s: speed-up {min(base) / min(ours):.2f}x"
+    )
 
 
 def fcn224_section(args) -> None:
@@ -247,8 +309,7 @@ def fcn224_section(args) -> None:
     from deepemd.retrieval.rerank import Reranker
 
     options = eval_options(args, tempfile.mkdtemp())
-    cfg = EvalConfig(**{**options, "methods": ("fcn",), "image_size": 224, "max_classes": None,
-                        "per_class": None})
+    cfg = EvalConfig(**{**options, "methods": ("fcn",), "image_size": 224, "max_classes": None, "per_class": None})
     images = dataset_images(cfg)
     images = images.subset(np.linspace(0, len(images) - 1, min(len(images), args.fcn224_images)).astype(int))
     model = make_embedder(cfg, local_specs(cfg, ["fcn"]))
@@ -269,8 +330,10 @@ def fcn224_section(args) -> None:
         reranker.rerank(query_sets, shortlist)
         result[k] = (len(queries) / (time.perf_counter() - start), reranker.stats.skipped_fraction)
     mm, sv = rerank_floor(glob, sets, depth, "cross", len(queries))
-    print(f"\n## FCN + pyramid at 224 px: {sets.shape[1]} nodes x {sets.shape[2]}-d, top-{depth}, "
-          f"{len(queries)} queries over {len(glob)} images; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"\n## FCN + pyramid at 224 px: {sets.shape[1]} nodes x {sets.shape[2]}-d, top-{depth}, "
+        f"{len(queries)} queries over {len(glob)} images; load {os.getloadavg()[0]:.1f}"
+    )
     print("| rerank | queries/s | LPs skipped |\n|---|---|---|")
     print(f"| ours, full top-{depth} order | {result[depth][0]:.1f} | {100 * result[depth][1]:.0f}% |")
     print(f"| ours, exact top-10 (pruned) | {result[10][0]:.1f} | {100 * result[10][1]:.0f}% |")
@@ -288,9 +351,17 @@ def fewshot_section(args) -> None:
     from deepemd.fewshot.features import cached
 
     out = tempfile.mkdtemp(prefix="pipeline-fewshot-")
-    cfg = FewShotEval(data_root=args.data_root, way=5, shot=1, query=15, episodes=args.fewshot_episodes,
-                      image_size=args.fewshot_image_size, out=out, feature_cache=str(Path(out) / "cache"),
-                      flow_picture=False)
+    cfg = FewShotEval(
+        data_root=args.data_root,
+        way=5,
+        shot=1,
+        query=15,
+        episodes=args.fewshot_episodes,
+        image_size=args.fewshot_image_size,
+        out=out,
+        feature_cache=str(Path(out) / "cache"),
+        flow_picture=False,
+    )
     run_test(cfg, progress=False)  # features into the cache, kernels compiled
     start = time.perf_counter()
     frame = run_test(cfg, progress=False)
@@ -302,12 +373,13 @@ def fewshot_section(args) -> None:
     for idx in episode_indices(cache.labels, cfg.way, cfg.shot, cfg.query, cfg.num_episodes(), cfg.seed):
         idx = torch.as_tensor(np.asarray(idx))
         start = time.perf_counter()
-        pairwise_similarity(local[idx[n_support:]], local[idx[:n_support]], weights=cfg.node_weights,
-                            center=cfg.center)
+        pairwise_similarity(local[idx[n_support:]], local[idx[:n_support]], weights=cfg.node_weights, center=cfg.center)
         emd += time.perf_counter() - start
     floor = emd / cfg.num_episodes()
-    print(f"\n## fewshot test: 5-way 1-shot, {cfg.num_episodes()} episodes (features cached), "
-          f"{wall:.2f} s in all; EMD work alone {floor:.4f} s / episode; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"\n## fewshot test: 5-way 1-shot, {cfg.num_episodes()} episodes (features cached), "
+        f"{wall:.2f} s in all; EMD work alone {floor:.4f} s / episode; load {os.getloadavg()[0]:.1f}"
+    )
     print("| method | s / episode | ratio to the EMD work alone |\n|---|---|---|")
     for _, row in frame.iterrows():
         per = row["seconds"] / cfg.num_episodes()
@@ -327,8 +399,12 @@ def main() -> None:
     ap.add_argument("--rerank-queries", type=int, default=40, help="queries the rerank floors are timed on")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--baseline-commit", default=None, help="also run this commit's eval on the same folder")
-    ap.add_argument("--ab-rounds", type=int, default=0,
-                    help="only alternate whole evals of --baseline-commit and today's code this many times")
+    ap.add_argument(
+        "--ab-rounds",
+        type=int,
+        default=0,
+        help="only alternate whole evals of --baseline-commit and today's code this many times",
+    )
     ap.add_argument("--fcn224", action="store_true", help="FCN + pyramid at 224 px top-100 rerank section")
     ap.add_argument("--fcn224-images", type=int, default=300)
     ap.add_argument("--fewshot", action="store_true", help="fewshot test section")

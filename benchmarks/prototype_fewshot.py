@@ -8,6 +8,7 @@ nearest prototype (mean of its support vectors) by cosine. Mean accuracy with 95
 
     python benchmarks/prototype_fewshot.py [--episodes 600 --way 5 --shot 1 --query 15]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ def embed(backbone: torch.nn.Module, dataset: ImageDataset, batch_size: int, des
     return torch.cat([global_features(backbone(x)) for x, _ in tqdm(loader, desc=desc, leave=False)])
 
 
-def prototype_accuracies(features: torch.Tensor, labels: np.ndarray, way: int, shot: int, query: int,
-                         episodes: int, seed: int) -> np.ndarray:
+def prototype_accuracies(
+    features: torch.Tensor, labels: np.ndarray, way: int, shot: int, query: int, episodes: int, seed: int
+) -> np.ndarray:
     """Per-episode accuracy of nearest-prototype (cosine) classification."""
     sampler = EpisodeSampler(labels, way, shot, query, episodes, seed)
     feats = F.normalize(features, dim=1)
@@ -41,7 +43,7 @@ def prototype_accuracies(features: torch.Tensor, labels: np.ndarray, way: int, s
     accs = []
     for episode in sampler:
         support = feats[episode[: way * shot]].reshape(way, shot, -1).mean(1)
-        scores = feats[episode[way * shot:]] @ F.normalize(support, dim=1).T
+        scores = feats[episode[way * shot :]] @ F.normalize(support, dim=1).T
         accs.append((scores.argmax(1) == target).float().mean().item())
     return np.asarray(accs)
 
@@ -70,9 +72,11 @@ def main() -> None:
         accs = prototype_accuracies(features, images.labels, args.way, args.shot, args.query, args.episodes, args.seed)
         mean, half = mean_ci95(accs * 100)
         rows.append((label, mean, half, len(images) / seconds))
-    print(f"{args.backbone} @ {net.default_cfg['input_size']} px, Omniglot demo test split "
-          f"({len(images.classes)} classes, {len(images)} images), {args.way}-way {args.shot}-shot, "
-          f"{args.query} queries/class, {args.episodes} episodes (seed {args.seed}), cosine to prototypes")
+    print(
+        f"{args.backbone} @ {net.default_cfg['input_size']} px, Omniglot demo test split "
+        f"({len(images.classes)} classes, {len(images)} images), {args.way}-way {args.shot}-shot, "
+        f"{args.query} queries/class, {args.episodes} episodes (seed {args.seed}), cosine to prototypes"
+    )
     print(f"| {'weights':<17}| accuracy (%)   | images/s |\n|{'-' * 18}|{'-' * 16}|{'-' * 10}|")
     for label, mean, half, ips in rows:
         print(f"| {label:<17}| {mean:5.2f} +- {half:4.2f} | {ips:8.1f} |")

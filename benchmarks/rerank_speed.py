@@ -7,6 +7,7 @@ brief asks about: top-100 shortlist, 25-node sets, 640-d features (ResNet-12, 5x
 
     python benchmarks/rerank_speed.py [--queries 20] [--k 100] [--nodes 25] [--dim 640] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,15 +61,25 @@ def main() -> None:
     t_cv = (time.perf_counter() - start) / args.queries
     gap = max(float(np.abs(a - b).max()) for a, b in zip(ours, ref))
     rows = [
-        {"rerank": "deepemd (exact, batched)", "ms/query": 1000 * t_ours, "us/pair": 1e6 * t_ours / args.k,
-         "x faster than cv2 loop": t_cv / t_ours},
-        {"rerank": "cv2.EMD loop", "ms/query": 1000 * t_cv, "us/pair": 1e6 * t_cv / args.k,
-         "x faster than cv2 loop": 1.0},
+        {
+            "rerank": "deepemd (exact, batched)",
+            "ms/query": 1000 * t_ours,
+            "us/pair": 1e6 * t_ours / args.k,
+            "x faster than cv2 loop": t_cv / t_ours,
+        },
+        {
+            "rerank": "cv2.EMD loop",
+            "ms/query": 1000 * t_cv,
+            "us/pair": 1e6 * t_cv / args.k,
+            "x faster than cv2 loop": 1.0,
+        },
     ]
     import pandas as pd
 
-    print(f"top-{args.k} shortlist, {args.nodes}-node sets, {args.dim}-d, {args.queries} queries, "
-          f"{args.threads} torch threads; max |score difference| = {gap:.2e}")
+    print(
+        f"top-{args.k} shortlist, {args.nodes}-node sets, {args.dim}-d, {args.queries} queries, "
+        f"{args.threads} torch threads; max |score difference| = {gap:.2e}"
+    )
     print(to_markdown(pd.DataFrame(rows)))
 
 

@@ -22,6 +22,7 @@ data is deleted afterwards unless ``--keep``. Ratios are against the smallest si
     python benchmarks/scale.py --sizes 10000 100000           # ~3.6 GB of temporary disk
     python benchmarks/scale.py --sizes 1000000 --spec IVF1024,Flat   # ~33 GB, check df -h first
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,9 @@ def phase_build(folder: Path, n: int, specs: list[str], seed: int) -> dict:
 
     fingerprint = {"backbone": "synthetic", "embed_dim": VDIM, "local": {"m": M, "d": D}}
     t0 = time.perf_counter()
-    store = build_store(folder / "store", n, produce, M, D, fingerprint, chunk_size=CHUNK, vector_dim=VDIM,
-                        progress=n >= 100_000)
+    store = build_store(
+        folder / "store", n, produce, M, D, fingerprint, chunk_size=CHUNK, vector_dim=VDIM, progress=n >= 100_000
+    )
     out = {"store_s": time.perf_counter() - t0, "store_bytes": du(folder / "store"), "index": {}}
     t0 = time.perf_counter()
     store.verify()  # what a gallery write does before its atomic swap
@@ -75,8 +77,10 @@ def phase_build(folder: Path, n: int, specs: list[str], seed: int) -> dict:
         index = build_index_from_store(store, spec, seed=seed)
         path = folder / f"{spec.replace(',', '_')}.faiss"
         save_index(index, path, fingerprint)
-        out["index"][spec] = {"build_s": time.perf_counter() - t0,
-                              "bytes": path.stat().st_size + path.with_name(path.name + ".json").stat().st_size}
+        out["index"][spec] = {
+            "build_s": time.perf_counter() - t0,
+            "bytes": path.stat().st_size + path.with_name(path.name + ".json").stat().st_size,
+        }
         del index
     out["build_rss_mb"] = peak_rss_mb()
     return out
@@ -118,7 +122,7 @@ def phase_query(folder: Path, specs: list[str], queries: int, rerank_queries: in
             t0 = time.perf_counter()
             sets = store.get(ids[i])
             t1 = time.perf_counter()
-            scores = pairwise_similarity(q_sets[i:i + 1], torch.from_numpy(sets.astype(np.float32)))[0]
+            scores = pairwise_similarity(q_sets[i : i + 1], torch.from_numpy(sets.astype(np.float32)))[0]
             ids[i] = ids[i][torch.argsort(scores, descending=True).numpy()]
             t2 = time.perf_counter()
             read_s += t1 - t0
@@ -127,17 +131,36 @@ def phase_query(folder: Path, specs: list[str], queries: int, rerank_queries: in
             for row in raw:
                 zlib.crc32(memoryview(row).cast("B"))
             crc_s += time.perf_counter() - t3
-        out.update(rerank_qps=rerank_queries / (read_s + emd_s), read_ms=1e3 * read_s / rerank_queries,
-                   emd_ms=1e3 * emd_s / rerank_queries, crc_ms=1e3 * crc_s / rerank_queries)
+        out.update(
+            rerank_qps=rerank_queries / (read_s + emd_s),
+            read_ms=1e3 * read_s / rerank_queries,
+            emd_ms=1e3 * emd_s / rerank_queries,
+            crc_ms=1e3 * crc_s / rerank_queries,
+        )
     out.update(query_rss_mb=peak_rss_mb(), rss_before_rerank_mb=rss_before_rerank)
     return out
 
 
 def run_phase(args: argparse.Namespace, phase: str, n: int) -> dict:
     """Run one phase of one size in a fresh interpreter; it prints its result as JSON last."""
-    cmd = [sys.executable, __file__, "--phase", phase, "--sizes", str(n), "--dir", str(args.dir),
-           "--queries", str(args.queries), "--rerank-queries", str(args.rerank_queries), "--k", str(args.k),
-           "--seed", str(args.seed)] + [f"--spec={s}" for s in args.spec]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--phase",
+        phase,
+        "--sizes",
+        str(n),
+        "--dir",
+        str(args.dir),
+        "--queries",
+        str(args.queries),
+        "--rerank-queries",
+        str(args.rerank_queries),
+        "--k",
+        str(args.k),
+        "--seed",
+        str(args.seed),
+    ] + [f"--spec={s}" for s in args.spec]
     done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -184,14 +207,22 @@ def table(results: dict[int, dict], specs: list[str], k: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--spec", action="append", help="FAISS index_factory string (repeatable); "
-                        "the last one is used for the rerank. Default: Flat and IVF1024,Flat")
+    parser.add_argument(
+        "--spec",
+        action="append",
+        help="FAISS index_factory string (repeatable); "
+        "the last one is used for the rerank. Default: Flat and IVF1024,Flat",
+    )
     parser.add_argument("--queries", type=int, default=1000, help="shortlist queries timed")
     parser.add_argument("--rerank-queries", type=int, default=20, help="queries reranked with EMD")
     parser.add_argument("--k", type=int, default=100, help="shortlist length")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "deepemd-scale-bench",
-                        help="scratch folder, deleted afterwards unless --keep")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "deepemd-scale-bench",
+        help="scratch folder, deleted afterwards unless --keep",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the generated galleries")
     parser.add_argument("--phase", choices=["build", "query"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,16 +230,22 @@ def main() -> None:
 
     if args.phase:  # a child: one phase of one size
         folder = args.dir / str(args.sizes[0])
-        result = (phase_build(folder, args.sizes[0], args.spec, args.seed) if args.phase == "build" else
-                  phase_query(folder, args.spec, args.queries, args.rerank_queries, args.k, args.seed))
+        result = (
+            phase_build(folder, args.sizes[0], args.spec, args.seed)
+            if args.phase == "build"
+            else phase_query(folder, args.spec, args.queries, args.rerank_queries, args.k, args.seed)
+        )
         print(json.dumps(result))
         return
 
     need = sum(n * (M * D * 2 + VDIM * 4) for n in args.sizes)
     free = shutil.disk_usage(args.dir.parent if not args.dir.exists() else args.dir).free
-    print(f"sizes {args.sizes}, specs {args.spec}: needs ~{fmt_bytes(need)} of disk at peak "
-          f"{fmt_bytes(max(n * (M * D * 2 + VDIM * 4) for n in args.sizes))} per size, "
-          f"{fmt_bytes(free)} free; loadavg {os.getloadavg()}", flush=True)
+    print(
+        f"sizes {args.sizes}, specs {args.spec}: needs ~{fmt_bytes(need)} of disk at peak "
+        f"{fmt_bytes(max(n * (M * D * 2 + VDIM * 4) for n in args.sizes))} per size, "
+        f"{fmt_bytes(free)} free; loadavg {os.getloadavg()}",
+        flush=True,
+    )
     results = {}
     try:
         for n in args.sizes:
@@ -229,8 +266,10 @@ def main() -> None:
             shutil.rmtree(args.dir, ignore_errors=True)
     print()
     print(table(results, args.spec, args.k))
-    print("\nloadavg (1, 5, 15 min) after each size: " +
-          ", ".join(f"{n:,}: {tuple(round(x, 2) for x in results[n]['loadavg'])}" for n in results))
+    print(
+        "\nloadavg (1, 5, 15 min) after each size: "
+        + ", ".join(f"{n:,}: {tuple(round(x, 2) for x in results[n]['loadavg'])}" for n in results)
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ to float32). Prints the two ratios and the load average.
 
     python benchmarks/store_verify_cost.py
 """
+
 import argparse
 import os
 import shutil
@@ -69,7 +70,9 @@ for name, f in (("raw", raw), ("get", store.get), ("raw2", raw), ("get2", store.
     for ids in qs:
         f(ids)
     res[name] = 1e3 * (time.perf_counter() - t) / len(qs)
-print(f"write one 4096-row chunk: old {old_w:.2f} s, new {new_w:.2f} s (x{new_w/old_w:.2f})")
-print(f"read 100 rows: raw preadv {res['raw']:.1f}/{res['raw2']:.1f} ms, verified+decoded get {res['get']:.1f}/{res['get2']:.1f} ms "
-      f"(x{(res['get']+res['get2'])/(res['raw']+res['raw2']):.2f}); loadavg {os.getloadavg()}")
+print(f"write one 4096-row chunk: old {old_w:.2f} s, new {new_w:.2f} s (x{new_w / old_w:.2f})")
+print(
+    f"read 100 rows: raw preadv {res['raw']:.1f}/{res['raw2']:.1f} ms, verified+decoded get {res['get']:.1f}/{res['get2']:.1f} ms "
+    f"(x{(res['get'] + res['get2']) / (res['raw'] + res['raw2']):.2f}); loadavg {os.getloadavg()}"
+)
 shutil.rmtree(tmp)

@@ -5,6 +5,7 @@ networks), ``deepemd.local`` (local feature sets), ``deepemd.data`` (dataset lay
 the bundled demo set), and the jobs ``deepemd.retrieval`` and ``deepemd.fewshot`` on top of
 ``deepemd.eval``.
 """
+
 from deepemd.errors import DeepEMDError
 
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ Both jobs read the same option groups (``deepemd.options``) and build their data
 here, so a folder, a layout, ``--data-root demo``, a subsample or a Grid setting mean the same
 images and the same local sets in retrieval and few-shot alike.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,11 +25,13 @@ def resolve_data(opts: DataOptions) -> tuple[str, Path]:
     if opts.data_root == "demo":
         return "folder", data.demo_root()
     if opts.data_root == "fashion-mnist":
-        return "folder", data.export_fashion_mnist(Path.home() / ".cache" / "deepemd" / "fashion-mnist-200",
-                                                   per_class=200)
+        return "folder", data.export_fashion_mnist(
+            Path.home() / ".cache" / "deepemd" / "fashion-mnist-200", per_class=200
+        )
     if not opts.data_root:
-        raise DeepEMDError("no dataset given", None,
-                           f"pass --data-root DIR (or one of {', '.join(BUILTIN_ROOTS)}) with --layout")
+        raise DeepEMDError(
+            "no dataset given", None, f"pass --data-root DIR (or one of {', '.join(BUILTIN_ROOTS)}) with --layout"
+        )
     root = Path(opts.data_root).expanduser()
     if not root.is_dir():
         raise DeepEMDError("dataset folder not found", root, "check --data-root")
@@ -68,8 +71,9 @@ def backbone_kwargs(opts: ModelOptions, default_size: int | None = None) -> dict
         kw["input_size"] = int(size)
     if opts.backbone_widths:
         if opts.backbone != "resnet12":
-            raise DeepEMDError("backbone_widths applies to resnet12 only", None,
-                               "drop backbone_widths or use --backbone resnet12")
+            raise DeepEMDError(
+                "backbone_widths applies to resnet12 only", None, "drop backbone_widths or use --backbone resnet12"
+            )
         kw["channels"] = tuple(opts.backbone_widths)
     return kw
 
@@ -89,13 +93,21 @@ def create_extractor(kind: str, backbone: nn.Module, opts: LocalOptions, seed: i
     return local.create(kind, backbone, **local_kwargs(kind, opts, seed))
 
 
-def image_loader(images: data.ImageList, backbone: nn.Module, size: int, batch_size: int, workers: int,
-                 train: bool = False) -> torch.utils.data.DataLoader:
+def image_loader(
+    images: data.ImageList, backbone: nn.Module, size: int, batch_size: int, workers: int, train: bool = False
+) -> torch.utils.data.DataLoader:
     """Images at ``size`` with the backbone's mean/std (test: resize + centre crop, in order)."""
     cfg = {**backbones.default_cfg(backbone), "input_size": int(size)}
     dataset = data.ImageDataset(images, data.build_transform(cfg, train=train))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
-__all__ = ["resolve_data", "subsample", "read_images", "backbone_kwargs", "local_kwargs", "create_extractor",
-           "image_loader"]
+__all__ = [
+    "resolve_data",
+    "subsample",
+    "read_images",
+    "backbone_kwargs",
+    "local_kwargs",
+    "create_extractor",
+    "image_loader",
+]

@@ -6,6 +6,7 @@ Resuming restores the generators saved with it (:func:`rng_state` / :func:`resto
 killed run continues with the draws an uninterrupted run would have made, and refuses to resume
 when an option that shapes the run changed (:func:`check_resumable`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,8 +25,12 @@ from deepemd.io import atomic_path
 def rng_state() -> dict[str, Any]:
     """Generator states as tensors and ints (numpy's tuple is split so weights_only can load it)."""
     _, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-                             "numpy_pos": int(pos), "numpy_gauss": (int(has_gauss), float(cached))}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": int(pos),
+        "numpy_gauss": (int(has_gauss), float(cached)),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -36,8 +41,9 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "numpy_keys" in state:
         has_gauss, cached = state["numpy_gauss"]
-        np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
-                             has_gauss, cached))
+        np.random.set_state(
+            ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, cached)
+        )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -52,8 +58,11 @@ def check_resumable(saved: dict[str, Any], config: Any, frozen: Iterable[str], p
     now = dataclasses.asdict(config)
     for key in frozen:
         if key in saved and key in now and _plain(saved[key]) != _plain(now[key]):
-            raise DeepEMDError(f"cannot resume: option '{key}' was {saved[key]!r} in the checkpoint, now {now[key]!r}",
-                               path, f"use the same --{key.replace('_', '-')} or a new --out folder")
+            raise DeepEMDError(
+                f"cannot resume: option '{key}' was {saved[key]!r} in the checkpoint, now {now[key]!r}",
+                path,
+                f"use the same --{key.replace('_', '-')} or a new --out folder",
+            )
 
 
 def append_log(path: Path, row: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ system (permission denied, a file where a folder should be, a full or read-only 
 ``OSError`` naming a file, see :data:`deepemd.io.USER_ERRNOS`); a command's ``out`` (flag or
 YAML) is checked when its options are read (``deepemd.config.add_command``), before it runs.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ YAML file may set any of them. Precedence: dataclass default < YAML < command li
 is checked when it is read, before any work starts: type, choices (with a did-you-mean) and
 bounds, so ``--batch-size 0`` fails in the parser, not after feature extraction.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,24 +30,38 @@ T = TypeVar("T")
 Choices = Sequence[str] | Callable[[], Sequence[str]]
 
 
-def option(default: Any, help: str, *, choices: Choices | None = None, minimum: float | None = None,
-           maximum: float | None = None, exclusive_minimum: bool = False) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: Choices | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+) -> Any:
     """A dataclass field with its help text and the rules its value must meet.
 
     ``minimum`` / ``maximum`` bound a number (or every item of a tuple of numbers); ``None``
     stays allowed for ``Optional`` fields, meaning "not given".
     """
-    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
-            "exclusive_minimum": exclusive_minimum}
+    meta = {
+        "help": help,
+        "choices": choices,
+        "minimum": minimum,
+        "maximum": maximum,
+        "exclusive_minimum": exclusive_minimum,
+    }
     return dataclasses.field(default=default, metadata=meta)
 
 
 def registry_choices(module: str, attribute: str) -> Callable[[], list[str]]:
     """Choices read from ``module.attribute`` (a :class:`deepemd.registry.Registry`, or any
     iterable of names) on first use, so declaring an option does not import torch."""
+
     def names() -> list[str]:
         found = getattr(importlib.import_module(module), attribute)
         return list(found.names() if hasattr(found, "names") else found)
+
     return names
 
 
@@ -89,8 +104,11 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
                 return _coerce(name, value, arg, source)
             except DeepEMDError:
                 continue
-        raise DeepEMDError(f"option '{name}' has value {value!r} of the wrong type", source,
-                           f"give one of: {', '.join(getattr(a, '__name__', str(a)) for a in args)}")
+        raise DeepEMDError(
+            f"option '{name}' has value {value!r} of the wrong type",
+            source,
+            f"give one of: {', '.join(getattr(a, '__name__', str(a)) for a in args)}",
+        )
     if origin in (tuple, list):
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]
@@ -122,8 +140,9 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
     elif hint is str:
         if isinstance(value, (str, Path)):
             return str(value)
-    raise DeepEMDError(f"option '{name}' must be {getattr(hint, '__name__', hint)}, got {value!r}", source,
-                       "correct the value's type")
+    raise DeepEMDError(
+        f"option '{name}' must be {getattr(hint, '__name__', hint)}, got {value!r}", source, "correct the value's type"
+    )
 
 
 def _check_rules(name: str, value: Any, meta: typing.Mapping[str, Any], source: str) -> None:
@@ -148,8 +167,11 @@ def _check_rules(name: str, value: Any, meta: typing.Mapping[str, Any], source: 
         too_low = low is not None and (item <= low if meta.get("exclusive_minimum") else item < low)
         if too_low or (high is not None and item > high):
             bound = (f"> {low:g}" if meta.get("exclusive_minimum") else f">= {low:g}") if too_low else f"<= {high:g}"
-            raise DeepEMDError(f"option '{name}' must be {bound}, got {item!r}", source,
-                               f"set --{name.replace('_', '-')} to a value {bound}")
+            raise DeepEMDError(
+                f"option '{name}' must be {bound}, got {item!r}",
+                source,
+                f"set --{name.replace('_', '-')} to a value {bound}",
+            )
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -162,7 +184,8 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"key '{key}' is given twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
+                None, None, f"key '{key}' is given twice (line {key_node.start_mark.line + 1})", key_node.start_mark
+            )
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
@@ -194,9 +217,13 @@ def build_config(cls: type[T], values: dict[str, Any], source: str = "config") -
         key = unknown[0]
         close = difflib.get_close_matches(key, types_, n=1)
         renamed = getattr(cls, "__renamed__", {})
-        hint = (f"renamed: {renamed[key]}" if key in renamed
-                else f"did you mean '{close[0]}'?" if close
-                else f"known options: {', '.join(sorted(types_))}")
+        hint = (
+            f"renamed: {renamed[key]}"
+            if key in renamed
+            else f"did you mean '{close[0]}'?"
+            if close
+            else f"known options: {', '.join(sorted(types_))}"
+        )
         raise DeepEMDError(f"unknown config key '{key}'", source, hint)
     kwargs = {k: _coerce(k, v, types_[k], source) for k, v in values.items()}
     fields = _fields(cls)
@@ -213,8 +240,13 @@ class _ChoicesAction(argparse.Action):
         super().__init__(*args, **kwargs)
         self.lazy_choices = lazy_choices
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         setattr(namespace, self.dest, values)
 
 
@@ -234,20 +266,25 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     types_ = _field_types(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         help_ = str(f.metadata.get("help", ""))
         shown = (" ".join(map(str, default)) or "none") if isinstance(default, tuple) else default
         text = f"{help_} (default: {shown})".strip()
         hint = types_[f.name]
         lazy = f.metadata.get("choices")
         if hint is bool:  # `--flag` alone means true; `--flag false` still works
-            parser.add_argument(flag, dest=f.name, default=None, nargs="?", const="true",
-                                metavar="true|false", help=text)
+            parser.add_argument(
+                flag, dest=f.name, default=None, nargs="?", const="true", metavar="true|false", help=text
+            )
             continue
         nargs = "+" if typing.get_origin(hint) in (tuple, list) else None
-        parser.add_argument(flag, dest=f.name, default=None, nargs=nargs, help=text,
-                            action=_ChoicesAction, lazy_choices=lazy)
+        parser.add_argument(
+            flag, dest=f.name, default=None, nargs=nargs, help=text, action=_ChoicesAction, lazy_choices=lazy
+        )
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
@@ -268,12 +305,14 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     return dataclasses.replace(cfg, **overrides)  # type: ignore[type-var]  # cfg is a dataclass instance
 
 
-def add_command(subparsers: argparse._SubParsersAction, name: str, cls: type[T], run: Callable[[T], int | None],
-                help_: str) -> argparse.ArgumentParser:
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, cls: type[T], run: Callable[[T], int | None], help_: str
+) -> argparse.ArgumentParser:
     """A subcommand whose options are the fields of ``cls``: ``--config`` YAML plus one flag per
     field, choices listed in ``--help``; ``run`` gets the checked config."""
-    parser = subparsers.add_parser(name, help=help_.replace("%", "%%"), description=(cls.__doc__ or help_).strip(),
-                                   formatter_class=HelpFormatter)
+    parser = subparsers.add_parser(
+        name, help=help_.replace("%", "%%"), description=(cls.__doc__ or help_).strip(), formatter_class=HelpFormatter
+    )
     parser.add_argument("--config", help="YAML file with any of the options below (flags override it; see configs/)")
     add_dataclass_arguments(parser, cls)
     parser.set_defaults(func=lambda args: run(checked_outputs(config_from_args(cls, args))), config_class=cls)

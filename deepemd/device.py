@@ -1,4 +1,5 @@
 """Pick CUDA when present, CPU otherwise; one place so every job agrees."""
+
 from __future__ import annotations
 
 import torch

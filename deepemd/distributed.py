@@ -4,6 +4,7 @@ Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything here is a
 run is an ordinary single process. Under ``torchrun`` each rank trains on its own share of the
 batches / episodes, DDP averages the gradients, and only the main rank validates and writes.
 """
+
 from __future__ import annotations
 
 import os
@@ -105,5 +106,14 @@ def teardown(rank: Rank) -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["Rank", "setup", "wrap", "unwrap", "barrier", "broadcast_float", "sync_buffers",
-           "average_loss_gradients", "teardown"]
+__all__ = [
+    "Rank",
+    "setup",
+    "wrap",
+    "unwrap",
+    "barrier",
+    "broadcast_float",
+    "sync_buffers",
+    "average_loss_gradients",
+    "teardown",
+]

@@ -5,6 +5,7 @@ key, a checkpoint from another model) is raised as :class:`DeepEMDError` with a 
 names the file and says how to fix it. The CLI prints that message alone and exits with code 2;
 anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -9,6 +9,7 @@ File-system failures on outputs (``--out`` naming a file, a folder this user may
 or read-only disk) are user errors: :func:`os_error` turns the ``OSError`` into one
 :class:`DeepEMDError` naming the path and the fix, and the CLI prints it with exit code 2.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,11 @@ def os_error(exc: OSError, path: str | Path | None = None, action: str = "create
     kind of failure."""
     named = path if path is not None else exc.filename
     reason = exc.strerror or type(exc).__name__
-    return DeepEMDError(f"cannot {action} it ({reason})", named,
-                        _FIXES.get(exc.errno or 0, "check the path and that this user may write it"))
+    return DeepEMDError(
+        f"cannot {action} it ({reason})",
+        named,
+        _FIXES.get(exc.errno or 0, "check the path and that this user may write it"),
+    )
 
 
 def check_output_folder(path: str | Path) -> Path:
@@ -56,15 +60,22 @@ def check_output_folder(path: str | Path) -> Path:
     Creates nothing, so a run that fails later for another reason leaves no empty folder."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
-        raise DeepEMDError("--out names an existing file, not a folder", path,
-                           "give --out a new or existing folder, or move the file away")
+        raise DeepEMDError(
+            "--out names an existing file, not a folder",
+            path,
+            "give --out a new or existing folder, or move the file away",
+        )
     existing = next((p for p in (path, *path.absolute().parents) if p.exists()), Path("/"))
     if not existing.is_dir():
-        raise DeepEMDError("--out lies under a file, not a folder", existing,
-                           "give --out a path whose parents are folders, or move the file away")
+        raise DeepEMDError(
+            "--out lies under a file, not a folder",
+            existing,
+            "give --out a path whose parents are folders, or move the file away",
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise DeepEMDError("--out cannot be created or written by this user (permission denied)", existing,
-                           _FIXES[errno.EACCES])
+        raise DeepEMDError(
+            "--out cannot be created or written by this user (permission denied)", existing, _FIXES[errno.EACCES]
+        )
     return path
 
 

@@ -9,6 +9,7 @@ check that what they read is what was written, and was built by the model now as
 * **Fingerprints**: JSON dicts (backbone, embedding size, weights hash, local settings, id-map
   checksum, ...) stored with each piece; :func:`check_fingerprint` lists every key that differs.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,14 +22,16 @@ import numpy as np
 from deepemd.errors import DeepEMDError
 
 #: What a user does about a damaged gallery file: re-embed the bad parts, or start again.
-REPAIR_FIX = ("run `deepemd retrieval index` again with --repair (re-embeds the damaged parts and keeps the "
-              "rest), or delete the gallery folder and rebuild it")
+REPAIR_FIX = (
+    "run `deepemd retrieval index` again with --repair (re-embeds the damaged parts and keeps the "
+    "rest), or delete the gallery folder and rebuild it"
+)
 
 
 def crc32(data: bytes | bytearray | memoryview | np.ndarray, start: int = 0) -> int:
     """CRC-32 of raw bytes or of an array's bytes (C order), continuing from ``start``."""
     if isinstance(data, np.ndarray):
-        data = memoryview(np.ascontiguousarray(data)).cast("B")
+        data = memoryview(np.ascontiguousarray(data)).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
     return zlib.crc32(data, start)
 
 
@@ -50,10 +53,16 @@ def file_entry(path: str | Path) -> dict[str, int]:
 def check_bytes(data: bytes, entry: dict[str, Any], path: str | Path, what: str, fix: str = REPAIR_FIX) -> bytes:
     """Return ``data`` if its length and CRC are the ones ``entry`` records, else raise."""
     if len(data) != entry.get("bytes") or zlib.crc32(data) != entry.get("crc32"):
-        state = (f"{len(data)} bytes, expected {entry.get('bytes')}" if len(data) != entry.get("bytes")
-                 else "checksum differs")
-        raise DeepEMDError(f"{what} does not match its manifest ({state}): truncated, corrupted or edited "
-                           "after it was written", path, fix)
+        state = (
+            f"{len(data)} bytes, expected {entry.get('bytes')}"
+            if len(data) != entry.get("bytes")
+            else "checksum differs"
+        )
+        raise DeepEMDError(
+            f"{what} does not match its manifest ({state}): truncated, corrupted or edited after it was written",
+            path,
+            fix,
+        )
     return data
 
 
@@ -70,10 +79,18 @@ def check_file(path: str | Path, entry: dict[str, Any], what: str, fix: str = RE
     path = Path(path)
     size = path.stat().st_size if path.is_file() else None
     if size != entry.get("bytes") or file_crc32(path) != entry.get("crc32"):
-        state = ("missing" if size is None else
-                 f"{size} bytes, expected {entry.get('bytes')}" if size != entry.get("bytes") else "checksum differs")
-        raise DeepEMDError(f"{what} does not match its manifest ({state}): truncated, corrupted or replaced "
-                           "after it was written", path, fix)
+        state = (
+            "missing"
+            if size is None
+            else f"{size} bytes, expected {entry.get('bytes')}"
+            if size != entry.get("bytes")
+            else "checksum differs"
+        )
+        raise DeepEMDError(
+            f"{what} does not match its manifest ({state}): truncated, corrupted or replaced after it was written",
+            path,
+            fix,
+        )
 
 
 def normalise_fingerprint(fingerprint: dict[str, Any] | None) -> dict[str, Any]:
@@ -95,8 +112,7 @@ def fingerprint_diffs(stored: dict[str, Any], expected: dict[str, Any], what: st
     return diffs
 
 
-def check_fingerprint(stored: dict[str, Any], expected: dict[str, Any] | None, what: str,
-                      path: str | Path) -> None:
+def check_fingerprint(stored: dict[str, Any], expected: dict[str, Any] | None, what: str, path: str | Path) -> None:
     """Raise one DeepEMDError listing every key of ``expected`` whose stored value differs."""
     if expected is None:
         return

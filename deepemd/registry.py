@@ -18,6 +18,7 @@ Traceback (most recent call last):
 deepemd.errors.DeepEMDError: unknown EMD solver 'exakt'
 fix: did you mean 'exact'?
 """
+
 from __future__ import annotations
 
 import difflib
@@ -55,8 +56,10 @@ class Registry(Generic[T]):
 
     def register(self, name: str | None = None, **info: Any) -> Callable[[T], T]:
         """Decorator form of :meth:`add`; the name defaults to the object's ``__name__``."""
+
         def decorate(obj: T) -> T:
-            return self.add(name or obj.__name__, obj, **info)
+            return self.add(name or obj.__name__, obj, **info)  # type: ignore[attr-defined]
+
         return decorate
 
     def key(self, name: str) -> str:

@@ -9,6 +9,7 @@ True
 >>> derive_seed(0, "epoch", 1) != derive_seed(0, "epoch", 2) != derive_seed(1, "epoch", 1)
 True
 """
+
 from __future__ import annotations
 
 import zlib

@@ -10,6 +10,7 @@ starts from a planned number of work units and a guessed cost per unit, and the 
 replaced by the measured rate as soon as the stage has done some work, so the total shown on
 every progress bar covers every stage still to come, not only the current one.
 """
+
 from __future__ import annotations
 
 import contextvars

@@ -1,4 +1,5 @@
 """The few-shot literature's 95% confidence interval: ``1.96 * std / sqrt(n)`` over episodes."""
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@ grows with the flow. Used by both jobs: retrieval (query vs reranked result) and
 it (``deepemd.data.transforms.seen_image``), :func:`set_flows` computes the flows as the jobs score
 them, :func:`draw_flow` draws on any matplotlib axes and :func:`save_figure` writes a figure atomically.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,8 +37,14 @@ def cell_boxes(height: int, width: int, levels: tuple[int, ...]) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
 
-def node_boxes(kind: str, size: int, map_side: int, pyramid: tuple[int, ...] = (), grid_levels: tuple[int, ...] = (),
-               grid_ratio: float = 1.0) -> np.ndarray | None:
+def node_boxes(
+    kind: str,
+    size: int,
+    map_side: int,
+    pyramid: tuple[int, ...] = (),
+    grid_levels: tuple[int, ...] = (),
+    grid_ratio: float = 1.0,
+) -> np.ndarray | None:
     """Pixel boxes of a local set's nodes on the ``size`` x ``size`` image the network saw, in the
     extractor's node order: FCN pooled pyramid levels then the raw ``map_side`` x ``map_side``
     cells; Grid cells level by level (enlarged by ``grid_ratio``); None for random Sampling crops."""
@@ -50,8 +57,9 @@ def node_boxes(kind: str, size: int, map_side: int, pyramid: tuple[int, ...] = (
     return None
 
 
-def set_flows(u: torch.Tensor, v: torch.Tensor, weights: str = "cross", solver: str = "exact",
-              center: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def set_flows(
+    u: torch.Tensor, v: torch.Tensor, weights: str = "cross", solver: str = "exact", center: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Optimal flows between pairs of local sets ``u (k,m,d)``, ``v (k,n,d)``, scored as the jobs
     score them: ``(flow (k,m,n), node weights of u (k,m) and of v (k,n), score (k,))`` with the
     score ``sum_ij (1 - c_ij) x_ij`` over the transported mass (paper Eq. 3)."""
@@ -79,9 +87,20 @@ def _centres(boxes: np.ndarray) -> np.ndarray:
     return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
 
 
-def draw_flow(ax: Axes, image_a: np.ndarray, image_b: np.ndarray, boxes_a: np.ndarray, boxes_b: np.ndarray,
-              flow: np.ndarray, weights_a: Optional[np.ndarray] = None, weights_b: Optional[np.ndarray] = None,
-              min_share: float = 0.01, max_lines: int = 40, max_width: float = 4.0, title: Optional[str] = None) -> Axes:
+def draw_flow(
+    ax: Axes,
+    image_a: np.ndarray,
+    image_b: np.ndarray,
+    boxes_a: np.ndarray,
+    boxes_b: np.ndarray,
+    flow: np.ndarray,
+    weights_a: Optional[np.ndarray] = None,
+    weights_b: Optional[np.ndarray] = None,
+    min_share: float = 0.01,
+    max_lines: int = 40,
+    max_width: float = 4.0,
+    title: Optional[str] = None,
+) -> Axes:
     """Draw ``image_a | image_b`` on ``ax`` with the flow ``(m, n)`` between their regions.
 
     ``boxes_*`` are pixel boxes ``(x0, y0, x1, y1)`` in each image's own coordinates, one per
@@ -96,7 +115,7 @@ def draw_flow(ax: Axes, image_a: np.ndarray, image_b: np.ndarray, boxes_a: np.nd
     height = max(a.shape[0], b.shape[0])
     canvas = np.full((height, a.shape[1] + gap + b.shape[1], 3), 255, dtype=np.uint8)
     canvas[: a.shape[0], : a.shape[1]] = a
-    canvas[: b.shape[0], a.shape[1] + gap:] = b
+    canvas[: b.shape[0], a.shape[1] + gap :] = b
     ax.imshow(canvas)
     ca, cb = _centres(boxes_a), _centres(boxes_b) + np.array([a.shape[1] + gap, 0.0])
     top = flow.max() if flow.size and flow.max() > 0 else 1.0
@@ -105,22 +124,44 @@ def draw_flow(ax: Axes, image_a: np.ndarray, image_b: np.ndarray, boxes_a: np.nd
         if flow[i, j] < min_share * top:
             continue
         share = flow[i, j] / top
-        ax.plot([ca[i, 0], cb[j, 0]], [ca[i, 1], cb[j, 1]], color=plt.cm.autumn(1.0 - share),
-                linewidth=0.3 + max_width * share, alpha=0.35 + 0.6 * share)
+        ax.plot(
+            [ca[i, 0], cb[j, 0]],
+            [ca[i, 1], cb[j, 1]],
+            color=plt.cm.autumn(1.0 - share),
+            linewidth=0.3 + max_width * share,
+            alpha=0.35 + 0.6 * share,
+        )
     for centres, weights in ((ca, weights_a), (cb, weights_b)):
         w = np.ones(len(centres)) if weights is None else np.asarray(weights, dtype=np.float64)
         bright = (w - w.min()) / (np.ptp(w) or 1.0)
-        ax.scatter(centres[:, 0], centres[:, 1], c=bright, cmap="gray", vmin=0.0, vmax=1.0, s=28,
-                   edgecolors="cyan", linewidths=0.6, zorder=3)
+        ax.scatter(
+            centres[:, 0],
+            centres[:, 1],
+            c=bright,
+            cmap="gray",
+            vmin=0.0,
+            vmax=1.0,
+            s=28,
+            edgecolors="cyan",
+            linewidths=0.6,
+            zorder=3,
+        )
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=8)
     return ax
 
 
-def flow_figure(image_a: np.ndarray, image_b: np.ndarray, boxes_a: np.ndarray, boxes_b: np.ndarray,
-                flow: np.ndarray, weights_a: Optional[np.ndarray] = None, weights_b: Optional[np.ndarray] = None,
-                title: Optional[str] = None) -> Figure:
+def flow_figure(
+    image_a: np.ndarray,
+    image_b: np.ndarray,
+    boxes_a: np.ndarray,
+    boxes_b: np.ndarray,
+    flow: np.ndarray,
+    weights_a: Optional[np.ndarray] = None,
+    weights_b: Optional[np.ndarray] = None,
+    title: Optional[str] = None,
+) -> Figure:
     """A one-panel figure of :func:`draw_flow` (e.g. one few-shot query vs one support)."""
     fig, ax = plt.subplots(figsize=(6, 3.2))
     draw_flow(ax, image_a, image_b, boxes_a, boxes_b, flow, weights_a, weights_b, title=title)

@@ -13,6 +13,7 @@ less often but badly. Hierarchical-classification papers report them together:
 
 ``d`` is a ``(K, K)`` matrix, e.g. ``tree.distance_matrix()`` of a :class:`deepemd.labels.LabelTree`.
 """
+
 from __future__ import annotations
 
 import math
@@ -115,5 +116,9 @@ def label_metrics(scores, labels, distance, ks: Sequence[int] = (1, 5)) -> dict[
 
 def chain_metrics(probs, labels) -> dict[str, float]:
     """``top1``, ``mae``, ``within1``, ``rps`` for ordered classes (``probs``: distributions)."""
-    return {"top1": topk_accuracy(probs, labels, 1), "mae": chain_mae(probs, labels),
-            "within1": accuracy_within(probs, labels, 1), "rps": ranked_probability_score(probs, labels)}
+    return {
+        "top1": topk_accuracy(probs, labels, 1),
+        "mae": chain_mae(probs, labels),
+        "within1": accuracy_within(probs, labels, 1),
+        "rps": ranked_probability_score(probs, labels),
+    }

@@ -6,6 +6,7 @@ against all the others. The raw row uses pml's default FAISS k-NN; a reranked ro
 so the metric code stays pml's and only the neighbour order differs between rows.
 This module knows no job: the retrieval job hands in the shortlist and reorder functions.
 """
+
 from __future__ import annotations
 
 import time
@@ -77,8 +78,12 @@ class ShortlistKNN:
         return return_results(distances.to(query.device), indices.to(query.device), ref_includes_query)
 
 
-def retrieval_metrics(embeddings: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
-                      knn_func: Callable | None = None, distance: np.ndarray | None = None) -> dict[str, float]:
+def retrieval_metrics(
+    embeddings: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    knn_func: Callable | None = None,
+    distance: np.ndarray | None = None,
+) -> dict[str, float]:
     """Leave-one-out P@1, RP, MAP@R (in percent) and ``queries/s`` of the k-NN step.
 
     ``knn_func=None`` is pml's default FAISS k-NN on the embeddings (the "raw" row). With a
@@ -88,13 +93,14 @@ def retrieval_metrics(embeddings: np.ndarray | torch.Tensor, labels: np.ndarray 
     emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
     lab = torch.as_tensor(np.asarray(labels)).long()
     if emb.ndim != 2 or len(emb) == 0:
-        raise DeepEMDError(f"no query embeddings to evaluate (got shape {tuple(emb.shape)})",
-                           fix="check the data root and split: the eval classes hold no images")
+        raise DeepEMDError(
+            f"no query embeddings to evaluate (got shape {tuple(emb.shape)})",
+            fix="check the data root and split: the eval classes hold no images",
+        )
     if len(emb) != len(lab):
         raise DeepEMDError(f"{len(emb)} embeddings but {len(lab)} labels")
     timed = TimedKNN(knn_func if knn_func is not None else FaissKNN())
-    calc = AccuracyCalculator(include=tuple(METRICS), k="max_bin_count", knn_func=timed,
-                              device=torch.device("cpu"))
+    calc = AccuracyCalculator(include=tuple(METRICS), k="max_bin_count", knn_func=timed, device=torch.device("cpu"))
     start = time.perf_counter()
     raw = calc.get_accuracy(emb, lab)
     record("metrics", time.perf_counter() - start - timed.seconds)
@@ -110,6 +116,8 @@ def depth_note(labels: np.ndarray, depth: int) -> str | None:
     counts = np.bincount(np.asarray(labels, dtype=np.int64))
     r_max = int(counts.max()) - 1 if counts.size else 0
     if depth < r_max:
-        return (f"rerank depth K={depth} is below R={r_max} (largest class size - 1): the rerank "
-                f"changes RP and MAP@R only within the first {depth} results.")
+        return (
+            f"rerank depth K={depth} is below R={r_max} (largest class size - 1): the rerank "
+            f"changes RP and MAP@R only within the first {depth} results."
+        )
     return None

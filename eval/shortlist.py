@@ -9,6 +9,7 @@ checked once, where it is made, and never again downstream:
 - scores never increase along a row (``+inf`` marks an entry kept first on purpose, e.g. the
   query itself in a leave-one-out run); NaN is refused.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ class Shortlist:
         pad = ids < 0
         if (pad[:, :-1] & ~pad[:, 1:]).any():
             row = int(np.flatnonzero((pad[:, :-1] & ~pad[:, 1:]).any(axis=1))[0])
-            raise DeepEMDError(f"shortlist row {row} has a real id after a -1 padding id",
-                               fix="padding (-1) may only fill the end of a row")
+            raise DeepEMDError(
+                f"shortlist row {row} has a real id after a -1 padding id",
+                fix="padding (-1) may only fill the end of a row",
+            )
         scores[pad] = -np.inf
         if np.isnan(scores).any():
             raise DeepEMDError("shortlist scores contain NaN", fix="check the vectors that were searched")
@@ -42,8 +45,10 @@ class Shortlist:
             rising = np.diff(scores, axis=1) > 0
         if rising.any():
             row = int(np.flatnonzero(rising.any(axis=1))[0])
-            raise DeepEMDError(f"shortlist row {row} is not sorted best first",
-                               fix="sort each row by decreasing score (Shortlist.from_unsorted does)")
+            raise DeepEMDError(
+                f"shortlist row {row} is not sorted best first",
+                fix="sort each row by decreasing score (Shortlist.from_unsorted does)",
+            )
         ids.flags.writeable = False
         scores.flags.writeable = False
         object.__setattr__(self, "ids", ids)

@@ -1,4 +1,5 @@
 """Result tables written twice: ``results.csv`` for machines and ``results.md`` for people."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,12 @@ import pandas as pd
 from deepemd.io import atomic_path
 
 
-def write_results(rows: Iterable[Mapping[str, object]] | pd.DataFrame, out_dir: str | Path,
-                  name: str = "results", float_format: str = "%.2f") -> pd.DataFrame:
+def write_results(
+    rows: Iterable[Mapping[str, object]] | pd.DataFrame,
+    out_dir: str | Path,
+    name: str = "results",
+    float_format: str = "%.2f",
+) -> pd.DataFrame:
     """Write ``out_dir/name.csv`` and ``out_dir/name.md`` atomically; return the frame."""
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     out = Path(out_dir)
@@ -24,6 +29,7 @@ def write_results(rows: Iterable[Mapping[str, object]] | pd.DataFrame, out_dir: 
 
 def to_markdown(frame: pd.DataFrame, float_format: str = "%.2f") -> str:
     """A GitHub markdown table (no ``tabulate`` dependency)."""
+
     def cell(v: object) -> str:
         return float_format % v if isinstance(v, float) else str(v)
 

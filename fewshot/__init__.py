@@ -7,6 +7,7 @@ Python entry points: :func:`deepemd.fewshot.pretrain.pretrain`,
 :func:`deepemd.fewshot.metatrain.meta_train`, :func:`deepemd.fewshot.evaluate.run_test`;
 the k-shot methods live in :mod:`deepemd.fewshot.methods`, the SFC in :mod:`deepemd.emd.sfc`.
 """
+
 from deepemd.fewshot.config import EvalConfig, PretrainConfig, TrainConfig
 
 __all__ = ["EvalConfig", "PretrainConfig", "TrainConfig"]

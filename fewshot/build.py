@@ -3,6 +3,7 @@
 All three commands build their data and network here, so a checkpoint written by ``pretrain``
 or ``train`` is read back by ``test`` with exactly the same architecture.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -26,14 +27,15 @@ def keep_classes(images: data.ImageList, keep: np.ndarray) -> data.ImageList:
     keep = np.asarray(sorted(set(int(k) for k in keep)))
     mask = np.isin(images.labels, keep)
     remap = {int(old): new for new, old in enumerate(keep)}
-    labels = np.array([remap[int(l)] for l in images.labels[mask]], dtype=np.int64)
+    labels = np.array([remap[int(label)] for label in images.labels[mask]], dtype=np.int64)
     paths = [p for p, m in zip(images.paths, mask) if m]
     classes = [images.classes[k] for k in keep]
     return replace(images, paths=paths, labels=labels, classes=classes)
 
 
-def train_val_splits(opts: FewShotOptions, val_split: str, val_fraction: float, min_val_classes: int = 2,
-                     validate: bool = True) -> tuple[data.ImageList, data.ImageList | None]:
+def train_val_splits(
+    opts: FewShotOptions, val_split: str, val_fraction: float, min_val_classes: int = 2, validate: bool = True
+) -> tuple[data.ImageList, data.ImageList | None]:
     """The train split and a validation split of *other* classes.
 
     Layouts with a val split (miniImageNet, tiered, CIFAR-FS, FC100, CUB) use it. The generic
@@ -55,10 +57,13 @@ def train_val_splits(opts: FewShotOptions, val_split: str, val_fraction: float, 
     n_classes = len(train.classes)
     n_val = max(min_val_classes, int(round(n_classes * val_fraction)))
     if n_classes - n_val < 2:
-        raise DeepEMDError(f"only {n_classes} train classes: too few to hold out validation classes",
-                           core.resolve_data(opts)[1], "add classes or give the layout a val split")
+        raise DeepEMDError(
+            f"only {n_classes} train classes: too few to hold out validation classes",
+            core.resolve_data(opts)[1],
+            "add classes or give the layout a val split",
+        )
     order = np.arange(n_classes)
-    return keep_classes(train, order[: n_classes - n_val]), keep_classes(train, order[n_classes - n_val:])
+    return keep_classes(train, order[: n_classes - n_val]), keep_classes(train, order[n_classes - n_val :])
 
 
 def five_by_five_size(backbone: str) -> int:
@@ -74,7 +79,9 @@ def create_backbone(opts: FewShotOptions, checkpoint: str | None = None) -> nn.M
     registry's loader finds by itself, so pre-train, meta-train and test agree on one format.
     """
     kw = core.backbone_kwargs(opts, five_by_five_size(opts.backbone))
-    return backbones.create(opts.backbone, pretrained=checkpoint or backbones.pretrained_from_option(opts.backbone, opts.weights), **kw)
+    return backbones.create(
+        opts.backbone, pretrained=checkpoint or backbones.pretrained_from_option(opts.backbone, opts.weights), **kw
+    )
 
 
 def input_size(opts: FewShotOptions, net: nn.Module) -> int:

@@ -4,6 +4,7 @@ Precedence: dataclass defaults < ``--config`` YAML < explicit flags (``deepemd.c
 Heavy imports (torch models, solvers) happen inside the command functions so that
 ``deepemd --help`` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fewshot = subparsers.add_parser("fewshot", help="few-shot classification: pretrain, train, test")
     sub = fewshot.add_subparsers(dest="fewshot_command", required=True, metavar="{pretrain,train,test}")
     commands = (
-        ("pretrain", PretrainConfig, _pretrain,
-         "pre-train the backbone with a linear classifier over the train classes (+ rotation loss)"),
+        (
+            "pretrain",
+            PretrainConfig,
+            _pretrain,
+            "pre-train the backbone with a linear classifier over the train classes (+ rotation loss)",
+        ),
         ("train", TrainConfig, _train, "episodic meta-training through the differentiable EMD layer"),
         ("test", EvalConfig, _test, "seeded test episodes: every method on the same episodes, mean and 95% CI"),
     )
@@ -57,5 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser = add_command(sub, name, cls, run, help_)
         if name == "test":
             parser.add_argument("--list-methods", action="store_true", help="list the methods and exit")
-            parser.set_defaults(func=lambda args: _list_methods() if args.list_methods
-                                else _test(checked_outputs(config_from_args(EvalConfig, args))))
+            parser.set_defaults(
+                func=lambda args: (
+                    _list_methods() if args.list_methods else _test(checked_outputs(config_from_args(EvalConfig, args)))
+                )
+            )

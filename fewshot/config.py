@@ -5,14 +5,25 @@ unknown keys are an error (``deepemd.config``). The groups shared with the retri
 ``deepemd.options``; this module adds the few-shot options and the paper's defaults (ResNet-12,
 a 5x5 map, temperature 12.5, centred nodes).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
 from deepemd.config import option, registry_choices, same_option
-from deepemd.options import (BUILTIN_ROOTS, BatchNormOptions, DataOptions, LabelSpaceOptions, LocalKindOption,
-                             LocalOptions, ModelOptions, class_loss_option, out_option, split_option)
+from deepemd.options import (
+    BUILTIN_ROOTS,
+    BatchNormOptions,
+    DataOptions,
+    LabelSpaceOptions,
+    LocalKindOption,
+    LocalOptions,
+    ModelOptions,
+    class_loss_option,
+    out_option,
+    split_option,
+)
 
 
 @dataclass
@@ -22,8 +33,9 @@ class FewShotOptions(ModelOptions, LocalOptions, LocalKindOption, DataOptions):
     backbone: str = same_option(ModelOptions, "backbone", "resnet12")
     weights: str = same_option(ModelOptions, "weights", "auto")
     batch_size: int = same_option(ModelOptions, "batch_size", 64)
-    temperature: float = option(12.5, "logit scale of the EMD score (the authors' 12.5)", minimum=0.0,
-                                exclusive_minimum=True)
+    temperature: float = option(
+        12.5, "logit scale of the EMD score (the authors' 12.5)", minimum=0.0, exclusive_minimum=True
+    )
     out: str = out_option("runs/fewshot")
 
 
@@ -31,12 +43,16 @@ class FewShotOptions(ModelOptions, LocalOptions, LocalKindOption, DataOptions):
 class ValidationOptions:
     """How a training command picks its best checkpoint on classes it does not train on."""
 
-    val_split: str = option("val", "split that picks the best checkpoint; if the layout has none, val_fraction "
-                            "of the train classes is held out")
-    val_fraction: float = option(0.2, "share of train classes held out when the layout has no val split",
-                                 minimum=0.0, maximum=1.0)
-    val_episodes: int = option(200, "validation episodes per epoch (0: no validation, the last epoch is kept)",
-                               minimum=0)
+    val_split: str = option(
+        "val",
+        "split that picks the best checkpoint; if the layout has none, val_fraction of the train classes is held out",
+    )
+    val_fraction: float = option(
+        0.2, "share of train classes held out when the layout has no val split", minimum=0.0, maximum=1.0
+    )
+    val_episodes: int = option(
+        200, "validation episodes per epoch (0: no validation, the last epoch is kept)", minimum=0
+    )
 
 
 @dataclass
@@ -58,8 +74,9 @@ class PretrainConfig(LabelSpaceOptions, BatchNormOptions, ScheduleOptions, Valid
     step_size: int = option(30, "epochs between learning-rate drops", minimum=1)
     rotation: bool = option(False, "add the 4-way rotation self-supervision loss (paper 5.3, Table 4)")
     rotation_weight: float = option(0.5, "weight of the rotation loss (paper: 0.5)", minimum=0.0)
-    val_method: str = option("fcn", "validation metric: fcn (DeepEMD-FCN episodes) or proto (prototype)",
-                             choices=("fcn", "proto"))
+    val_method: str = option(
+        "fcn", "validation metric: fcn (DeepEMD-FCN episodes) or proto (prototype)", choices=("fcn", "proto")
+    )
     val_way: int = option(5, "validation episode classes", minimum=2)
     val_shot: int = option(1, "validation episode shots", minimum=1)
     val_query: int = option(15, "validation queries per class", minimum=1)
@@ -85,26 +102,33 @@ class TrainConfig(BatchNormOptions, ScheduleOptions, ValidationOptions, FewShotO
 class EvalConfig(FewShotOptions):
     """`deepemd fewshot test`: seeded test episodes, every method on the same episodes."""
 
-    checkpoint: Optional[str] = option(None, "trained checkpoint (pretrain or train output); none: the 'weights' "
-                                       "option")
+    checkpoint: Optional[str] = option(
+        None, "trained checkpoint (pretrain or train output); none: the 'weights' option"
+    )
     split: str = split_option("test")
     way: int = option(5, "classes per episode", minimum=2)
     shot: int = option(1, "support images per class", minimum=1)
     query: int = option(15, "query images per class", minimum=1)
-    episodes: Optional[int] = option(None, "test episodes (default: 5000 for 1-shot, 600 otherwise, as the paper)",
-                                     minimum=1)
-    methods: tuple[str, ...] = option((), "methods to evaluate on the same episodes (default: all that fit the shot "
-                                      "count)", choices=registry_choices("deepemd.fewshot.methods", "METHODS"))
+    episodes: Optional[int] = option(
+        None, "test episodes (default: 5000 for 1-shot, 600 otherwise, as the paper)", minimum=1
+    )
+    methods: tuple[str, ...] = option(
+        (),
+        "methods to evaluate on the same episodes (default: all that fit the shot count)",
+        choices=registry_choices("deepemd.fewshot.methods", "METHODS"),
+    )
     sfc_steps: int = option(100, "SFC: SGD steps, one support mini-batch each (paper Algorithm 1: 100)", minimum=0)
     sfc_batch_size: int = option(5, "SFC: support images per step (paper: 5; authors' code: 4)", minimum=1)
     sfc_lr: float = option(0.1, "SFC: learning rate (authors: 0.1)", minimum=0.0)
-    finetune_steps: int = option(100, "fine-tuned FC/cosine classifiers: full-support Adam steps (lr 0.01)",
-                                 minimum=0)
+    finetune_steps: int = option(100, "fine-tuned FC/cosine classifiers: full-support Adam steps (lr 0.01)", minimum=0)
     knn_k: int = option(3, "KNN on local features: nearest support vectors per query vector", minimum=1)
     flow_picture: bool = option(True, "draw one episode's query-support matching flows (flows.png)")
-    feature_cache: Optional[str] = option(None, "folder keeping extracted features, keyed by data + network "
-                                          "options, so runs with other shots/methods/episodes skip the CNN "
-                                          "(none: no cache)")
+    feature_cache: Optional[str] = option(
+        None,
+        "folder keeping extracted features, keyed by data + network "
+        "options, so runs with other shots/methods/episodes skip the CNN "
+        "(none: no cache)",
+    )
 
     def num_episodes(self) -> int:
         """The paper's protocol unless told otherwise: 5,000 for 1-shot, 600 for k-shot."""

@@ -13,6 +13,7 @@ Two things pairwise_similarity, called once per episode, cannot share across epi
 ``b[e]``, never across episodes (a plain pairwise call on the stacked sets would solve ``E``
 times too many problems).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,8 +51,7 @@ class NodeSets:
         norms = torch.linalg.vector_norm(f, dim=-1)
         require_finite("local features", x, norms)
         safe, norms = safe_norms(f, norms)
-        return cls(safe, norms, x.mean(dim=-2), x.mean(dim=-1) if center else None, safe is not f,
-                   (x, slice(None)))
+        return cls(safe, norms, x.mean(dim=-2), x.mean(dim=-1) if center else None, safe is not f, (x, slice(None)))
 
     @property
     def raw(self) -> torch.Tensor:
@@ -62,8 +62,14 @@ class NodeSets:
         """Rows ``idx`` of the leading axis (``(E, n)`` indices give ``(E, n, ...)`` sets)."""
         if not isinstance(self.raw_rows[1], slice):
             raise DeepEMDError("NodeSets.take indexes the sets of a whole run, not a selection")
-        return NodeSets(self.feats[idx], self.norms[idx], self.set_means[idx],
-                        None if self.means is None else self.means[idx], self.scaled, (self.raw_rows[0], idx))
+        return NodeSets(
+            self.feats[idx],
+            self.norms[idx],
+            self.set_means[idx],
+            None if self.means is None else self.means[idx],
+            self.scaled,
+            (self.raw_rows[0], idx),
+        )
 
 
 def raw_products(x: NodeSets, w: torch.Tensor) -> torch.Tensor:
@@ -84,8 +90,7 @@ def node_dots(a: NodeSets, b: NodeSets) -> torch.Tensor:
     pair of every set pair within each episode, one batched matmul (the expensive part)."""
     e, p, m, d = a.feats.shape
     q, n = b.feats.shape[1:3]
-    return torch.bmm(a.feats.reshape(e, p * m, d),
-                     b.feats.reshape(e, q * n, d).transpose(1, 2)).reshape(e, p, m, q, n)
+    return torch.bmm(a.feats.reshape(e, p * m, d), b.feats.reshape(e, q * n, d).transpose(1, 2)).reshape(e, p, m, q, n)
 
 
 def raw_dots(dots: torch.Tensor, a: NodeSets, b: NodeSets) -> torch.Tensor | None:
@@ -100,8 +105,15 @@ def raw_dots(dots: torch.Tensor, a: NodeSets, b: NodeSets) -> torch.Tensor | Non
     return dots + d * a.means[:, :, :, None, None] * b.means[:, None, None, :, :]
 
 
-def episode_similarity(a: NodeSets, b: NodeSets, weights: str = "cross", solver: str = "exact",
-                       temperature: float = 1.0, dots: torch.Tensor | None = None, **opts) -> torch.Tensor:
+def episode_similarity(
+    a: NodeSets,
+    b: NodeSets,
+    weights: str = "cross",
+    solver: str = "exact",
+    temperature: float = 1.0,
+    dots: torch.Tensor | None = None,
+    **opts,
+) -> torch.Tensor:
     """``(E,P,m,d), (E,Q,n,d) -> (E,P,Q)``: ``pairwise_similarity(a[e], b[e], ...)`` for every
     episode ``e`` (same weights, cost, solver and score; centred if the sets were made so),
     differentiable w.r.t. the features the sets were made from.
@@ -112,8 +124,10 @@ def episode_similarity(a: NodeSets, b: NodeSets, weights: str = "cross", solver:
         raise DeepEMDError(f"unknown weights {weights!r} for pairwise scoring", fix="use one of ['cross', 'uniform']")
     sa, sb = a.feats.shape, b.feats.shape
     if len(sa) != 4 or len(sb) != 4 or sa[0] != sb[0] or sa[3] != sb[3]:
-        raise DeepEMDError(f"episode sets must be (episodes, sets, nodes, channels) with equal episodes and "
-                           f"channels, got {tuple(sa)} and {tuple(sb)}")
+        raise DeepEMDError(
+            f"episode sets must be (episodes, sets, nodes, channels) with equal episodes and "
+            f"channels, got {tuple(sa)} and {tuple(sb)}"
+        )
     e, p, m, d = sa
     q, n = sb[1:3]
     if dots is None:

@@ -3,6 +3,7 @@
 Episode indices come from :class:`deepemd.data.EpisodeSampler` (identical for identical seeds);
 all methods see the same episodes, so their differences are paired, not sampling noise.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,12 +27,15 @@ def check_episode_size(labels: np.ndarray, way: int, shot: int, query: int, wher
     if usable < way:
         raise DeepEMDError(
             f"only {usable} classes have {shot + query} images ({shot} shots + {query} queries); "
-            f"a {way}-way episode needs {way}", where or None,
-            "lower --way, --shot or --query, or use a split with more classes/images")
+            f"a {way}-way episode needs {way}",
+            where or None,
+            "lower --way, --shot or --query, or use a split with more classes/images",
+        )
 
 
-def episode_indices(labels: np.ndarray, way: int, shot: int, query: int, episodes: int, seed: int,
-                    rank: int = 0, world: int = 1) -> Iterator[np.ndarray]:
+def episode_indices(
+    labels: np.ndarray, way: int, shot: int, query: int, episodes: int, seed: int, rank: int = 0, world: int = 1
+) -> Iterator[np.ndarray]:
     """Index arrays (``way*shot`` supports, class-major, then ``way*query`` queries).
 
     With ``world > 1`` rank ``r`` takes episodes ``r, r+world, ...`` of the one seeded sequence:
@@ -63,19 +67,26 @@ def episode_labels(labels: np.ndarray, idx: np.ndarray, way: int, shot: int) -> 
 def make_episode(cache: FeatureCache, idx: np.ndarray, way: int, shot: int) -> Episode:
     support_labels, query_labels = episode_labels(cache.labels, idx, way, shot)
     n_support = way * shot
-    return Episode(way, shot, cache.take(idx[:n_support]), cache.take(idx[n_support:]),
-                   support_labels, query_labels)
+    return Episode(way, shot, cache.take(idx[:n_support]), cache.take(idx[n_support:]), support_labels, query_labels)
 
 
-def make_batch(cache: FeatureCache, idx: np.ndarray, way: int, shot: int,
-               per_image: dict | None = None) -> EpisodeBatch:
+def make_batch(
+    cache: FeatureCache, idx: np.ndarray, way: int, shot: int, per_image: dict | None = None
+) -> EpisodeBatch:
     """The episodes of the rows of ``idx (E, way*shot + Q)``; ``per_image``: the run's
     once-per-image work, shared by all its batches."""
     _, query_labels = episode_labels(cache.labels, idx, way, shot)
     n_support = way * shot
     idx_t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-    return EpisodeBatch(way, shot, cache, idx_t[:, :n_support], idx_t[:, n_support:], query_labels,
-                        {} if per_image is None else per_image)
+    return EpisodeBatch(
+        way,
+        shot,
+        cache,
+        idx_t[:, :n_support],
+        idx_t[:, n_support:],
+        query_labels,
+        {} if per_image is None else per_image,
+    )
 
 
 #: Episodes scored together: large enough that per-call overhead is shared, small enough that
@@ -95,9 +106,18 @@ def _batches(indices: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
 
 
 @torch.no_grad()
-def evaluate(cache: FeatureCache, methods: Mapping[str, Method | Callable[[Episode], torch.Tensor]], way: int,
-             shot: int, query: int, episodes: int, seed: int, progress: bool = True,
-             seconds: dict[str, float] | None = None, batch: int = BATCH_EPISODES) -> dict[str, np.ndarray]:
+def evaluate(
+    cache: FeatureCache,
+    methods: Mapping[str, Method | Callable[[Episode], torch.Tensor]],
+    way: int,
+    shot: int,
+    query: int,
+    episodes: int,
+    seed: int,
+    progress: bool = True,
+    seconds: dict[str, float] | None = None,
+    batch: int = BATCH_EPISODES,
+) -> dict[str, np.ndarray]:
     """Per-episode accuracy (fraction) of each method, all on the same seeded episodes.
 
     Episodes are scored ``batch`` at a time (:class:`Method` scores a stack at once; a plain
@@ -132,6 +152,14 @@ def summarise(accs: Mapping[str, np.ndarray], way: int, shot: int) -> list[dict[
     rows = []
     for name, values in accs.items():
         mean, ci = mean_ci95(values)
-        rows.append({"method": name, "way": way, "shot": shot, "accuracy": 100 * mean, "ci95": 100 * ci,
-                     "episodes": len(values)})
+        rows.append(
+            {
+                "method": name,
+                "way": way,
+                "shot": shot,
+                "accuracy": 100 * mean,
+                "ci95": 100 * ci,
+                "episodes": len(values),
+            }
+        )
     return rows

@@ -4,6 +4,7 @@ Writes ``OUT/results.csv`` / ``results.md`` (one row per method: accuracy and 95
 percent), ``OUT/episodes.csv`` (per-episode accuracy of every method, for paired comparisons)
 and ``OUT/flows.png`` (one episode's query-support matching flows).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,21 @@ from deepemd.io import atomic_path
 from deepemd.seeding import seed_everything
 
 #: Options that change the extracted features (the feature cache key).
-FEATURE_OPTIONS = ("layout", "data_root", "split", "image_size", "backbone", "backbone_widths", "weights",
-                   "checkpoint", "local", "pyramid", "grid_levels", "grid_ratio", "num_patches")
+FEATURE_OPTIONS = (
+    "layout",
+    "data_root",
+    "split",
+    "image_size",
+    "backbone",
+    "backbone_widths",
+    "weights",
+    "checkpoint",
+    "local",
+    "pyramid",
+    "grid_levels",
+    "grid_ratio",
+    "num_patches",
+)
 
 
 def feature_key(cfg: EvalConfig, images) -> dict:
@@ -48,9 +62,16 @@ def feature_key(cfg: EvalConfig, images) -> dict:
 
 def method_options(cfg: EvalConfig) -> MethodOptions:
     return MethodOptions(
-        label=build.method_label(cfg), weights=cfg.node_weights, solver=cfg.solver, temperature=cfg.temperature,
-        center=cfg.center, sfc=SFCFit(steps=cfg.sfc_steps, batch_size=cfg.sfc_batch_size, lr=cfg.sfc_lr),
-        finetune_steps=cfg.finetune_steps, knn_k=cfg.knn_k, seed=cfg.seed)
+        label=build.method_label(cfg),
+        weights=cfg.node_weights,
+        solver=cfg.solver,
+        temperature=cfg.temperature,
+        center=cfg.center,
+        sfc=SFCFit(steps=cfg.sfc_steps, batch_size=cfg.sfc_batch_size, lr=cfg.sfc_lr),
+        finetune_steps=cfg.finetune_steps,
+        knn_k=cfg.knn_k,
+        seed=cfg.seed,
+    )
 
 
 def run_methods(cfg: EvalConfig, cache: FeatureCache, progress: bool = True) -> tuple[list[dict], dict]:
@@ -59,27 +80,39 @@ def run_methods(cfg: EvalConfig, cache: FeatureCache, progress: bool = True) -> 
     keys = select(cfg.methods, cfg.shot)
     methods = {METHODS[k].label(k, opts, cfg.shot): METHODS[k].build(opts) for k in keys}
     seconds: dict[str, float] = {}
-    accs = evaluate(cache, methods, cfg.way, cfg.shot, cfg.query, cfg.num_episodes(), cfg.seed,
-                    progress=progress, seconds=seconds)
+    accs = evaluate(
+        cache, methods, cfg.way, cfg.shot, cfg.query, cfg.num_episodes(), cfg.seed, progress=progress, seconds=seconds
+    )
     rows = summarise(accs, cfg.way, cfg.shot)
     for row in rows:
         row["seconds"] = seconds[row["method"]]
     return rows, accs
 
 
-def draw_episode(cfg: EvalConfig, cache: FeatureCache, paths: list[Path], classes: list[str], size: int,
-                 map_side: int, out: Path) -> Path | None:
+def draw_episode(
+    cfg: EvalConfig, cache: FeatureCache, paths: list[Path], classes: list[str], size: int, map_side: int, out: Path
+) -> Path | None:
     """Flows of the first episode's first query against each class's first support."""
     idx = next(episode_indices(cache.labels, cfg.way, cfg.shot, cfg.query, 1, cfg.seed))
     n_support = cfg.way * cfg.shot
-    supports = idx[:n_support:cfg.shot]
+    supports = idx[: n_support : cfg.shot]
     boxes = node_boxes(cfg.local, size, map_side, tuple(cfg.pyramid), tuple(cfg.grid_levels), cfg.grid_ratio)
     sets = cache.local
     if boxes is None:  # sampled crops are not kept: show the backbone's cells instead
         boxes, sets = node_boxes("fcn", size, map_side, (), (), 1.0), cache.cells
     names = [classes[int(cache.labels[i])] for i in supports]
-    return episode_flow_figure([paths[int(i)] for i in [idx[n_support], *supports]], sets[idx[n_support]],
-                               sets[supports], boxes, size, names, cfg.node_weights, cfg.solver, cfg.center, out)
+    return episode_flow_figure(
+        [paths[int(i)] for i in [idx[n_support], *supports]],
+        sets[idx[n_support]],
+        sets[supports],
+        boxes,
+        size,
+        names,
+        cfg.node_weights,
+        cfg.solver,
+        cfg.center,
+        out,
+    )
 
 
 def run_test(cfg: EvalConfig, progress: bool = True) -> pd.DataFrame:
@@ -92,9 +125,21 @@ def run_test(cfg: EvalConfig, progress: bool = True) -> pd.DataFrame:
     net = build.create_backbone(cfg, cfg.checkpoint).to(device)
     extractor = build.create_extractor(cfg, net).to(device)
     size = build.input_size(cfg, net)
-    cache = cached(cfg.feature_cache, feature_key(cfg, images), lambda: extract(
-        build.dataset(images, cfg, net, train=False), net, extractor, cfg.local, batch_size=cfg.batch_size,
-        workers=cfg.workers, device=device, seed=cfg.seed, progress=progress))
+    cache = cached(
+        cfg.feature_cache,
+        feature_key(cfg, images),
+        lambda: extract(
+            build.dataset(images, cfg, net, train=False),
+            net,
+            extractor,
+            cfg.local,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            device=device,
+            seed=cfg.seed,
+            progress=progress,
+        ),
+    )
     extract_seconds = time.perf_counter() - start
     rows, accs = run_methods(cfg, cache, progress)
     for row in rows:
@@ -104,9 +149,19 @@ def run_test(cfg: EvalConfig, progress: bool = True) -> pd.DataFrame:
     with atomic_path(out / "episodes.csv") as tmp:
         pd.DataFrame({k: np.round(100 * v, 4) for k, v in accs.items()}).to_csv(tmp, index_label="episode")
     with atomic_path(out / "run.json") as tmp:
-        tmp.write_text(json.dumps({"config": dataclasses.asdict(cfg), "images": len(images.paths),
-                                   "classes": len(images.classes), "feature_seconds": extract_seconds,
-                                   "total_seconds": time.perf_counter() - start}, indent=2, default=str))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "config": dataclasses.asdict(cfg),
+                    "images": len(images.paths),
+                    "classes": len(images.classes),
+                    "feature_seconds": extract_seconds,
+                    "total_seconds": time.perf_counter() - start,
+                },
+                indent=2,
+                default=str,
+            )
+        )
     if cfg.flow_picture:
         map_side = int(round(cache.cells.shape[1] ** 0.5))
         draw_episode(cfg, cache, list(images.paths), list(images.classes), size, map_side, out / "flows.png")

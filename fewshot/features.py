@@ -6,6 +6,7 @@ FC classifiers), the raw map cells (KNN and prediction fusion on local features)
 set the DeepEMD variant compares (FCN cells + pyramid, grid crops, or sampled patches).
 Sampling draws its random crops once per image here, under the job's seed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,9 +51,17 @@ def cells_of(feature_map: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract(dataset: ImageDataset, backbone: nn.Module, extractor: nn.Module, kind: str,
-            batch_size: int = 64, workers: int = 0, device: torch.device | str = "cpu",
-            seed: int = 0, progress: bool = True) -> FeatureCache:
+def extract(
+    dataset: ImageDataset,
+    backbone: nn.Module,
+    extractor: nn.Module,
+    kind: str,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> FeatureCache:
     """Features of every image of ``dataset`` (eval mode, no gradients, in dataset order).
 
     For ``kind == "fcn"`` the local set comes from the same backbone pass
@@ -89,7 +98,14 @@ def cached(folder: str | Path, key: dict[str, Any], make: Callable[[], FeatureCa
         state = load_checkpoint(path)
         return FeatureCache(state["global"], state["cells"], state["local"], state["labels"].numpy())
     cache = make()
-    save_checkpoint({"global": cache.global_, "cells": cache.cells, "key": json.dumps(key, default=str),
-                     "local": cache.local if cache.local is not cache.cells else cache.cells,
-                     "labels": torch.from_numpy(cache.labels)}, path)
+    save_checkpoint(
+        {
+            "global": cache.global_,
+            "cells": cache.cells,
+            "key": json.dumps(key, default=str),
+            "local": cache.local if cache.local is not cache.cells else cache.cells,
+            "labels": torch.from_numpy(cache.labels),
+        },
+        path,
+    )
     return cache

@@ -13,6 +13,7 @@ together (Adam and SGD act element by element, and the loss is the SUM of the ep
 losses, so each episode gets exactly its own update), the EMD problems of all episodes go to one
 solve, and the node dot products are computed once per batch and shared by EMD and KNN.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,11 +81,21 @@ class EpisodeBatch:
         s, q = ep.support, ep.query
         cells = torch.cat([s.cells, q.cells])
         local = cells if (s.local is s.cells and q.local is q.cells) else torch.cat([s.local, q.local])
-        images = FeatureCache(torch.cat([s.global_, q.global_]), cells, local,
-                              np.concatenate([np.asarray(s.labels), np.asarray(q.labels)]))
+        images = FeatureCache(
+            torch.cat([s.global_, q.global_]),
+            cells,
+            local,
+            np.concatenate([np.asarray(s.labels), np.asarray(q.labels)]),
+        )
         n = s.global_.shape[0]
-        return cls(ep.way, ep.shot, images, torch.arange(n)[None], torch.arange(n, images.global_.shape[0])[None],
-                   ep.query_labels[None])
+        return cls(
+            ep.way,
+            ep.shot,
+            images,
+            torch.arange(n)[None],
+            torch.arange(n, images.global_.shape[0])[None],
+            ep.query_labels[None],
+        )
 
     @property
     def size(self) -> int:
@@ -138,16 +149,22 @@ def _emd(a: NodeSets, b: NodeSets, o: MethodOptions, dots: torch.Tensor | None =
 def _local_dots(eb: EpisodeBatch, o: MethodOptions) -> torch.Tensor:
     """Node dot products of every query set with every support set (centred when the EMD cost
     is), once per batch: EMD to each support and KNN (when the local sets are the cells) share them."""
-    return eb.shared(("local_dots", o.center), lambda: node_dots(eb.nodes("query", "local", o.center),
-                                                                 eb.nodes("support", "local", o.center)))
+    return eb.shared(
+        ("local_dots", o.center),
+        lambda: node_dots(eb.nodes("query", "local", o.center), eb.nodes("support", "local", o.center)),
+    )
 
 
 def _to_each_support(eb: EpisodeBatch, o: MethodOptions) -> torch.Tensor:
     """``(E, Q, way*shot)`` EMD scores of every query to every support image, computed once per
     batch and shared by NN and Fusion (the expensive part of both)."""
     key = ("to_each_support", o.weights, o.solver, o.temperature, o.center)
-    return eb.shared(key, lambda: _emd(eb.nodes("query", "local", o.center), eb.nodes("support", "local", o.center),
-                                       o, _local_dots(eb, o)))
+    return eb.shared(
+        key,
+        lambda: _emd(
+            eb.nodes("query", "local", o.center), eb.nodes("support", "local", o.center), o, _local_dots(eb, o)
+        ),
+    )
 
 
 def _per_class(scores: torch.Tensor, eb: EpisodeBatch) -> torch.Tensor:
@@ -167,10 +184,12 @@ def emd_fusion(o: MethodOptions) -> Method:
 
 def emd_merge(o: MethodOptions) -> Method:
     """The K support sets of a class merged into one set of K*m nodes, one EMD per class."""
+
     def run(eb: EpisodeBatch) -> torch.Tensor:
         sets = eb.rows("support", "local")
         merged = NodeSets.of(sets.reshape(eb.size, eb.way, eb.shot * sets.shape[2], sets.shape[3]), o.center)
         return _emd(eb.nodes("query", "local", o.center), merged, o)
+
     return Method(run)
 
 
@@ -198,7 +217,9 @@ def sfc_prototypes(eb: EpisodeBatch, o: MethodOptions) -> torch.Tensor:
 
 def emd_sfc(o: MethodOptions) -> Method:
     """The structured FC layer fitted on the support (paper's DeepEMD for K > 1)."""
-    return Method(lambda eb: _emd(eb.nodes("query", "local", o.center), NodeSets.of(sfc_prototypes(eb, o), o.center), o))
+    return Method(
+        lambda eb: _emd(eb.nodes("query", "local", o.center), NodeSets.of(sfc_prototypes(eb, o), o.center), o)
+    )
 
 
 def deepemd(o: MethodOptions) -> Method:
@@ -213,15 +234,21 @@ def _class_means(x: torch.Tensor, eb: EpisodeBatch) -> torch.Tensor:
 
 def protonet(o: MethodOptions) -> Method:
     """Prototypical network: class mean of the global vectors, negative squared Euclidean."""
-    return Method(lambda eb: -torch.cdist(eb.rows("query", "global_"), _class_means(eb.rows("support", "global_"), eb)).pow(2))
+    return Method(
+        lambda eb: -torch.cdist(eb.rows("query", "global_"), _class_means(eb.rows("support", "global_"), eb)).pow(2)
+    )
 
 
 def matchingnet(o: MethodOptions) -> Method:
     """Matching network (no FCE): softmax attention over cosine to every support, summed per class."""
+
     def run(eb: EpisodeBatch) -> torch.Tensor:
-        cos = F.normalize(eb.rows("query", "global_"), dim=2) @ F.normalize(eb.rows("support", "global_"), dim=2).transpose(1, 2)
+        cos = F.normalize(eb.rows("query", "global_"), dim=2) @ F.normalize(
+            eb.rows("support", "global_"), dim=2
+        ).transpose(1, 2)
         attention = torch.softmax(cos * o.temperature, dim=2)
         return torch.log(_per_class(attention, eb).sum(dim=3) + 1e-12)
+
     return Method(run)
 
 
@@ -245,8 +272,8 @@ class _Adam:
     def step(self, grads: list[np.ndarray]) -> None:
         self.t += 1
         beta1, beta2 = ADAM_BETAS
-        step_size = ADAM_LR / (1 - beta1 ** self.t)
-        correction2 = math.sqrt(1 - beta2 ** self.t)
+        step_size = ADAM_LR / (1 - beta1**self.t)
+        correction2 = math.sqrt(1 - beta2**self.t)
         for p, g, avg, avg_sq in zip(self.params, grads, self.avg, self.avg_sq):
             g += WEIGHT_DECAY * p
             avg += (1 - beta1) * (g - avg)
@@ -281,6 +308,7 @@ def _t(x: np.ndarray) -> torch.Tensor:
 def fc_dot(o: MethodOptions) -> Method:
     """A linear (dot-product) classifier fitted on the support's global vectors (Chen et al.):
     full-support Adam on cross-entropy from zero weights; the features are constants."""
+
     def run(eb: EpisodeBatch) -> torch.Tensor:
         x, q, onehot = _global_arrays(eb, normalise=False)
         weight = np.zeros((eb.size, eb.way, x.shape[2]), dtype=np.float32)
@@ -290,6 +318,7 @@ def fc_dot(o: MethodOptions) -> Method:
             g = _mean_ce_grad(x @ weight.transpose(0, 2, 1) + bias, onehot)
             adam.step([g.transpose(0, 2, 1) @ x, g.sum(axis=1, keepdims=True)])
         return _t(q @ weight.transpose(0, 2, 1) + bias)
+
     return Method(run)
 
 
@@ -306,6 +335,7 @@ def _unit_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def cosine_classifier(o: MethodOptions) -> Method:
     """A cosine classifier initialised from the class means and fine-tuned on the support
     (Adam on cross-entropy, the gradient through the weight normalisation in closed form)."""
+
     def run(eb: EpisodeBatch) -> torch.Tensor:
         x, q, onehot = _global_arrays(eb, normalise=True)
         means = _class_means(eb.rows("support", "global_").float(), eb)
@@ -319,6 +349,7 @@ def cosine_classifier(o: MethodOptions) -> Method:
             g /= norm
             adam.step([g])
         return _t(COSINE_SCALE * (q @ _unit_rows(weight)[0].transpose(0, 2, 1)))
+
     return Method(run)
 
 
@@ -333,23 +364,27 @@ def _cell_norms(eb: EpisodeBatch, side: str) -> torch.Tensor:
 def knn_local(o: MethodOptions) -> Method:
     """Local-descriptor KNN (Li et al.): each query cell's top-k cosine to a class's support cells,
     summed over k and over the query's cells."""
+
     def run(eb: EpisodeBatch) -> torch.Tensor:
         dots = None
         if eb.local_is_cells:  # the EMD's node dots are these cells'
-            dots = raw_dots(_local_dots(eb, o), eb.nodes("query", "local", o.center),
-                            eb.nodes("support", "local", o.center))
+            dots = raw_dots(
+                _local_dots(eb, o), eb.nodes("query", "local", o.center), eb.nodes("support", "local", o.center)
+            )
         if dots is None:
             dots = node_dots(eb.nodes("query", "cells", False), eb.nodes("support", "cells", False))
         cos = dots / (_cell_norms(eb, "query")[:, :, :, None, None] * _cell_norms(eb, "support")[:, None, None])
         e, nq, m, _, n = cos.shape
         pool = cos.reshape(e, nq, m, eb.way, eb.shot * n)  # a class's support cells, class-major
         return pool.topk(min(o.knn_k, pool.shape[4]), dim=4).values.sum(dim=(2, 4))
+
     return Method(run)
 
 
 def prediction_fusion(o: MethodOptions) -> Method:
     """Dense classification (Lifchitz et al.): every query cell predicts a class (cosine to the
     class means), the predicted probabilities are averaged over cells."""
+
     def run(eb: EpisodeBatch) -> torch.Tensor:
         protos = F.normalize(_class_means(eb.rows("support", "global_"), eb), dim=2)  # (E, way, C)
         if eb.local_is_cells:  # from the EMD's gathered sets, without a raw copy of the cells
@@ -362,6 +397,7 @@ def prediction_fusion(o: MethodOptions) -> Method:
         cos = products.reshape(e, nq, m, eb.way)
         probs = torch.softmax(COSINE_SCALE * cos / _cell_norms(eb, "query")[..., None], dim=3).mean(dim=2)
         return torch.log(probs + 1e-12)
+
     return Method(run)
 
 
@@ -390,9 +426,15 @@ METHODS.add("cosine", MethodSpec(cosine_classifier, False, "fine-tuned cosine cl
 METHODS.add("knn", MethodSpec(knn_local, False, "KNN on local features (top-k cells)"))
 METHODS.add("fusion", MethodSpec(prediction_fusion, False, "prediction fusion over local features"))
 _LABELS = {
-    "emd_nn": "{label}+NN", "emd_fusion": "{label}+Fusion", "emd_merge": "{label}+Merge",
-    "protonet": "ProtoNet", "matchingnet": "MatchingNet", "fc": "FC (dot)",
-    "cosine": "Cosine classifier", "knn": "KNN (local)", "fusion": "Prediction fusion (local)",
+    "emd_nn": "{label}+NN",
+    "emd_fusion": "{label}+Fusion",
+    "emd_merge": "{label}+Merge",
+    "protonet": "ProtoNet",
+    "matchingnet": "MatchingNet",
+    "fc": "FC (dot)",
+    "cosine": "Cosine classifier",
+    "knn": "KNN (local)",
+    "fusion": "Prediction fusion (local)",
 }
 
 

@@ -14,20 +14,30 @@ Python API (the CLI `deepemd retrieval train | index | search | eval` wraps the 
 
 Submodules are imported lazily so `import deepemd.retrieval.index` stays light.
 """
+
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "run_eval": "deepemd.retrieval.evaluate", "train": "deepemd.retrieval.train",
-    "run_index": "deepemd.retrieval.search", "run_search": "deepemd.retrieval.search",
-    "Reranker": "deepemd.retrieval.rerank", "Shortlist": "deepemd.eval.shortlist",
-    "rerank": "deepemd.retrieval.rerank", "RerankSettings": "deepemd.retrieval.rerank",
-    "DeepEMDSimilarity": "deepemd.retrieval.distance", "flatten_sets": "deepemd.retrieval.distance",
-    "Gallery": "deepemd.retrieval.gallery", "open_gallery": "deepemd.retrieval.gallery", "search_gallery": "deepemd.retrieval.gallery",
+    "run_eval": "deepemd.retrieval.evaluate",
+    "train": "deepemd.retrieval.train",
+    "run_index": "deepemd.retrieval.search",
+    "run_search": "deepemd.retrieval.search",
+    "Reranker": "deepemd.retrieval.rerank",
+    "Shortlist": "deepemd.eval.shortlist",
+    "rerank": "deepemd.retrieval.rerank",
+    "RerankSettings": "deepemd.retrieval.rerank",
+    "DeepEMDSimilarity": "deepemd.retrieval.distance",
+    "flatten_sets": "deepemd.retrieval.distance",
+    "Gallery": "deepemd.retrieval.gallery",
+    "open_gallery": "deepemd.retrieval.gallery",
+    "search_gallery": "deepemd.retrieval.gallery",
     "build_foreign_store": "deepemd.retrieval.gallery",
-    "EvalConfig": "deepemd.retrieval.config", "TrainConfig": "deepemd.retrieval.config",
-    "IndexConfig": "deepemd.retrieval.config", "SearchConfig": "deepemd.retrieval.config",
+    "EvalConfig": "deepemd.retrieval.config",
+    "TrainConfig": "deepemd.retrieval.config",
+    "IndexConfig": "deepemd.retrieval.config",
+    "SearchConfig": "deepemd.retrieval.config",
     "DemoConfig": "deepemd.retrieval.config",
 }
 

@@ -3,6 +3,7 @@
 Every stage (``train``, ``index``, ``search``, ``eval``) builds here on top of the core builder
 (``deepemd.build``), so no stage imports another stage's module to get its network or data.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,14 @@ import torch
 from deepemd import build as core
 from deepemd.data import ImageList
 from deepemd.options import LocalKindOption
-from deepemd.retrieval.config import (EvalConfig, IndexConfig, RetrievalLocalOptions, RetrievalModelOptions,
-                                      SearchConfig, TrainConfig)
+from deepemd.retrieval.config import (
+    EvalConfig,
+    IndexConfig,
+    RetrievalLocalOptions,
+    RetrievalModelOptions,
+    SearchConfig,
+    TrainConfig,
+)
 from deepemd.retrieval.model import Embedder, LocalSpec, build_backbone, load_trained
 
 
@@ -26,8 +33,12 @@ def dataset_images(cfg: EvalConfig | IndexConfig | TrainConfig) -> ImageList:
 
 def local_specs(cfg: EvalConfig | IndexConfig | SearchConfig, kinds: Iterable[str]) -> tuple[LocalSpec, ...]:
     """One :class:`LocalSpec` per distinct local kind, from the shared local options."""
-    return tuple(LocalSpec(kind, tuple(cfg.pyramid), tuple(cfg.grid_levels), cfg.grid_ratio, cfg.num_patches,
-                           cfg.patch_size, cfg.seed) for kind in dict.fromkeys(kinds))
+    return tuple(
+        LocalSpec(
+            kind, tuple(cfg.pyramid), tuple(cfg.grid_levels), cfg.grid_ratio, cfg.num_patches, cfg.patch_size, cfg.seed
+        )
+        for kind in dict.fromkeys(kinds)
+    )
 
 
 #: The options that rebuild an embedding network and its local sets (a gallery records them).
@@ -44,8 +55,9 @@ def make_embedder(cfg: EvalConfig | IndexConfig | SearchConfig, specs: tuple[Loc
         if cfg.image_size:
             info.image_size = int(cfg.image_size)
     else:
-        net, info = build_backbone(cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size, cfg.seed,
-                                   widths=tuple(cfg.backbone_widths))
+        net, info = build_backbone(
+            cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size, cfg.seed, widths=tuple(cfg.backbone_widths)
+        )
     model = Embedder(net, info, specs)
     model.recipe = recipe(cfg)
     return model
@@ -53,8 +65,7 @@ def make_embedder(cfg: EvalConfig | IndexConfig | SearchConfig, specs: tuple[Loc
 
 def recipe(cfg: EvalConfig | IndexConfig | SearchConfig) -> dict[str, Any]:
     """The network and local-set options of ``cfg`` as plain values, files made absolute."""
-    names = {f.name for group in RECIPE_GROUPS for f in dataclasses.fields(group)} - {"device", "batch_size",
-                                                                                      "workers"}
+    names = {f.name for group in RECIPE_GROUPS for f in dataclasses.fields(group)} - {"device", "batch_size", "workers"}
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
     for key in ("checkpoint", "weights"):
         value = values.get(key)
@@ -63,8 +74,9 @@ def recipe(cfg: EvalConfig | IndexConfig | SearchConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
-def make_loader(images: ImageList, model: Embedder, batch_size: int, workers: int,
-                train: bool = False) -> torch.utils.data.DataLoader:
+def make_loader(
+    images: ImageList, model: Embedder, batch_size: int, workers: int, train: bool = False
+) -> torch.utils.data.DataLoader:
     """Images at the model's size with its backbone's mean/std (test: resize + centre crop)."""
     return core.image_loader(images, model.backbone, model.info.image_size, batch_size, workers, train)
 

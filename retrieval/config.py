@@ -5,14 +5,24 @@ unknown key is an error (``deepemd.config``). The groups shared with the few-sho
 ``deepemd.options``; this module adds the retrieval options and the paper 5.8 defaults
 (FCN feature pyramid {3,2,1}, Grid image pyramid {3,2}, 25 Sampling patches).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
 from deepemd.config import option, registry_choices, same_option
-from deepemd.options import (BatchNormOptions, DataOptions, LabelSpaceOptions, LocalKindOption, LocalOptions,
-                             ModelOptions, class_loss_option, out_option, split_option)
+from deepemd.options import (
+    BatchNormOptions,
+    DataOptions,
+    LabelSpaceOptions,
+    LocalKindOption,
+    LocalOptions,
+    ModelOptions,
+    class_loss_option,
+    out_option,
+    split_option,
+)
 
 
 @dataclass
@@ -20,9 +30,11 @@ class RetrievalModelOptions(ModelOptions):
     """The shared network options plus the paper's linear embedding head and trained checkpoints."""
 
     checkpoint: Optional[str] = option(
-        None, "a `deepemd retrieval train` checkpoint (rebuilds its backbone; overrides --backbone)")
+        None, "a `deepemd retrieval train` checkpoint (rebuilds its backbone; overrides --backbone)"
+    )
     embed_dim: Optional[int] = option(
-        None, "1x1 linear head to this many channels (paper: 128); none = backbone channels", minimum=1)
+        None, "1x1 linear head to this many channels (paper: 128); none = backbone channels", minimum=1
+    )
 
 
 @dataclass
@@ -49,8 +61,10 @@ class EvalConfig(RetrievalModelOptions, RetrievalLocalOptions, RetrievalDataOpti
     """`deepemd retrieval eval`: leave-one-out P@1 / RP / MAP@R, raw vs +DeepEMD."""
 
     methods: tuple[str, ...] = option(
-        ("fcn", "grid", "sampling"), "rows after 'raw': local kinds (append :uniform or :cross to override "
-        "the node weights)", choices=registry_choices("deepemd.local", "KINDS"))
+        ("fcn", "grid", "sampling"),
+        "rows after 'raw': local kinds (append :uniform or :cross to override the node weights)",
+        choices=registry_choices("deepemd.local", "KINDS"),
+    )
     flow_queries: int = option(3, "queries drawn in flows.png (0: no picture)", minimum=0)
     hierarchy: Optional[str] = same_option(LabelSpaceOptions, "hierarchy", None)
     out: str = out_option("runs/retrieval-eval")
@@ -64,10 +78,14 @@ class TrainConfig(LabelSpaceOptions, BatchNormOptions, RetrievalModelOptions, Re
     weights: str = same_option(ModelOptions, "weights", "auto")
     embed_dim: Optional[int] = same_option(RetrievalModelOptions, "embed_dim", 128)
     split: str = split_option("train")
-    loss: str = option("normsoftmax", "pytorch-metric-learning loss",
-                       choices=registry_choices("deepemd.retrieval.losses", "LOSSES"))
-    distance: str = option("cosine", "cosine (global vector) or deepemd (FCN local sets through the EMD layer; "
-                           "pair losses)", choices=("cosine", "deepemd"))
+    loss: str = option(
+        "normsoftmax", "pytorch-metric-learning loss", choices=registry_choices("deepemd.retrieval.losses", "LOSSES")
+    )
+    distance: str = option(
+        "cosine",
+        "cosine (global vector) or deepemd (FCN local sets through the EMD layer; pair losses)",
+        choices=("cosine", "deepemd"),
+    )
     pyramid: tuple[int, ...] = same_option(LocalOptions, "pyramid", ())
     node_weights: str = same_option(LocalOptions, "node_weights", "cross")
     solver: str = same_option(LocalOptions, "solver", "exact")
@@ -93,12 +111,19 @@ class IndexConfig(RetrievalModelOptions, RetrievalLocalOptions, LocalKindOption,
     split: str = split_option("all")
     index_spec: str = option("Flat", "FAISS index_factory string: Flat, IVF256,Flat, IVF1024,PQ32, HNSW32")
     index: Optional[str] = option(None, "your own FAISS index file (built outside deepemd) to rerank")
-    id_map: Optional[str] = option(None, "text file '<id> <image path>' per line, naming the image behind each "
-                                   "id of --index")
-    repair: bool = option(False, "re-embed the images whose rows in the existing gallery fail their checksum "
-                          "(without it a damaged gallery is an error)")
-    store_dtype: str = option("float16", "local-feature store values: float16 (scaled per set, half the disk) "
-                              "or float32", choices=("float16", "float32"))
+    id_map: Optional[str] = option(
+        None, "text file '<id> <image path>' per line, naming the image behind each id of --index"
+    )
+    repair: bool = option(
+        False,
+        "re-embed the images whose rows in the existing gallery fail their checksum "
+        "(without it a damaged gallery is an error)",
+    )
+    store_dtype: str = option(
+        "float16",
+        "local-feature store values: float16 (scaled per set, half the disk) or float32",
+        choices=("float16", "float32"),
+    )
     out: str = out_option("runs/retrieval-gallery")
 
 
@@ -108,11 +133,13 @@ class SearchConfig(RetrievalModelOptions, RetrievalLocalOptions, LocalKindOption
 
     gallery: str = option("runs/retrieval-gallery", "gallery folder written by `deepemd retrieval index`")
     index: Optional[str] = option(None, "your own FAISS index file (built outside deepemd) to rerank")
-    id_map: Optional[str] = option(None, "text file '<id> <image path>' per line, naming the image behind each "
-                                   "id of --index")
+    id_map: Optional[str] = option(
+        None, "text file '<id> <image path>' per line, naming the image behind each id of --index"
+    )
     queries: Optional[str] = option(None, "query image, folder of images, or text file of paths")
-    query_vectors: Optional[str] = option(None, ".npy of query vectors from the model that built --index "
-                                          "(one row per query)")
+    query_vectors: Optional[str] = option(
+        None, ".npy of query vectors from the model that built --index (one row per query)"
+    )
     top: int = option(10, "results written per query", minimum=1)
     out: str = out_option("runs/retrieval-search")
 

@@ -9,6 +9,7 @@ Works with pair losses (ContrastiveLoss, MultiSimilarityLoss, their miners). Pro
 (NormalizedSoftmax, SoftTriple, ArcFace) compare with single proxy vectors, not sets: use them
 with the global embedding.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,15 @@ def flatten_sets(sets: torch.Tensor) -> torch.Tensor:
 class DeepEMDSimilarity(BaseDistance):
     """pml distance scoring flattened local sets ``(B, num_nodes*d)`` with DeepEMD."""
 
-    def __init__(self, num_nodes: int, weights: str = "cross", solver: str = "exact",
-                 temperature: float = 1.0, chunk: int = 4096, **kwargs):
+    def __init__(
+        self,
+        num_nodes: int,
+        weights: str = "cross",
+        solver: str = "exact",
+        temperature: float = 1.0,
+        chunk: int = 4096,
+        **kwargs,
+    ):
         kwargs.setdefault("normalize_embeddings", False)  # the cosine cost is scale-free already
         super().__init__(is_inverted=True, **kwargs)
         if num_nodes < 1:
@@ -37,14 +45,27 @@ class DeepEMDSimilarity(BaseDistance):
 
     def to_sets(self, flat: torch.Tensor) -> torch.Tensor:
         if flat.shape[1] % self.num_nodes:
-            raise DeepEMDError(f"embedding width {flat.shape[1]} is not num_nodes={self.num_nodes} x channels",
-                               fix="pass local sets flattened with flatten_sets((B, m, d)) and num_nodes=m")
+            raise DeepEMDError(
+                f"embedding width {flat.shape[1]} is not num_nodes={self.num_nodes} x channels",
+                fix="pass local sets flattened with flatten_sets((B, m, d)) and num_nodes=m",
+            )
         return flat.reshape(flat.shape[0], self.num_nodes, -1)
 
     def compute_mat(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
-        return pairwise_similarity(self.to_sets(query_emb), self.to_sets(ref_emb), weights=self.weights,
-                                   solver=self.solver, temperature=self.temperature, chunk=self.chunk)
+        return pairwise_similarity(
+            self.to_sets(query_emb),
+            self.to_sets(ref_emb),
+            weights=self.weights,
+            solver=self.solver,
+            temperature=self.temperature,
+            chunk=self.chunk,
+        )
 
     def pairwise_distance(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
-        return similarity(self.to_sets(query_emb), self.to_sets(ref_emb), weights=self.weights,
-                          solver=self.solver, temperature=self.temperature)
+        return similarity(
+            self.to_sets(query_emb),
+            self.to_sets(ref_emb),
+            weights=self.weights,
+            solver=self.solver,
+            temperature=self.temperature,
+        )

@@ -5,6 +5,7 @@ is pml's AccuracyCalculator with its default FAISS k-NN on the global vectors; e
 is the same calculator with a ``knn_func`` that takes a FAISS shortlist (``retrieval.index``) and
 reranks its first ``rerank_k`` with DeepEMD between local sets.
 """
+
 from __future__ import annotations
 
 import sys
@@ -46,7 +47,9 @@ def parse_method(method: str, default_weights: str) -> tuple[str, str, str]:
     kind, _, weights = method.partition(":")
     weights = weights or default_weights
     if kind not in METHOD_NAMES:
-        raise DeepEMDError(f"unknown method '{method}'", fix="methods are fcn, grid, sampling (optionally ':uniform' or ':cross')")
+        raise DeepEMDError(
+            f"unknown method '{method}'", fix="methods are fcn, grid, sampling (optionally ':uniform' or ':cross')"
+        )
     label = f"+DeepEMD-{METHOD_NAMES[kind]}" + ("" if weights == default_weights else f" ({weights})")
     return kind, weights, label
 
@@ -59,35 +62,53 @@ def flat_shortlist(query: np.ndarray, reference: np.ndarray, n: int) -> Shortlis
     return Shortlist(ids, scores)
 
 
-def rerank_knn(sets: np.ndarray, settings: RerankSettings, progress: bool = True, clock: JobClock | None = None,
-               stage_name: str = "rerank") -> ShortlistKNN:
+def rerank_knn(
+    sets: np.ndarray,
+    settings: RerankSettings,
+    progress: bool = True,
+    clock: JobClock | None = None,
+    stage_name: str = "rerank",
+) -> ShortlistKNN:
     """A pml knn_func over in-memory local sets aligned with the evaluated embeddings: every
     image is a query against the others, so one array serves as queries and as the store.
     pml asks for the k (the largest class size) that its metrics read: the rerank returns the
     exact top k of each row's ``depth`` and skips the LPs that cannot reach it."""
+
     def reorder(shortlist: Shortlist, k: int, skip: np.ndarray | None) -> Shortlist:
-        reranker = Reranker.from_settings(sets, settings, k=k, progress=progress, clock=clock,
-                                          clock_stage=stage_name)
+        reranker = Reranker.from_settings(sets, settings, k=k, progress=progress, clock=clock, clock_stage=stage_name)
         return reranker.rerank(sets, shortlist, skip)
+
     return ShortlistKNN(flat_shortlist, reorder, settings.depth)
 
 
-def evaluate_arrays(glob: np.ndarray, labels: np.ndarray, sets: dict[str, np.ndarray],
-                    methods: list[tuple[str, str, str]], settings: RerankSettings,
-                    clock: JobClock | None = None, progress: bool = True,
-                    distance: np.ndarray | None = None) -> list[dict[str, Any]]:
+def evaluate_arrays(
+    glob: np.ndarray,
+    labels: np.ndarray,
+    sets: dict[str, np.ndarray],
+    methods: list[tuple[str, str, str]],
+    settings: RerankSettings,
+    clock: JobClock | None = None,
+    progress: bool = True,
+    distance: np.ndarray | None = None,
+) -> list[dict[str, Any]]:
     """Rows ``method, P@1, RP, MAP@R, queries/s``: raw first, then each +DeepEMD method; with a
     class ``distance`` (a label hierarchy's) also the severity of each query's first wrong result."""
     rows = [{"method": "raw", **retrieval_metrics(glob, labels, distance=distance)}]
     for kind, weights, label in methods:
-        knn = rerank_knn(sets[kind], RerankSettings(settings.depth, weights, settings.solver, settings.alpha,
-                                                    settings.center), progress, clock, f"rerank: {label}")
+        knn = rerank_knn(
+            sets[kind],
+            RerankSettings(settings.depth, weights, settings.solver, settings.alpha, settings.center),
+            progress,
+            clock,
+            f"rerank: {label}",
+        )
         rows.append({"method": label, **retrieval_metrics(glob, labels, knn, distance)})
     return rows
 
 
-def plan_job(model: Embedder, cfg: EvalConfig, n_images: int, methods: list[tuple[str, str, str]],
-             device: torch.device) -> JobClock:
+def plan_job(
+    model: Embedder, cfg: EvalConfig, n_images: int, methods: list[tuple[str, str, str]], device: torch.device
+) -> JobClock:
     """The whole job's ETA before it starts: one timed forward of two images (after one warm-up)
     and one timed full rerank of a synthetic query per method, scaled to the run's size."""
     clock = JobClock()
@@ -128,8 +149,9 @@ def long_run_warning(clock: JobClock, cfg: EvalConfig, n_images: int) -> str | N
     cheaper.append(f"--per-class N (now {n_images} images; the rerank grows with the image count)")
     if cfg.rerank_k > 20:
         cheaper.append(f"a smaller --rerank-k (now {cfg.rerank_k})")
-    return (f"this eval will take about {format_seconds(total)} on this machine ({parts}); cheaper: "
-            + "; ".join(cheaper))
+    return f"this eval will take about {format_seconds(total)} on this machine ({parts}); cheaper: " + "; ".join(
+        cheaper
+    )
 
 
 def clock_size(cfg: EvalConfig) -> str:
@@ -153,8 +175,11 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     images = dataset_images(cfg)
     if len(images) == 0:
-        raise DeepEMDError(f"split '{cfg.split}' holds no images after subsampling", cfg.data_root,
-                           "check --split, --max-classes and --per-class")
+        raise DeepEMDError(
+            f"split '{cfg.split}' holds no images after subsampling",
+            cfg.data_root,
+            "check --split, --max-classes and --per-class",
+        )
     methods = [parse_method(m, cfg.node_weights) for m in cfg.methods]
     kinds = [k for k, _, _ in methods] + (["fcn"] if cfg.flow_queries > 0 else [])
     model = make_embedder(cfg, local_specs(cfg, kinds))
@@ -169,11 +194,13 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     embed_seconds = time.perf_counter() - start
     settings = RerankSettings(cfg.rerank_k, cfg.node_weights, cfg.solver, cfg.alpha, cfg.center)
     rows = evaluate_arrays(glob, labels, sets, methods, settings, clock, progress, class_distances(cfg, images))
-    notes = [f"{len(images)} images in {len(np.unique(labels))} classes ({cfg.layout} layout, split "
-             f"'{cfg.split}'), leave-one-out; backbone {model.info.backbone} ({model.info.source}), "
-             f"{model.info.image_size} px; features took {embed_seconds:.1f} s; queries/s counts the "
-             f"FAISS search + rerank only; local sets: " +
-             ", ".join(f"{k} {v.shape[1]} nodes x {v.shape[2]}-d" for k, v in sets.items())]
+    notes = [
+        f"{len(images)} images in {len(np.unique(labels))} classes ({cfg.layout} layout, split "
+        f"'{cfg.split}'), leave-one-out; backbone {model.info.backbone} ({model.info.source}), "
+        f"{model.info.image_size} px; features took {embed_seconds:.1f} s; queries/s counts the "
+        f"FAISS search + rerank only; local sets: "
+        + ", ".join(f"{k} {v.shape[1]} nodes x {v.shape[2]}-d" for k, v in sets.items())
+    ]
     note = depth_note(labels, cfg.rerank_k)
     if note:
         notes.append(note)
@@ -185,7 +212,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         from deepemd.retrieval.figures import save_rerank_figure
 
         with stage("figure"):
-            picture = save_rerank_figure(out / "flows.png", images, glob, sets["fcn"], model, settings, cfg.flow_queries, cfg.seed)
+            picture = save_rerank_figure(
+                out / "flows.png", images, glob, sets["fcn"], model, settings, cfg.flow_queries, cfg.seed
+            )
     return {"rows": rows, "frame": frame, "notes": notes, "out": out, "figure": picture, "config": asdict(cfg)}
 
 

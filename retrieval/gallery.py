@@ -27,6 +27,7 @@ A user's own FAISS index (built outside deepemd) is reranked the same way: its i
 image behind every id, the store is built for those images (``G/local``), and the user's index
 file is searched in place.
 """
+
 from __future__ import annotations
 
 import io
@@ -43,8 +44,8 @@ import numpy as np
 import torch
 
 from deepemd.data import ImageList
-from deepemd.eval.shortlist import Shortlist
 from deepemd.errors import DeepEMDError
+from deepemd.eval.shortlist import Shortlist
 from deepemd.io import atomic_path
 from deepemd.manifest import REPAIR_FIX, check_file, crc32, fingerprint_diffs, read_checked
 from deepemd.retrieval import index as faiss_index
@@ -70,8 +71,8 @@ SOURCE_DTYPE = np.dtype([("size", "<i8"), ("mtime_ns", "<i8")])
 class Gallery:
     index: faiss.Index
     store: LocalFeatureStore
-    ids: np.ndarray          # FAISS id of each store row
-    paths: list[Path]        # image of each store row (absolute)
+    ids: np.ndarray  # FAISS id of each store row
+    paths: list[Path]  # image of each store row (absolute)
     stats: dict[str, int] = field(default_factory=dict)  # reused / embedded rows of the last write
 
     model: Embedder | None = None  # the network that embeds queries (set by Gallery.open)
@@ -87,33 +88,48 @@ class Gallery:
 
         manifest = read_manifest(Path(path))
         if not manifest.get("options"):
-            raise DeepEMDError("this gallery does not record the options of its network", Path(path),
-                               "rebuild it with `deepemd retrieval index` (it reuses unchanged rows), or open it with "
-                               "open_gallery(path, model, kind)")
-        cfg = build_config(SearchConfig, {**manifest["options"], "gallery": str(path), "device": device},
-                           str(Path(path) / GALLERY_MANIFEST))
+            raise DeepEMDError(
+                "this gallery does not record the options of its network",
+                Path(path),
+                "rebuild it with `deepemd retrieval index` (it reuses unchanged rows), or open it with "
+                "open_gallery(path, model, kind)",
+            )
+        cfg = build_config(
+            SearchConfig,
+            {**manifest["options"], "gallery": str(path), "device": device},
+            str(Path(path) / GALLERY_MANIFEST),
+        )
         model = make_embedder(cfg, local_specs(cfg, [cfg.local]))
         gallery = open_gallery(Path(path), model, cfg.local)
         gallery.model, gallery.kind = model, cfg.local
         return gallery
 
-    def search(self, queries: list[str | Path] | np.ndarray, k: int = 10, rerank: bool = True,
-               settings: RerankSettings | None = None, batch_size: int = 32) -> Shortlist:
+    def search(
+        self,
+        queries: list[str | Path] | np.ndarray,
+        k: int = 10,
+        rerank: bool = True,
+        settings: RerankSettings | None = None,
+        batch_size: int = 32,
+    ) -> Shortlist:
         """Top ``k`` gallery entries per query, best first (FAISS ids; :attr:`paths` via
         :meth:`rows`). ``queries``: image paths, embedded by the gallery's network (the FAISS
         shortlist is then reranked by DeepEMD unless ``rerank=False``), or global vectors
         ``(Q, D)`` (no local sets: no rerank)."""
         if isinstance(queries, np.ndarray):
             if rerank:
-                raise DeepEMDError("query vectors carry no local sets to rerank with",
-                                   fix="give query images, or search(vectors, rerank=False)")
+                raise DeepEMDError(
+                    "query vectors carry no local sets to rerank with",
+                    fix="give query images, or search(vectors, rerank=False)",
+                )
             scores, ids = faiss_index.search(self.index, queries.astype(np.float32), k)
             return Shortlist(ids, scores)
         if self.model is None:
             raise DeepEMDError("this gallery was opened without its network", fix="open it with Gallery.open(path)")
         paths = [Path(q) for q in queries]
-        glob, sets = make_producer(self.model, self.kind, paths, batch_size, 0,
-                                   next(self.model.parameters()).device, with_vectors=True)(np.arange(len(paths)))
+        glob, sets = make_producer(
+            self.model, self.kind, paths, batch_size, 0, next(self.model.parameters()).device, with_vectors=True
+        )(np.arange(len(paths)))
         if rerank:
             scores, ids, _ = search_gallery(self, glob, sets, k, settings or RerankSettings())
         else:
@@ -128,8 +144,10 @@ class Gallery:
         rows = order[pos]
         if not np.array_equal(self.ids[rows], faiss_ids):
             missing = faiss_ids[self.ids[rows] != faiss_ids][0]
-            raise DeepEMDError(f"the index returned id {int(missing)}, which the id map does not list",
-                               fix="give the id map that belongs to this index (one line per indexed image)")
+            raise DeepEMDError(
+                f"the index returned id {int(missing)}, which the id map does not list",
+                fix="give the id map that belongs to this index (one line per indexed image)",
+            )
         return rows
 
 
@@ -139,9 +157,12 @@ def check_names(paths: list[Path]) -> None:
     for path in paths:
         text = str(path)
         if any(unicodedata.category(ch) == "Cc" for ch in text):
-            raise DeepEMDError(f"the image path contains a control character ({_controls(text)}), which a "
-                               "one-line-per-image id map cannot hold", repr(text),
-                               "rename the file (or move it out of the data root)")
+            raise DeepEMDError(
+                f"the image path contains a control character ({_controls(text)}), which a "
+                "one-line-per-image id map cannot hold",
+                repr(text),
+                "rename the file (or move it out of the data root)",
+            )
 
 
 def _controls(text: str) -> str:
@@ -180,7 +201,9 @@ def read_id_map(path: str | Path) -> tuple[np.ndarray, list[Path]]:
     """A user's id map (see :func:`parse_id_map`); relative paths from the id map's folder."""
     path = Path(path)
     if not path.is_file():
-        raise DeepEMDError("id map not found", path, "give a text file with one '<id> <image path>' line per indexed image")
+        raise DeepEMDError(
+            "id map not found", path, "give a text file with one '<id> <image path>' line per indexed image"
+        )
     return parse_id_map(path.read_text(), path.parent, path)
 
 
@@ -215,8 +238,15 @@ def sources_of(paths: list[Path]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- the network side
-def make_producer(model: Embedder, kind: str, paths: list[Path], batch_size: int, workers: int,
-                  device: torch.device, with_vectors: bool):
+def make_producer(
+    model: Embedder,
+    kind: str,
+    paths: list[Path],
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    with_vectors: bool,
+):
     """``produce(rows)`` for the images at positions ``rows``: (vectors, local sets), reseeding
     random patches from the first row so a resumed build writes the same bytes."""
     from deepemd.retrieval.build import make_loader
@@ -236,6 +266,7 @@ def make_producer(model: Embedder, kind: str, paths: list[Path], batch_size: int
             vecs.append(g.float().cpu().numpy())
             sets.append(s[kind].float().cpu().numpy())
         return np.concatenate(vecs), np.concatenate(sets)
+
     return produce
 
 
@@ -252,11 +283,15 @@ def set_shape(model: Embedder, kind: str, device: torch.device) -> tuple[int, in
 def read_manifest(out: Path) -> dict[str, Any]:
     path = out / GALLERY_MANIFEST
     if not out.is_dir():
-        raise DeepEMDError("gallery not found", out, "build it with `deepemd retrieval index --out ...`, "
-                                                     "or check --gallery")
+        raise DeepEMDError(
+            "gallery not found", out, "build it with `deepemd retrieval index --out ...`, or check --gallery"
+        )
     if not path.is_file():
-        raise DeepEMDError("not a complete deepemd gallery (gallery.json missing: never finished, or written by "
-                           "an older deepemd)", out, "build it again with `deepemd retrieval index`")
+        raise DeepEMDError(
+            "not a complete deepemd gallery (gallery.json missing: never finished, or written by an older deepemd)",
+            out,
+            "build it again with `deepemd retrieval index`",
+        )
     try:
         manifest = json.loads(path.read_text())
         if manifest.get("format") != GALLERY_FORMAT or manifest.get("version") != GALLERY_VERSION:
@@ -275,13 +310,17 @@ def _read_pieces(out: Path, manifest: dict[str, Any]) -> tuple[bytes, np.ndarray
     raw = read_checked(out / ID_MAP, manifest["files"][ID_MAP], "id map (id_map)")
     ids, paths = parse_id_map(raw.decode(), out, out / ID_MAP)
     try:
-        sources = np.load(io.BytesIO(read_checked(out / SOURCES, manifest["files"][SOURCES], "image sources")),
-                          allow_pickle=False)
+        sources = np.load(
+            io.BytesIO(read_checked(out / SOURCES, manifest["files"][SOURCES], "image sources")), allow_pickle=False
+        )
     except Exception as exc:  # noqa: BLE001 - numpy's header parser fails in many ways
         raise DeepEMDError(f"unreadable image sources ({exc})", out / SOURCES, REPAIR_FIX) from None
     if len(ids) != manifest["count"] or len(sources) != manifest["count"] or sources.dtype != SOURCE_DTYPE:
-        raise DeepEMDError(f"id map lists {len(ids)} images, sources {len(sources)}, the manifest says "
-                           f"{manifest['count']}", out, REPAIR_FIX)
+        raise DeepEMDError(
+            f"id map lists {len(ids)} images, sources {len(sources)}, the manifest says {manifest['count']}",
+            out,
+            REPAIR_FIX,
+        )
     return raw, ids, paths, sources
 
 
@@ -294,19 +333,28 @@ def open_gallery(out: Path, model: Embedder, kind: str, index_path: Path | None 
     fp = store_fingerprint(model, kind, raw)
     if index_path is None:
         if not manifest["index"]:
-            raise DeepEMDError("this gallery holds only a feature store for your own FAISS index", out,
-                               "give --index (your FAISS file) and --id-map with it")
+            raise DeepEMDError(
+                "this gallery holds only a feature store for your own FAISS index",
+                out,
+                "give --index (your FAISS file) and --id-map with it",
+            )
         index = faiss_index.load_index(out / INDEX_FILE, expected_fingerprint=fp)
     else:
         index = faiss_index.load_foreign_index(index_path)
     store = LocalFeatureStore.open(out / STORE_DIR, expected_fingerprint=fp)
     if len(store) != index.ntotal or len(ids) != index.ntotal:
-        raise DeepEMDError(f"feature store holds {len(store)} sets and the id map {len(ids)} lines, but the "
-                           f"index holds {index.ntotal} vectors: they are out of step", out / STORE_DIR,
-                           "rebuild the gallery (deepemd retrieval index) so index and store match")
+        raise DeepEMDError(
+            f"feature store holds {len(store)} sets and the id map {len(ids)} lines, but the "
+            f"index holds {index.ntotal} vectors: they are out of step",
+            out / STORE_DIR,
+            "rebuild the gallery (deepemd retrieval index) so index and store match",
+        )
     if index.d != model.dim and index_path is None:
-        raise DeepEMDError(f"index dimension {index.d} differs from the model's {model.dim}", out / INDEX_FILE,
-                           "use the backbone / checkpoint the gallery was built with")
+        raise DeepEMDError(
+            f"index dimension {index.d} differs from the model's {model.dim}",
+            out / INDEX_FILE,
+            "use the backbone / checkpoint the gallery was built with",
+        )
     return Gallery(index, store, ids, paths)
 
 
@@ -319,26 +367,34 @@ class _Previous:
     rows: dict[tuple[str, int, int], int]
 
 
-def _previous(out: Path, model: Embedder, kind: str, store_dtype: str, with_index: bool,
-              repair: bool) -> _Previous | None:
+def _previous(
+    out: Path, model: Embedder, kind: str, store_dtype: str, with_index: bool, repair: bool
+) -> _Previous | None:
     """The previous gallery's reusable rows, None when there is none (or, with ``repair``, when
     it is too damaged to tell which rows are whose). Damage without ``repair`` is an error."""
     if not (out / GALLERY_MANIFEST).exists():
         if (out / STORE_DIR / STORE_MANIFEST).exists() and not repair:
-            raise DeepEMDError("the folder holds a gallery deepemd cannot verify (no gallery.json: unfinished, or "
-                               "written by an older deepemd)", out, REPAIR_FIX)
+            raise DeepEMDError(
+                "the folder holds a gallery deepemd cannot verify (no gallery.json: unfinished, or "
+                "written by an older deepemd)",
+                out,
+                REPAIR_FIX,
+            )
         return None
     try:
         manifest = read_manifest(out)
-        if fingerprint_diffs(manifest["fingerprint"], model.fingerprint(kind), "gallery") or \
-                manifest["store_dtype"] != store_dtype:
+        if (
+            fingerprint_diffs(manifest["fingerprint"], model.fingerprint(kind), "gallery")
+            or manifest["store_dtype"] != store_dtype
+        ):
             return None  # another model or store type: nothing is reusable, the new gallery replaces it
         raw, ids, paths, sources = _read_pieces(out, manifest)
         fp = store_fingerprint(model, kind, raw)
         store = LocalFeatureStore.open(out / STORE_DIR, expected_fingerprint=fp)
         if len(store) != len(ids):
-            raise DeepEMDError(f"feature store holds {len(store)} sets, the id map {len(ids)}", out / STORE_DIR,
-                               REPAIR_FIX)
+            raise DeepEMDError(
+                f"feature store holds {len(store)} sets, the id map {len(ids)}", out / STORE_DIR, REPAIR_FIX
+            )
         if manifest["index"]:
             sidecar = faiss_index.read_sidecar(out / INDEX_FILE)
             for entry in sidecar["files"]:
@@ -347,8 +403,11 @@ def _previous(out: Path, model: Embedder, kind: str, store_dtype: str, with_inde
         if repair:
             return None
         raise
-    keys = {(str(p), int(s["size"]), int(s["mtime_ns"])): row
-            for row, (p, s) in enumerate(zip(paths, sources)) if s["size"] >= 0}
+    keys = {
+        (str(p), int(s["size"]), int(s["mtime_ns"])): row
+        for row, (p, s) in enumerate(zip(paths, sources))
+        if s["size"] >= 0
+    }
     if with_index and store.vector_dim != model.dim:
         return None  # a store for a user's own index keeps no global vectors to build ours from
     return _Previous(store, keys)
@@ -360,15 +419,29 @@ def _staging_matches(staging: Path, id_map: bytes, fp: dict, store_dtype: str) -
         if (staging / ID_MAP).read_bytes() != id_map:
             return False
         manifest = json.loads((staging / STORE_DIR / STORE_MANIFEST).read_text())
-        return not fingerprint_diffs(manifest["fingerprint"], fp, "store") and \
-            np.dtype(manifest["dtype"]).name == store_dtype and manifest["chunk_size"] == CHUNK_SIZE
+        return (
+            not fingerprint_diffs(manifest["fingerprint"], fp, "store")
+            and np.dtype(manifest["dtype"]).name == store_dtype
+            and manifest["chunk_size"] == CHUNK_SIZE
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
-def write_gallery(model: Embedder, kind: str, paths: list[Path], out: Path, spec: str | None, batch_size: int,
-                  workers: int, device: torch.device, ids: np.ndarray | None = None, repair: bool = False,
-                  store_dtype: str = "float16", progress: bool = True) -> Gallery:
+def write_gallery(
+    model: Embedder,
+    kind: str,
+    paths: list[Path],
+    out: Path,
+    spec: str | None,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    ids: np.ndarray | None = None,
+    repair: bool = False,
+    store_dtype: str = "float16",
+    progress: bool = True,
+) -> Gallery:
     """Build (or update) gallery ``out`` for ``paths`` as one transaction.
 
     ``spec`` is the FAISS index to build over the global vectors; None builds only the store (for
@@ -393,8 +466,10 @@ def write_gallery(model: Embedder, kind: str, paths: list[Path], out: Path, spec
             np.save(fh, sources, allow_pickle=False)
         stats = {"reused": 0, "embedded": 0}
         embed = make_producer(model, kind, paths, batch_size, workers, device, with_vectors=True)
-        reuse = [previous.rows.get((str(p), int(s["size"]), int(s["mtime_ns"])), -1) if previous else -1
-                 for p, s in zip(paths, sources)]
+        reuse = [
+            previous.rows.get((str(p), int(s["size"]), int(s["mtime_ns"])), -1) if previous else -1
+            for p, s in zip(paths, sources)
+        ]
         reuse = np.asarray(reuse, dtype=np.int64)
 
         def produce(start: int, stop: int):
@@ -424,17 +499,34 @@ def write_gallery(model: Embedder, kind: str, paths: list[Path], out: Path, spec
             return (vectors, local) if spec is not None else local
 
         m, d = set_shape(model, kind, device)
-        store = build_store(staging / STORE_DIR, len(paths), produce, m, d, fp, chunk_size=CHUNK_SIZE,
-                            vector_dim=model.dim if spec is not None else None, progress=progress,
-                            dtype=store_dtype)
+        store = build_store(
+            staging / STORE_DIR,
+            len(paths),
+            produce,
+            m,
+            d,
+            fp,
+            chunk_size=CHUNK_SIZE,
+            vector_dim=model.dim if spec is not None else None,
+            progress=progress,
+            dtype=store_dtype,
+        )
         if spec is not None:
             index = faiss_index.build_index_from_store(store, spec=spec, metric="ip", progress=progress)
             faiss_index.save_index(index, staging / INDEX_FILE, fp)
-        manifest = {"format": GALLERY_FORMAT, "version": GALLERY_VERSION, "fingerprint": model.fingerprint(kind),
-                    "options": getattr(model, "recipe", None),
-                    "count": len(paths), "index": spec is not None, "store_dtype": store_dtype,
-                    "files": {name: {"bytes": (staging / name).stat().st_size,
-                                     "crc32": crc32((staging / name).read_bytes())} for name in (ID_MAP, SOURCES)}}
+        manifest = {
+            "format": GALLERY_FORMAT,
+            "version": GALLERY_VERSION,
+            "fingerprint": model.fingerprint(kind),
+            "options": getattr(model, "recipe", None),
+            "count": len(paths),
+            "index": spec is not None,
+            "store_dtype": store_dtype,
+            "files": {
+                name: {"bytes": (staging / name).stat().st_size, "crc32": crc32((staging / name).read_bytes())}
+                for name in (ID_MAP, SOURCES)
+            },
+        }
         with atomic_path(staging / GALLERY_MANIFEST) as tmp:
             tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
         _verify_staging(staging, model, kind, spec is None)
@@ -446,18 +538,43 @@ def write_gallery(model: Embedder, kind: str, paths: list[Path], out: Path, spec
     return gallery
 
 
-def build_foreign_store(model: Embedder, kind: str, index_path: Path, id_map: Path, out: Path, batch_size: int,
-                        workers: int, device: torch.device, progress: bool = True, repair: bool = False,
-                        store_dtype: str = "float16") -> Gallery:
+def build_foreign_store(
+    model: Embedder,
+    kind: str,
+    index_path: Path,
+    id_map: Path,
+    out: Path,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    progress: bool = True,
+    repair: bool = False,
+    store_dtype: str = "float16",
+) -> Gallery:
     """Local sets for the images behind a user's FAISS index (``out`` then holds the store, the id
     map rewritten relative to ``out``, and the manifest); an update reuses unchanged images' rows."""
     index = faiss_index.load_foreign_index(index_path)
     ids, paths = read_id_map(id_map)
     if len(ids) != index.ntotal:
-        raise DeepEMDError(f"id map lists {len(ids)} images but the index holds {index.ntotal} vectors", id_map,
-                           "give the id map written together with this index")
-    gallery = write_gallery(model, kind, paths, out, None, batch_size, workers, device, ids=ids, repair=repair,
-                            store_dtype=store_dtype, progress=progress)
+        raise DeepEMDError(
+            f"id map lists {len(ids)} images but the index holds {index.ntotal} vectors",
+            id_map,
+            "give the id map written together with this index",
+        )
+    gallery = write_gallery(
+        model,
+        kind,
+        paths,
+        out,
+        None,
+        batch_size,
+        workers,
+        device,
+        ids=ids,
+        repair=repair,
+        store_dtype=store_dtype,
+        progress=progress,
+    )
     gallery.index = index
     return gallery
 
@@ -473,18 +590,29 @@ def _verify_staging(staging: Path, model: Embedder, kind: str, store_only: bool)
             faiss_index.load_index(staging / INDEX_FILE, store_fingerprint(model, kind, raw), gpu=False)
     except DeepEMDError as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise DeepEMDError(f"the new gallery failed verification before it was swapped in ({exc}); the previous "
-                           "gallery is unchanged", staging, "check the disk, then run the command again") from None
+        raise DeepEMDError(
+            f"the new gallery failed verification before it was swapped in ({exc}); the previous gallery is unchanged",
+            staging,
+            "check the disk, then run the command again",
+        ) from None
 
 
-def search_gallery(gallery: Gallery, query_vectors: np.ndarray, query_sets: np.ndarray, k: int,
-                   settings: RerankSettings, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def search_gallery(
+    gallery: Gallery,
+    query_vectors: np.ndarray,
+    query_sets: np.ndarray,
+    k: int,
+    settings: RerankSettings,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """FAISS top-``max(k, depth)`` then the DeepEMD rerank; returns (scores, FAISS ids, raw ids)."""
     if len(query_vectors) == 0:
         raise DeepEMDError("no queries to search", fix="give at least one query image")
     if query_vectors.shape[1] != gallery.index.d:
-        raise DeepEMDError(f"query vectors have {query_vectors.shape[1]} dimensions, the index {gallery.index.d}",
-                           fix="give --query-vectors made by the model that built the index, or use that backbone")
+        raise DeepEMDError(
+            f"query vectors have {query_vectors.shape[1]} dimensions, the index {gallery.index.d}",
+            fix="give --query-vectors made by the model that built the index, or use that backbone",
+        )
     scores, ids = faiss_index.search(gallery.index, query_vectors, max(k, settings.depth))
     shortlist = Shortlist(ids, scores)
 

@@ -19,6 +19,7 @@ on:
   spread over the GPUs. Indexes FAISS cannot put on a GPU (HNSW) stay on the CPU. Saving always
   clones back to the CPU first.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,10 +42,12 @@ log = logging.getLogger(__name__)
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 SIDECAR_FORMAT = "deepemd-faiss-index"
 SIDECAR_VERSION = 1
-DEFAULT_NPROBE = 32      # IVF lists visited per query (FAISS's own default, 1, loses most recall)
+DEFAULT_NPROBE = 32  # IVF lists visited per query (FAISS's own default, 1, loses most recall)
 DEFAULT_EF_SEARCH = 128  # HNSW candidate list; must exceed the shortlist length k to reach it
-SPEC_FIX = ("use a FAISS index_factory string such as 'Flat', 'IVF256,Flat', 'IVF1024,PQ32' "
-            "(PQ's sub-quantizer count must divide the dimension) or 'HNSW32'")
+SPEC_FIX = (
+    "use a FAISS index_factory string such as 'Flat', 'IVF256,Flat', 'IVF1024,PQ32' "
+    "(PQ's sub-quantizer count must divide the dimension) or 'HNSW32'"
+)
 
 
 # ---------------------------------------------------------------------------- GPU placement
@@ -66,8 +69,11 @@ def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
     try:
         return faiss.index_cpu_to_gpu(_gpu_resources[device], device, index)
     except RuntimeError as exc:
-        log.warning("keeping %s on the CPU: FAISS cannot clone it to a GPU (%s)",
-                    type(faiss.downcast_index(index)).__name__, str(exc).splitlines()[0])
+        log.warning(
+            "keeping %s on the CPU: FAISS cannot clone it to a GPU (%s)",
+            type(faiss.downcast_index(index)).__name__,
+            str(exc).splitlines()[0],
+        )
         return index
 
 
@@ -93,8 +99,10 @@ def _as_matrix(vectors: np.ndarray, what: str, d: int | None = None) -> np.ndarr
     if vectors.ndim != 2:
         raise DeepEMDError(f"{what} must be a 2-D array (n, dim), got shape {vectors.shape}")
     if d is not None and vectors.shape[1] != d:
-        raise DeepEMDError(f"{what} have dimension {vectors.shape[1]} but the index has {d}",
-                           fix="build the index and the queries with the same model / embedding size")
+        raise DeepEMDError(
+            f"{what} have dimension {vectors.shape[1]} but the index has {d}",
+            fix="build the index and the queries with the same model / embedding size",
+        )
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
@@ -115,8 +123,10 @@ def train_index(spec: str, train_vectors: np.ndarray, metric: str = "ip", seed: 
     try:
         index = faiss.index_factory(d, spec, _metric(metric))
     except RuntimeError as exc:
-        raise DeepEMDError(f"FAISS cannot build index spec {spec!r} for {d}-d vectors "
-                           f"({str(exc).strip().splitlines()[-1][:200]})", fix=SPEC_FIX) from None
+        raise DeepEMDError(
+            f"FAISS cannot build index spec {spec!r} for {d}-d vectors ({str(exc).strip().splitlines()[-1][:200]})",
+            fix=SPEC_FIX,
+        ) from None
     inner = _unwrap(index)
     if hasattr(inner, "do_polysemous_training"):
         # polysemous codes only serve Hamming pre-filtering (polysemous_ht), which we never enable;
@@ -142,9 +152,13 @@ def _training_sample(n: int, train_sample: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=train_sample, replace=False))
 
 
-def add_in_batches(index: faiss.Index, vectors: np.ndarray | Iterable[tuple[int, np.ndarray]],
-                   batch_size: int = 65536, total: int | None = None,
-                   progress: bool | None = None) -> faiss.Index:
+def add_in_batches(
+    index: faiss.Index,
+    vectors: np.ndarray | Iterable[tuple[int, np.ndarray]],
+    batch_size: int = 65536,
+    total: int | None = None,
+    progress: bool | None = None,
+) -> faiss.Index:
     """Add vectors in bounded-memory batches with a progress bar.
 
     ``vectors`` is an ``(n, d)`` array (a memmap is fine) or an iterable of ``(start, batch)``
@@ -154,17 +168,20 @@ def add_in_batches(index: faiss.Index, vectors: np.ndarray | Iterable[tuple[int,
     if isinstance(vectors, np.ndarray):
         total = len(vectors)
         batches: Iterable[tuple[int, np.ndarray]] = (
-            (index.ntotal + s, vectors[s:s + batch_size]) for s in range(0, len(vectors), batch_size))
+            (index.ntotal + s, vectors[s : s + batch_size]) for s in range(0, len(vectors), batch_size)
+        )
     else:
         batches = vectors
     show = progress if progress is not None else (total or 0) >= 100_000
     with tqdm(total=total, desc="index add", unit="vec", disable=not show) as bar:
         for start, batch in batches:
             if start != index.ntotal:
-                raise ValueError(f"batch starts at {start} but the index holds {index.ntotal} vectors: "
-                                 "add batches in gallery order so ids stay gallery positions")
+                raise ValueError(
+                    f"batch starts at {start} but the index holds {index.ntotal} vectors: "
+                    "add batches in gallery order so ids stay gallery positions"
+                )
             for s in range(0, len(batch), batch_size):
-                part = _as_matrix(batch[s:s + batch_size], "gallery vectors", index.d)
+                part = _as_matrix(batch[s : s + batch_size], "gallery vectors", index.d)
                 index.add(part)
                 bar.update(len(part))
     return index
@@ -191,11 +208,18 @@ def _split_batches(batches: Iterable[tuple[int, np.ndarray]], lo: int, hi: int) 
     for start, batch in batches:
         a, b = max(start, lo), min(start + len(batch), hi)
         if a < b:
-            yield a - lo, batch[a - start:b - start]
+            yield a - lo, batch[a - start : b - start]
 
 
-def _build(trained: faiss.Index, n: int, batches_for, shards: int, nprobe: int | None,
-           ef_search: int | None, progress: bool | None) -> faiss.Index:
+def _build(
+    trained: faiss.Index,
+    n: int,
+    batches_for,
+    shards: int,
+    nprobe: int | None,
+    ef_search: int | None,
+    progress: bool | None,
+) -> faiss.Index:
     if shards < 1:
         raise DeepEMDError(f"shards must be >= 1, got {shards}")
     if shards == 1:
@@ -204,16 +228,26 @@ def _build(trained: faiss.Index, n: int, batches_for, shards: int, nprobe: int |
         parts = []
         for s, (lo, hi) in enumerate(_shard_bounds(n, shards)):
             shard = to_gpu(faiss.clone_index(trained), s % max(gpu_count(), 1))
-            parts.append(add_in_batches(shard, _split_batches(batches_for(lo, hi), lo, hi),
-                                        total=hi - lo, progress=progress))
+            parts.append(
+                add_in_batches(shard, _split_batches(batches_for(lo, hi), lo, hi), total=hi - lo, progress=progress)
+            )
         index = _make_shards(parts, trained.metric_type)
     set_search_params(index, nprobe=nprobe or DEFAULT_NPROBE, ef_search=ef_search or DEFAULT_EF_SEARCH)
     return index
 
 
-def build_index(vectors: np.ndarray, spec: str = "Flat", metric: str = "ip", train_sample: int = 100_000,
-                seed: int = 0, shards: int = 1, nprobe: int | None = None, ef_search: int | None = None,
-                batch_size: int = 65536, progress: bool | None = None) -> faiss.Index:
+def build_index(
+    vectors: np.ndarray,
+    spec: str = "Flat",
+    metric: str = "ip",
+    train_sample: int = 100_000,
+    seed: int = 0,
+    shards: int = 1,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    batch_size: int = 65536,
+    progress: bool | None = None,
+) -> faiss.Index:
     """Index ``vectors (N, d)``: id ``i`` is row ``i``.
 
     ``spec`` is a FAISS index_factory string ("Flat", "IVF256,Flat", "IVF1024,PQ32", "HNSW32").
@@ -228,23 +262,29 @@ def build_index(vectors: np.ndarray, spec: str = "Flat", metric: str = "ip", tra
     trained = train_index(spec, vectors[_training_sample(len(vectors), train_sample, seed)], metric, seed)
 
     def batches_for(lo: int, hi: int) -> Iterator[tuple[int, np.ndarray]]:
-        return ((s, vectors[s:min(s + batch_size, hi)]) for s in range(lo, hi, batch_size))
+        return ((s, vectors[s : min(s + batch_size, hi)]) for s in range(lo, hi, batch_size))
 
     return _build(trained, len(vectors), batches_for, shards, nprobe, ef_search, progress)
 
 
-def build_index_from_store(store: LocalFeatureStore, spec: str = "Flat", metric: str = "ip",
-                           train_sample: int = 100_000, seed: int = 0, shards: int = 1,
-                           nprobe: int | None = None, ef_search: int | None = None,
-                           progress: bool | None = None) -> faiss.Index:
+def build_index_from_store(
+    store: LocalFeatureStore,
+    spec: str = "Flat",
+    metric: str = "ip",
+    train_sample: int = 100_000,
+    seed: int = 0,
+    shards: int = 1,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    progress: bool | None = None,
+) -> faiss.Index:
     """Same as :func:`build_index`, reading the global vectors chunk by chunk from a store created
     with ``vector_dim`` (so a 1M gallery never needs all its vectors in memory at once)."""
     n = len(store)
     if n == 0:
         raise DeepEMDError("the feature store is empty", store.path, "build the gallery store first")
     trained = train_index(spec, store.get_vectors(_training_sample(n, train_sample, seed)), metric, seed)
-    return _build(trained, n, lambda lo, hi: store.iter_chunks(vectors=True), shards, nprobe, ef_search,
-                  progress)
+    return _build(trained, n, lambda lo, hi: store.iter_chunks(vectors=True), shards, nprobe, ef_search, progress)
 
 
 # ---------------------------------------------------------------------------- search
@@ -300,22 +340,32 @@ def save_index(index: faiss.Index, path: str | Path, fingerprint: dict[str, Any]
     path = Path(path)
     cpu = faiss.downcast_index(to_cpu(index))
     parts = _shards(cpu) if isinstance(cpu, faiss.IndexShards) else [cpu]
-    names = [path.name] if len(parts) == 1 and not isinstance(cpu, faiss.IndexShards) else \
-        [f"{path.name}.shard{i}" for i in range(len(parts))]
+    names = (
+        [path.name]
+        if len(parts) == 1 and not isinstance(cpu, faiss.IndexShards)
+        else [f"{path.name}.shard{i}" for i in range(len(parts))]
+    )
     files = []
     for part, name in zip(parts, names):
         target = path.with_name(name)
         with atomic_path(target) as tmp:
             faiss.write_index(part, str(tmp))
-            files.append({"name": name, "bytes": tmp.stat().st_size, "crc32": file_crc32(tmp),
-                          "ntotal": int(part.ntotal)})
+            files.append(
+                {"name": name, "bytes": tmp.stat().st_size, "crc32": file_crc32(tmp), "ntotal": int(part.ntotal)}
+            )
     fp = normalise_fingerprint(fingerprint)
     fp.setdefault("count", int(cpu.ntotal))
-    sidecar = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "fingerprint": fp,
-               "ntotal": int(cpu.ntotal), "d": int(cpu.d),
-               "metric": "ip" if cpu.metric_type == faiss.METRIC_INNER_PRODUCT else "l2",
-               "index_type": type(_unwrap(parts[0])).__name__, "sharded": isinstance(cpu, faiss.IndexShards),
-               "files": files}
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "version": SIDECAR_VERSION,
+        "fingerprint": fp,
+        "ntotal": int(cpu.ntotal),
+        "d": int(cpu.d),
+        "metric": "ip" if cpu.metric_type == faiss.METRIC_INNER_PRODUCT else "l2",
+        "index_type": type(_unwrap(parts[0])).__name__,
+        "sharded": isinstance(cpu, faiss.IndexShards),
+        "files": files,
+    }
     with atomic_path(sidecar_path(path)) as tmp:  # written last: the commit point
         tmp.write_text(json.dumps(sidecar, indent=1, sort_keys=True))
     return sidecar_path(path)
@@ -327,9 +377,12 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     side = sidecar_path(path)
     if not side.is_file():
         if path.is_file():
-            raise DeepEMDError(f"index has no deepemd sidecar ({side.name} missing), so it is not known what built it",
-                               path, "rebuild it with deepemd, or load it as your own FAISS index "
-                                     "(load_foreign_index / the foreign-index option)")
+            raise DeepEMDError(
+                f"index has no deepemd sidecar ({side.name} missing), so it is not known what built it",
+                path,
+                "rebuild it with deepemd, or load it as your own FAISS index "
+                "(load_foreign_index / the foreign-index option)",
+            )
         raise DeepEMDError("index not found", path, "build the gallery index first, or check the path")
     try:
         sidecar = json.loads(side.read_text())
@@ -346,12 +399,14 @@ def _read_faiss(path: Path) -> faiss.Index:
     try:
         return faiss.read_index(str(path))
     except RuntimeError as exc:
-        raise DeepEMDError(f"not a readable FAISS index ({str(exc).strip().splitlines()[-1][:200]})", path,
-                           "the file is truncated or not a FAISS index; rebuild it or point to the right file") from None
+        raise DeepEMDError(
+            f"not a readable FAISS index ({str(exc).strip().splitlines()[-1][:200]})",
+            path,
+            "the file is truncated or not a FAISS index; rebuild it or point to the right file",
+        ) from None
 
 
-def load_index(path: str | Path, expected_fingerprint: dict[str, Any] | None = None,
-               gpu: bool = True) -> faiss.Index:
+def load_index(path: str | Path, expected_fingerprint: dict[str, Any] | None = None, gpu: bool = True) -> faiss.Index:
     """Load an index written by :func:`save_index` (on the GPU when there is one and ``gpu``).
 
     A missing file, a file its sidecar does not describe (truncated, replaced, half-saved) or a
@@ -372,8 +427,11 @@ def load_index(path: str | Path, expected_fingerprint: dict[str, Any] | None = N
     else:
         index = to_gpu(parts[0]) if gpu else parts[0]
     if index.ntotal != sidecar["ntotal"] or index.d != sidecar["d"]:
-        raise DeepEMDError(f"index holds {index.ntotal} x {index.d}, sidecar says {sidecar['ntotal']} x {sidecar['d']}",
-                           path, "delete the index and rebuild it")
+        raise DeepEMDError(
+            f"index holds {index.ntotal} x {index.d}, sidecar says {sidecar['ntotal']} x {sidecar['d']}",
+            path,
+            "delete the index and rebuild it",
+        )
     return index
 
 

@@ -6,6 +6,7 @@ get their own optimizer; pair losses (contrastive, multisimilarity) accept any p
 DeepEMD included. Every loss is an entry of :data:`LOSSES`: ``builder(num_classes, embed_dim,
 distance) -> LossBundle``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,8 +47,9 @@ def _contrastive(num_classes: int, embed_dim: int, sim: distances.BaseDistance) 
 
 @LOSSES.register("softtriple", distance=False)
 def _softtriple(num_classes: int, embed_dim: int, sim: distances.BaseDistance) -> LossBundle:
-    return LossBundle(losses.SoftTripleLoss(num_classes, embed_dim, centers_per_class=10,
-                                            la=20, gamma=0.1, margin=0.01), None)
+    return LossBundle(
+        losses.SoftTripleLoss(num_classes, embed_dim, centers_per_class=10, la=20, gamma=0.1, margin=0.01), None
+    )
 
 
 @LOSSES.register("arcface", distance=False)
@@ -57,8 +59,10 @@ def _arcface(num_classes: int, embed_dim: int, sim: distances.BaseDistance) -> L
 
 @LOSSES.register("multisimilarity", distance=True)
 def _multisimilarity(num_classes: int, embed_dim: int, sim: distances.BaseDistance) -> LossBundle:
-    return LossBundle(losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5, distance=sim),
-                      miners.MultiSimilarityMiner(epsilon=0.1, distance=sim))
+    return LossBundle(
+        losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5, distance=sim),
+        miners.MultiSimilarityMiner(epsilon=0.1, distance=sim),
+    )
 
 
 @LOSSES.register("snr", distance=False)
@@ -66,9 +70,13 @@ def _snr(num_classes: int, embed_dim: int, sim: distances.BaseDistance) -> LossB
     return LossBundle(losses.SignalToNoiseRatioContrastiveLoss(pos_margin=0.0, neg_margin=1.0), None)
 
 
-def build_loss(name: str, num_classes: int, embed_dim: int,
-               distance: Optional[distances.BaseDistance] = None,
-               label_loss: Optional[torch.nn.Module] = None) -> LossBundle:
+def build_loss(
+    name: str,
+    num_classes: int,
+    embed_dim: int,
+    distance: Optional[distances.BaseDistance] = None,
+    label_loss: Optional[torch.nn.Module] = None,
+) -> LossBundle:
     """Loss ``name`` (+ its miner) for ``num_classes`` train classes and ``embed_dim`` embeddings.
 
     ``distance`` replaces the loss's default metric (only pair losses accept one).
@@ -77,12 +85,16 @@ def build_loss(name: str, num_classes: int, embed_dim: int,
     """
     builder = LOSSES.get(name)
     if label_loss is not None and name != "normsoftmax":
-        raise DeepEMDError(f"--label-loss applies to normsoftmax (its proxy logits are a class distribution), "
-                           f"not to loss '{name}'", fix="use --loss normsoftmax, or --label-loss ce")
+        raise DeepEMDError(
+            f"--label-loss applies to normsoftmax (its proxy logits are a class distribution), not to loss '{name}'",
+            fix="use --loss normsoftmax, or --label-loss ce",
+        )
     if distance is not None and not LOSSES.info(name)["distance"]:
         pair = [n for n in LOSSES if LOSSES.info(n)["distance"]]
-        raise DeepEMDError(f"loss '{name}' cannot use a custom distance such as DeepEMD",
-                           fix=f"use --distance cosine, or a pair loss: {', '.join(pair)}")
+        raise DeepEMDError(
+            f"loss '{name}' cannot use a custom distance such as DeepEMD",
+            fix=f"use --distance cosine, or a pair loss: {', '.join(pair)}",
+        )
     bundle = builder(num_classes, embed_dim, distance if distance is not None else distances.CosineSimilarity())
     if label_loss is not None:
         bundle.loss.cross_entropy = label_loss  # pml calls it as (logits, labels) -> per-row losses

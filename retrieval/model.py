@@ -5,6 +5,7 @@ A trained checkpoint records how to rebuild its backbone, so ``index``/``search`
 only ``--checkpoint``. The fingerprint ties an index and a feature store to the exact network
 and local settings that produced them, so a mismatch is caught at load time, not as bad results.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,8 +56,9 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def build_backbone(name: str, weights: str, embed_dim: int | None, image_size: int | None,
-                   seed: int = 0, widths: tuple[int, ...] = ()) -> tuple[nn.Module, ModelInfo]:
+def build_backbone(
+    name: str, weights: str, embed_dim: int | None, image_size: int | None, seed: int = 0, widths: tuple[int, ...] = ()
+) -> tuple[nn.Module, ModelInfo]:
     """Create the backbone (``weights="auto"`` falls back to random init where no packaged
     ImageNet weights exist, e.g. ResNet-50 here) and record how it was made."""
     pretrained = backbones.pretrained_from_option(name, weights)
@@ -66,8 +68,9 @@ def build_backbone(name: str, weights: str, embed_dim: int | None, image_size: i
     # --seed build the same network and its fingerprint matches the gallery's.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = backbones.create(name, pretrained=pretrained, embed_dim=embed_dim,
-                               **({"channels": tuple(widths)} if widths else {}))
+        net = backbones.create(
+            name, pretrained=pretrained, embed_dim=embed_dim, **({"channels": tuple(widths)} if widths else {})
+        )
     size = int(image_size or net.default_cfg["input_size"])
     return net, ModelInfo(name, embed_dim, size, str(source), {"widths": list(widths)} if widths else {})
 
@@ -77,13 +80,21 @@ def load_trained(path: str) -> tuple[nn.Module, ModelInfo]:
     ckpt = load_checkpoint(path)
     meta = ckpt.get("model_info")
     if not isinstance(meta, dict) or "model" not in ckpt:
-        raise DeepEMDError("not a deepemd retrieval checkpoint (no model_info / model)", path,
-                           "give a checkpoint written by `deepemd retrieval train`")
+        raise DeepEMDError(
+            "not a deepemd retrieval checkpoint (no model_info / model)",
+            path,
+            "give a checkpoint written by `deepemd retrieval train`",
+        )
     widths = tuple(meta.get("widths", ()))
     net, _ = build_backbone(meta["backbone"], "none", meta.get("embed_dim"), meta.get("image_size"), widths=widths)
     load_state_dict_checked(net, ckpt["model"], path)
-    info = ModelInfo(meta["backbone"], meta.get("embed_dim"), int(meta["image_size"]), str(path),
-                     {"widths": list(widths)} if widths else {})
+    info = ModelInfo(
+        meta["backbone"],
+        meta.get("embed_dim"),
+        int(meta["image_size"]),
+        str(path),
+        {"widths": list(widths)} if widths else {},
+    )
     return net, info
 
 
@@ -133,16 +144,25 @@ class Embedder(nn.Module):
         return self.eval().to(device=device, memory_format=torch.channels_last)
 
     def fingerprint(self, kind: str | None) -> dict[str, Any]:
-        fp = {"backbone": self.info.backbone, "embed_dim": self.dim, "image_size": self.info.image_size,
-              "weights": weights_hash(self.backbone)}
+        fp = {
+            "backbone": self.info.backbone,
+            "embed_dim": self.dim,
+            "image_size": self.info.image_size,
+            "weights": weights_hash(self.backbone),
+        }
         if kind is not None:
             fp["local"] = self.specs[kind].describe()
         return fp
 
 
-def embed_loader(model: Embedder, loader, device: torch.device, progress: bool = True,
-                 desc: str = "features", clock: JobClock | None = None
-                 ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+def embed_loader(
+    model: Embedder,
+    loader,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "features",
+    clock: JobClock | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """Run ``model`` over a loader: global vectors (float32), local sets (float16), labels.
 
     Every image is decoded once and passes the backbone once for all local kinds; ``clock``

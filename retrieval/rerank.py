@@ -17,6 +17,7 @@ then the solves (~16 ms for all 100, fewer after pruning). Tried and dropped: do
 query's non-zero channels only (ReLU features are 88% zeros, a query touches ~40% of the
 channels) -- the column gather cost more than the multiply-adds it saved (43 vs 26 ms).
 """
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,10 @@ class RerankSettings:
         if self.depth < 1:
             raise DeepEMDError(f"rerank depth must be >= 1, got {self.depth}", fix="set --rerank-k to 1 or more")
         if not 0.0 <= self.alpha <= 1.0:
-            raise DeepEMDError(f"alpha must lie in [0, 1], got {self.alpha}",
-                               fix="alpha is the weight of the global score in the fused score")
+            raise DeepEMDError(
+                f"alpha must lie in [0, 1], got {self.alpha}",
+                fix="alpha is the weight of the global score in the fused score",
+            )
         if self.weights not in ("cross", "uniform"):
             raise DeepEMDError(f"unknown node weights {self.weights!r}", fix="use cross or uniform")
 
@@ -101,8 +104,10 @@ class _Sets:
         elif callable(store):
             self.fetch = store
         else:
-            raise DeepEMDError(f"cannot read local sets from a {type(store).__name__}",
-                               fix="give an (N, n, d) array, a LocalFeatureStore or a fetch(ids) function")
+            raise DeepEMDError(
+                f"cannot read local sets from a {type(store).__name__}",
+                fix="give an (N, n, d) array, a LocalFeatureStore or a fetch(ids) function",
+            )
 
     def get(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(sets (k,n,d) in the store's dtype, norms (k,n), means (k,n))``; norms are those
@@ -116,7 +121,7 @@ class _Sets:
 
     def _array_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._stats is None:
-            parts = [node_stats(self.array[s:s + 256], self.center) for s in range(0, len(self.array), 256)]
+            parts = [node_stats(self.array[s : s + 256], self.center) for s in range(0, len(self.array), 256)]
             self._stats = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
         return self._stats
 
@@ -141,16 +146,29 @@ class Reranker:
     same). ``stats`` counts the LPs solved.
     """
 
-    def __init__(self, store: SetStore, local: str | None = None, k: int = 10, depth: int | None = None,
-                 weights: str = "cross", solver: str = "exact", center: bool = False, alpha: float = 0.0,
-                 prune: bool = True, progress: bool = False, clock: JobClock | None = None,
-                 clock_stage: str = "rerank"):
+    def __init__(
+        self,
+        store: SetStore,
+        local: str | None = None,
+        k: int = 10,
+        depth: int | None = None,
+        weights: str = "cross",
+        solver: str = "exact",
+        center: bool = False,
+        alpha: float = 0.0,
+        prune: bool = True,
+        progress: bool = False,
+        clock: JobClock | None = None,
+        clock_stage: str = "rerank",
+    ):
         if k < 1:
             raise DeepEMDError(f"k must be >= 1, got {k}")
         kind = (getattr(store, "fingerprint", None) or {}).get("local", {}).get("kind")
         if local is not None and kind is not None and kind != local:
-            raise DeepEMDError(f"the store holds {kind} local sets, not {local}",
-                               fix=f"rerank with local={kind!r} or open the store built for {local}")
+            raise DeepEMDError(
+                f"the store holds {kind} local sets, not {local}",
+                fix=f"rerank with local={kind!r} or open the store built for {local}",
+            )
         self.local = local or kind
         self.settings = RerankSettings(depth or 1 << 30, weights, solver, alpha, center)
         self.k, self.prune, self.progress = int(k), bool(prune), progress
@@ -160,19 +178,33 @@ class Reranker:
 
     @classmethod
     def from_settings(cls, store: SetStore, settings: RerankSettings, k: int, **kw) -> Reranker:
-        return cls(store, k=k, depth=settings.depth, weights=settings.weights, solver=settings.solver,
-                   center=settings.center, alpha=settings.alpha, **kw)
+        return cls(
+            store,
+            k=k,
+            depth=settings.depth,
+            weights=settings.weights,
+            solver=settings.solver,
+            center=settings.center,
+            alpha=settings.alpha,
+            **kw,
+        )
 
-    def rerank(self, query_sets: np.ndarray | torch.Tensor | Callable[[int], np.ndarray],
-               shortlist: Shortlist, skip_ids: np.ndarray | None = None) -> Shortlist:
+    def rerank(
+        self,
+        query_sets: np.ndarray | torch.Tensor | Callable[[int], np.ndarray],
+        shortlist: Shortlist,
+        skip_ids: np.ndarray | None = None,
+    ) -> Shortlist:
         """The best ``k`` of each row after the rerank, as a new :class:`Shortlist`.
 
         ``query_sets``: ``(Q, m, d)`` or ``query_sets(i) -> (m, d)``. ``skip_ids[i]`` (the
         query itself in a leave-one-out run) is kept first with score +inf, not scored.
         """
         if not isinstance(shortlist, Shortlist):
-            raise DeepEMDError(f"rerank takes a Shortlist, got {type(shortlist).__name__}",
-                               fix="wrap FAISS output as Shortlist(ids, scores)")
+            raise DeepEMDError(
+                f"rerank takes a Shortlist, got {type(shortlist).__name__}",
+                fix="wrap FAISS output as Shortlist(ids, scores)",
+            )
         width = min(self.k, shortlist.width)
         out_ids = np.full((shortlist.queries, width), -1, dtype=np.int64)
         out_scores = np.full((shortlist.queries, width), -np.inf, dtype=np.float32)
@@ -182,14 +214,15 @@ class Reranker:
             start = time.perf_counter()
             skip = None if skip_ids is None else int(skip_ids[i])
             ids, scores = self._row(query(i), shortlist.ids[i], shortlist.scores[i], skip, width)
-            out_ids[i, :len(ids)], out_scores[i, :len(ids)] = ids, scores
+            out_ids[i, : len(ids)], out_scores[i, : len(ids)] = ids, scores
             if self.clock is not None and self.clock_stage in self.clock.plans:
                 self.clock.advance(self.clock_stage, 1, time.perf_counter() - start)
                 bar.set_postfix_str(self.clock.describe(), refresh=False)
         return Shortlist(out_ids, out_scores)
 
-    def _row(self, query, ids: np.ndarray, scores: np.ndarray, skip: int | None, width: int
-             ) -> tuple[np.ndarray, np.ndarray]:
+    def _row(
+        self, query, ids: np.ndarray, scores: np.ndarray, skip: int | None, width: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         depth = min(self.settings.depth, len(ids))
         head, tail = ids[:depth], ids[depth:]
         valid = head >= 0
@@ -201,14 +234,14 @@ class Reranker:
         order = np.argsort(-emd[solved], kind="stable")  # ties keep the shortlist order
         pos = np.concatenate([np.flatnonzero(first), cand[solved][order]])
         row_ids = np.concatenate([head[pos], tail[tail >= 0]])[:width]
-        row_scores = np.concatenate([np.full(int(first.sum()), np.inf, np.float32), emd[solved][order],
-                                     scores[depth:][tail >= 0]]).astype(np.float32)[:width]
+        row_scores = np.concatenate(
+            [np.full(int(first.sum()), np.inf, np.float32), emd[solved][order], scores[depth:][tail >= 0]]
+        ).astype(np.float32)[:width]
         # entries behind the rerank depth keep their global order; their global scores are capped
         # at the last reranked score so the row stays best first
         return row_ids, np.minimum.accumulate(row_scores)
 
-    def _scores(self, query: torch.Tensor, cand_ids: np.ndarray, global_scores: np.ndarray, need: int
-                ) -> np.ndarray:
+    def _scores(self, query: torch.Tensor, cand_ids: np.ndarray, global_scores: np.ndarray, need: int) -> np.ndarray:
         """Fused scores of the candidates (float64); NaN for candidates pruned unsolved."""
         out = np.full(len(cand_ids), np.nan)
         if len(cand_ids) == 0 or need == 0:
@@ -226,10 +259,10 @@ class Reranker:
                 cap = score_upper_bound(relaxed_bound(cost, wu, wv), wu, wv)
                 cap = (1.0 - alpha) * cap + alpha * glob
                 by_cap = torch.argsort(cap, descending=True, stable=True)
-            first = by_cap[:min(len(by_cap), math.ceil(1.25 * need) + 2)]
+            first = by_cap[: min(len(by_cap), math.ceil(1.25 * need) + 2)]
             self._solve(cost, wu, wv, glob, first, out)
             kth = np.sort(out[first.numpy()])[::-1][need - 1]
-            rest = by_cap[len(first):]
+            rest = by_cap[len(first) :]
             todo = rest[cap[rest] >= kth - PRUNE_TOLERANCE]
         self._solve(cost, wu, wv, glob, todo, out)
         return out
@@ -264,8 +297,9 @@ class Reranker:
         self.stats.solved += len(todo)
 
 
-def rescore(query_set: torch.Tensor, candidate_sets: torch.Tensor, global_scores: torch.Tensor | None,
-            settings: RerankSettings) -> torch.Tensor:
+def rescore(
+    query_set: torch.Tensor, candidate_sets: torch.Tensor, global_scores: torch.Tensor | None, settings: RerankSettings
+) -> torch.Tensor:
     """Scores ``(K,)`` of one query set ``(m, d)`` against ``K`` candidate sets ``(K, n, d)``
     (every candidate solved, in the candidates' order; no global scores: no fusion)."""
     if global_scores is None:
@@ -273,14 +307,19 @@ def rescore(query_set: torch.Tensor, candidate_sets: torch.Tensor, global_scores
     reranker = Reranker.from_settings(candidate_sets, settings, k=len(candidate_sets), prune=False)
     glob = np.zeros(len(candidate_sets)) if global_scores is None else np.asarray(global_scores, np.float64)
     with torch.no_grad():
-        scores = reranker._scores(torch.as_tensor(query_set), np.arange(len(candidate_sets)), glob,
-                                  len(candidate_sets))
+        scores = reranker._scores(torch.as_tensor(query_set), np.arange(len(candidate_sets)), glob, len(candidate_sets))
     return torch.from_numpy(scores).float()
 
 
-def rerank(scores: np.ndarray, ids: np.ndarray, query_sets: Callable[[int], np.ndarray],
-           fetch: FetchSets, settings: RerankSettings, skip_ids: np.ndarray | None = None,
-           progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def rerank(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    query_sets: Callable[[int], np.ndarray],
+    fetch: FetchSets,
+    settings: RerankSettings,
+    skip_ids: np.ndarray | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """The older array form of :class:`Reranker` (kept for the gallery and figure code):
     reorder each row of a best-first shortlist ``(Q, K)`` by DeepEMD within its first
     ``depth`` ids and return the whole width as ``(scores float32, ids int64)``."""

@@ -1,4 +1,5 @@
 """`deepemd retrieval index` and `deepemd retrieval search`: build a gallery, query it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,16 +13,27 @@ from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
 from deepemd.retrieval.build import dataset_images, local_specs, make_embedder
 from deepemd.retrieval.config import IndexConfig, SearchConfig
-from deepemd.retrieval.gallery import (GALLERY_MANIFEST, ID_MAP, build_foreign_store, make_producer, open_gallery,
-                                       read_id_map, read_manifest, search_gallery, write_gallery)
+from deepemd.retrieval.gallery import (
+    GALLERY_MANIFEST,
+    ID_MAP,
+    build_foreign_store,
+    make_producer,
+    open_gallery,
+    read_id_map,
+    read_manifest,
+    search_gallery,
+    write_gallery,
+)
 from deepemd.retrieval.rerank import RerankSettings
 from deepemd.retrieval.transaction import GalleryLock
 
 
 def _foreign(cfg) -> bool:
     if bool(cfg.index) != bool(cfg.id_map):
-        raise DeepEMDError("--index and --id-map go together",
-                           fix="give your FAISS index file and the text file naming the image of each id")
+        raise DeepEMDError(
+            "--index and --id-map go together",
+            fix="give your FAISS index file and the text file naming the image of each id",
+        )
     return bool(cfg.index)
 
 
@@ -39,16 +51,38 @@ def _index_locked(cfg: IndexConfig, out: Path, progress: bool) -> dict[str, Any]
     device = default_device(cfg.device)
     repair, dtype = bool(cfg.repair), cfg.store_dtype
     if _foreign(cfg):
-        gallery = build_foreign_store(model, cfg.local, Path(cfg.index), Path(cfg.id_map), out, cfg.batch_size,
-                                      cfg.workers, device, progress, repair=repair, store_dtype=dtype)
+        gallery = build_foreign_store(
+            model,
+            cfg.local,
+            Path(cfg.index),
+            Path(cfg.id_map),
+            out,
+            cfg.batch_size,
+            cfg.workers,
+            device,
+            progress,
+            repair=repair,
+            store_dtype=dtype,
+        )
     else:
         if not cfg.data_root:
             raise DeepEMDError("no --data-root given", fix="point --data-root at the gallery images")
         images = dataset_images(cfg)
         if len(images) == 0:
             raise DeepEMDError(f"split '{cfg.split}' holds no images", cfg.data_root, "check --split / --layout")
-        gallery = write_gallery(model, cfg.local, images.paths, out, cfg.index_spec, cfg.batch_size, cfg.workers,
-                                device, repair=repair, store_dtype=dtype, progress=progress)
+        gallery = write_gallery(
+            model,
+            cfg.local,
+            images.paths,
+            out,
+            cfg.index_spec,
+            cfg.batch_size,
+            cfg.workers,
+            device,
+            repair=repair,
+            store_dtype=dtype,
+            progress=progress,
+        )
     return {"gallery": gallery, "out": out, **gallery.stats}
 
 
@@ -58,12 +92,17 @@ def _check_id_map_agrees(gallery_dir: Path, id_map: Path) -> None:
     read_manifest(gallery_dir)
     ids, paths = read_id_map(gallery_dir / ID_MAP)
     if not (np.array_equal(given_ids, ids) and given_paths == paths):
-        differ = next((i for i in range(min(len(ids), len(given_ids)))
-                       if ids[i] != given_ids[i] or paths[i] != given_paths[i]), min(len(ids), len(given_ids)))
-        raise DeepEMDError(f"--id-map disagrees with the feature store in {gallery_dir} (first difference at line "
-                           f"{differ + 1}; {len(given_ids)} lines against the store's {len(ids)})", id_map,
-                           f"update the store for this id map: deepemd retrieval index --index ... --id-map {id_map} "
-                           f"--out {gallery_dir} (reuses the rows of unchanged images), or give another --gallery")
+        differ = next(
+            (i for i in range(min(len(ids), len(given_ids))) if ids[i] != given_ids[i] or paths[i] != given_paths[i]),
+            min(len(ids), len(given_ids)),
+        )
+        raise DeepEMDError(
+            f"--id-map disagrees with the feature store in {gallery_dir} (first difference at line "
+            f"{differ + 1}; {len(given_ids)} lines against the store's {len(ids)})",
+            id_map,
+            f"update the store for this id map: deepemd retrieval index --index ... --id-map {id_map} "
+            f"--out {gallery_dir} (reuses the rows of unchanged images), or give another --gallery",
+        )
 
 
 def list_queries(path: str | Path) -> list[Path]:
@@ -95,18 +134,31 @@ def run_search(cfg: SearchConfig, progress: bool = True) -> dict[str, Any]:
         if (gallery_dir / GALLERY_MANIFEST).exists():
             _check_id_map_agrees(gallery_dir, Path(cfg.id_map))
         else:
-            build_foreign_store(model, cfg.local, index_path, Path(cfg.id_map), gallery_dir, cfg.batch_size,
-                                cfg.workers, device, progress)
+            build_foreign_store(
+                model,
+                cfg.local,
+                index_path,
+                Path(cfg.id_map),
+                gallery_dir,
+                cfg.batch_size,
+                cfg.workers,
+                device,
+                progress,
+            )
     gallery = open_gallery(gallery_dir, model, cfg.local, index_path)
     paths = list_queries(cfg.queries)
     # float32 query sets: a network with tiny features (~1e-9) would lose them all in float16
-    glob, sets = make_producer(model, cfg.local, paths, cfg.batch_size, cfg.workers, device,
-                               with_vectors=True)(np.arange(len(paths)))
+    glob, sets = make_producer(model, cfg.local, paths, cfg.batch_size, cfg.workers, device, with_vectors=True)(
+        np.arange(len(paths))
+    )
     if cfg.query_vectors:
         glob = np.load(cfg.query_vectors).astype(np.float32)
         if glob.ndim != 2 or len(glob) != len(paths):
-            raise DeepEMDError(f"query vectors have shape {glob.shape}, expected ({len(paths)}, dim)", cfg.query_vectors,
-                               "save one row per query image, in the order the queries are listed")
+            raise DeepEMDError(
+                f"query vectors have shape {glob.shape}, expected ({len(paths)}, dim)",
+                cfg.query_vectors,
+                "save one row per query image, in the order the queries are listed",
+            )
     settings = RerankSettings(cfg.rerank_k, cfg.node_weights, cfg.solver, cfg.alpha, cfg.center)
     scores, ids, raw = search_gallery(gallery, glob, sets, cfg.top, settings, progress)
     rows = []
@@ -116,7 +168,15 @@ def run_search(cfg: SearchConfig, progress: bool = True) -> dict[str, Any]:
             if fid < 0:
                 continue
             row = int(gallery.rows(np.array([fid]))[0])
-            rows.append({"query": str(path), "rank": rank + 1, "id": int(fid), "path": str(gallery.paths[row]),
-                         "score": float(score), "raw_rank": raw_rank.get(int(fid), "")})
+            rows.append(
+                {
+                    "query": str(path),
+                    "rank": rank + 1,
+                    "id": int(fid),
+                    "path": str(gallery.paths[row]),
+                    "score": float(score),
+                    "raw_rank": raw_rank.get(int(fid), ""),
+                }
+            )
     frame = write_results(rows, cfg.out, name="search", float_format="%.4f")
     return {"rows": rows, "frame": frame, "scores": scores, "ids": ids, "raw_ids": raw}

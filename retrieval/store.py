@@ -37,6 +37,7 @@ Optionally each chunk also carries the images' global vectors (``chunk_000000.40
 float32) so that a killed gallery build resumes both halves from disk and the FAISS index can be
 built from the store without running the network again.
 """
+
 from __future__ import annotations
 
 import io
@@ -91,7 +92,9 @@ def encode(local: np.ndarray, dtype: np.dtype, path: Path, block: int = 512) -> 
     stored = np.empty(local.shape, dtype)
     scale = np.ones(len(local), np.float32)
     for s in range(0, len(local), block):
-        stored[s:s + block], scale[s:s + block] = _encode_block(local[s:s + block].astype(np.float32), dtype, path, s)
+        stored[s : s + block], scale[s : s + block] = _encode_block(
+            local[s : s + block].astype(np.float32), dtype, path, s
+        )
     return stored, scale
 
 
@@ -103,9 +106,12 @@ def _encode_block(local: np.ndarray, dtype: np.dtype, path: Path, first: int) ->
     t = torch.from_numpy(np.ascontiguousarray(local))
     bad = ~torch.isfinite(t).flatten(1).all(dim=1)
     if bool(bad.any()):
-        raise DeepEMDError(f"local sets of {int(bad.sum())} images contain NaN or inf "
-                           f"(first: row {first + int(torch.nonzero(bad)[0, 0])} of this batch)", path,
-                           "the network produced them: check the backbone, checkpoint and input images")
+        raise DeepEMDError(
+            f"local sets of {int(bad.sum())} images contain NaN or inf "
+            f"(first: row {first + int(torch.nonzero(bad)[0, 0])} of this batch)",
+            path,
+            "the network produced them: check the backbone, checkpoint and input images",
+        )
     if dtype == np.float32:
         return local, np.ones(len(local), np.float32)
     peak = t.abs().flatten(1).amax(dim=1)
@@ -121,7 +127,10 @@ def _encode_block(local: np.ndarray, dtype: np.dtype, path: Path, first: int) ->
             f"float16 cannot hold these local sets: node {node} of row {first + row} (norm "
             f"{float(norm[row, node] * scale[row]):.3g}, the set's largest value {float(peak[row]):.3g}) changes by "
             f"{float(error[row, node] / norm[row, node]):.1%} when stored; {int(lost.any(dim=1).sum())} sets of "
-            "this batch are affected", path, FLOAT32_FIX)
+            "this batch are affected",
+            path,
+            FLOAT32_FIX,
+        )
     return stored.numpy(), scale.numpy().astype(np.float32)
 
 
@@ -151,30 +160,50 @@ class LocalFeatureStore:
 
     # ------------------------------------------------------------------ create / open
     @classmethod
-    def create(cls, path: str | Path, m: int, d: int, fingerprint: dict[str, Any] | None,
-               chunk_size: int = 4096, vector_dim: int | None = None, dtype: str = "float16") -> LocalFeatureStore:
+    def create(
+        cls,
+        path: str | Path,
+        m: int,
+        d: int,
+        fingerprint: dict[str, Any] | None,
+        chunk_size: int = 4096,
+        vector_dim: int | None = None,
+        dtype: str = "float16",
+    ) -> LocalFeatureStore:
         """Start an empty store in folder ``path`` (which must not already hold one)."""
         path = Path(path)
         if (path / MANIFEST).exists():
-            raise DeepEMDError("a feature store already exists here", path,
-                               "open it with LocalFeatureStore.open(..., mode='a') to resume, or delete the folder")
+            raise DeepEMDError(
+                "a feature store already exists here",
+                path,
+                "open it with LocalFeatureStore.open(..., mode='a') to resume, or delete the folder",
+            )
         if min(m, d, chunk_size) < 1 or (vector_dim is not None and vector_dim < 1):
-            raise DeepEMDError(f"store sizes must be positive (m={m}, d={d}, chunk_size={chunk_size}, "
-                               f"vector_dim={vector_dim})", path)
+            raise DeepEMDError(
+                f"store sizes must be positive (m={m}, d={d}, chunk_size={chunk_size}, vector_dim={vector_dim})", path
+            )
         if dtype not in DTYPES:
             raise DeepEMDError(f"unknown store dtype {dtype!r}", path, "use float16 (scaled per set) or float32")
-        manifest = {"format": FORMAT, "version": VERSION, "m": int(m), "d": int(d),
-                    "dtype": DTYPES[dtype].str, "chunk_size": int(chunk_size),
-                    "vector_dim": None if vector_dim is None else int(vector_dim),
-                    "fingerprint": normalise_fingerprint(fingerprint), "chunks": []}
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "m": int(m),
+            "d": int(d),
+            "dtype": DTYPES[dtype].str,
+            "chunk_size": int(chunk_size),
+            "vector_dim": None if vector_dim is None else int(vector_dim),
+            "fingerprint": normalise_fingerprint(fingerprint),
+            "chunks": [],
+        }
         path.mkdir(parents=True, exist_ok=True)
         store = cls(path, manifest, "a")
         store._write_manifest()
         return store
 
     @classmethod
-    def open(cls, path: str | Path, expected_fingerprint: dict[str, Any] | None = None,
-             mode: str = "r") -> LocalFeatureStore:
+    def open(
+        cls, path: str | Path, expected_fingerprint: dict[str, Any] | None = None, mode: str = "r"
+    ) -> LocalFeatureStore:
         """Open a store; ``mode="a"`` also allows :meth:`append` (resuming a build).
 
         Checks the manifest, the fingerprint and that every listed chunk file exists with the
@@ -185,15 +214,20 @@ class LocalFeatureStore:
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
-            raise DeepEMDError("no feature store here (manifest.json missing)", path,
-                               "build the gallery store first, or check the path")
+            raise DeepEMDError(
+                "no feature store here (manifest.json missing)",
+                path,
+                "build the gallery store first, or check the path",
+            )
         try:
             manifest = json.loads(manifest_path.read_text())
             if manifest.get("format") != FORMAT:
                 raise ValueError(f"format is {manifest.get('format')!r}, not {FORMAT!r}")
             if manifest.get("version") != VERSION:
-                raise ValueError(f"version {manifest.get('version')!r} is not supported (want {VERSION}: "
-                                 "written by another deepemd version)")
+                raise ValueError(
+                    f"version {manifest.get('version')!r} is not supported (want {VERSION}: "
+                    "written by another deepemd version)"
+                )
             for key in ("m", "d", "chunk_size", "vector_dim", "fingerprint", "chunks"):
                 manifest[key]  # noqa: B018 - presence check
             if np.dtype(manifest["dtype"]) not in DTYPES.values():
@@ -212,8 +246,10 @@ class LocalFeatureStore:
         count, so refilling a short last chunk writes NEW files and the manifest switches to them
         atomically (never a listed name whose size changed)."""
         stem = f"chunk_{index:06d}.{rows}"
-        shapes = [(f"{stem}.npy", (rows, self.m, self.d), self.dtype, "crc32"),
-                  (f"{stem}.rows.npy", (rows,), ROW_DTYPE, "rows_crc32")]
+        shapes = [
+            (f"{stem}.npy", (rows, self.m, self.d), self.dtype, "crc32"),
+            (f"{stem}.rows.npy", (rows,), ROW_DTYPE, "rows_crc32"),
+        ]
         if self.vector_dim is not None:
             shapes.append((f"{stem}.vec.npy", (rows, self.vector_dim), VECTOR_DTYPE, "vec_crc32"))
         return shapes
@@ -227,12 +263,23 @@ class LocalFeatureStore:
         for i, entry in enumerate(self._chunks):
             rows = entry.get("rows")
             last = i == len(self._chunks) - 1
-            if not isinstance(rows, int) or rows < 1 or rows > self.chunk_size or (not last and rows != self.chunk_size):
-                raise DeepEMDError(f"manifest lists chunk {i} with {rows} rows (chunk size {self.chunk_size})",
-                                   self.path / MANIFEST, REBUILD_FIX)
+            if (
+                not isinstance(rows, int)
+                or rows < 1
+                or rows > self.chunk_size
+                or (not last and rows != self.chunk_size)
+            ):
+                raise DeepEMDError(
+                    f"manifest lists chunk {i} with {rows} rows (chunk size {self.chunk_size})",
+                    self.path / MANIFEST,
+                    REBUILD_FIX,
+                )
             if entry.get("file") != self._chunk_shapes(i, rows)[0][0]:
-                raise DeepEMDError(f"manifest entry {i} names {entry.get('file')!r}, not the expected chunk file",
-                                   self.path / MANIFEST, REBUILD_FIX)
+                raise DeepEMDError(
+                    f"manifest entry {i} names {entry.get('file')!r}, not the expected chunk file",
+                    self.path / MANIFEST,
+                    REBUILD_FIX,
+                )
             for name, shape, dtype, crc_key in self._chunk_shapes(i, rows):
                 file = self.path / name
                 want = _npy_nbytes(shape, dtype)
@@ -241,10 +288,13 @@ class LocalFeatureStore:
                     state = "missing" if have is None else f"{have} bytes, expected {want}"
                     raise DeepEMDError(
                         f"chunk file is {state}: truncated, half-written or removed after the manifest listed it",
-                        file, REPAIR_FIX)
+                        file,
+                        REPAIR_FIX,
+                    )
                 if crc_key not in entry:
-                    raise DeepEMDError(f"manifest entry for chunk {i} has no {crc_key}", self.path / MANIFEST,
-                                       REBUILD_FIX)
+                    raise DeepEMDError(
+                        f"manifest entry for chunk {i} has no {crc_key}", self.path / MANIFEST, REBUILD_FIX
+                    )
 
     def _remove_leftovers(self) -> None:
         """Drop temp files and chunk files the manifest does not list (a build killed mid-write)."""
@@ -273,8 +323,10 @@ class LocalFeatureStore:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
 
     def __repr__(self) -> str:
-        return (f"LocalFeatureStore({str(self.path)!r}, n={len(self)}, m={self.m}, d={self.d}, "
-                f"dtype={self.dtype.name}, chunks={len(self._chunks)}, vector_dim={self.vector_dim})")
+        return (
+            f"LocalFeatureStore({str(self.path)!r}, n={len(self)}, m={self.m}, d={self.d}, "
+            f"dtype={self.dtype.name}, chunks={len(self._chunks)}, vector_dim={self.vector_dim})"
+        )
 
     # ------------------------------------------------------------------ writing
     def append(self, local: np.ndarray, vectors: np.ndarray | None = None) -> None:
@@ -285,19 +337,27 @@ class LocalFeatureStore:
             raise DeepEMDError("store is open read-only", self.path, "open it with mode='a' to append")
         local = np.asarray(local)
         if local.ndim != 3 or local.shape[1:] != (self.m, self.d):
-            raise DeepEMDError(f"local sets have shape {local.shape}, the store holds (n, {self.m}, {self.d})",
-                               self.path, "use the same local extractor the store was created with")
+            raise DeepEMDError(
+                f"local sets have shape {local.shape}, the store holds (n, {self.m}, {self.d})",
+                self.path,
+                "use the same local extractor the store was created with",
+            )
         if (vectors is None) != (self.vector_dim is None):
-            raise DeepEMDError("global vectors must be given exactly when the store was created with vector_dim",
-                               self.path)
+            raise DeepEMDError(
+                "global vectors must be given exactly when the store was created with vector_dim", self.path
+            )
         if vectors is not None:
             vectors = np.asarray(vectors, dtype=VECTOR_DTYPE)
             if vectors.shape != (len(local), self.vector_dim):
-                raise DeepEMDError(f"vectors have shape {vectors.shape}, expected ({len(local)}, {self.vector_dim})",
-                                   self.path)
+                raise DeepEMDError(
+                    f"vectors have shape {vectors.shape}, expected ({len(local)}, {self.vector_dim})", self.path
+                )
             if not np.isfinite(vectors).all():
-                raise DeepEMDError("global vectors contain NaN or inf", self.path,
-                                   "the network produced them: check the backbone, checkpoint and input images")
+                raise DeepEMDError(
+                    "global vectors contain NaN or inf",
+                    self.path,
+                    "the network produced them: check the backbone, checkpoint and input images",
+                )
         stored, scale = encode(local, self.dtype, self.path)
         if vectors is not None:
             self._vec_buffer.append(vectors)
@@ -358,8 +418,12 @@ class LocalFeatureStore:
 
     # ------------------------------------------------------------------ reading
     def _corrupt(self, file: Path, what: str) -> DeepEMDError:
-        return DeepEMDError(f"feature store corrupted: {what} does not match the checksum written with it "
-                            "(a changed byte, NaN or garbage on disk)", file, REPAIR_FIX)
+        return DeepEMDError(
+            f"feature store corrupted: {what} does not match the checksum written with it "
+            "(a changed byte, NaN or garbage on disk)",
+            file,
+            REPAIR_FIX,
+        )
 
     def _mmap(self, index: int, which: int) -> np.ndarray:
         """A fresh read-only memmap of one file of a chunk (0 local, 1 rows, 2 vectors). Deliberately
@@ -388,7 +452,9 @@ class LocalFeatureStore:
         if index not in self._row_info:
             rows = np.array(self._mmap(index, 1))
             if crc32(rows) != self._chunks[index]["rows_crc32"]:
-                raise self._corrupt(self.path / self._chunk_shapes(index, len(rows))[1][0], f"row table of chunk {index}")
+                raise self._corrupt(
+                    self.path / self._chunk_shapes(index, len(rows))[1][0], f"row table of chunk {index}"
+                )
             self._row_info[index] = rows
         return self._row_info[index]
 
@@ -407,30 +473,39 @@ class LocalFeatureStore:
         fd = os.open(self.path / name, os.O_RDONLY)
         try:
             for run_start, run in zip(np.r_[0, breaks], np.split(rows, breaks)):
-                target = out[run_start:run_start + len(run)]
+                target = out[run_start : run_start + len(run)]
                 got = os.preadv(fd, [memoryview(target).cast("B")], offset + int(run[0]) * row_bytes)
                 if got != target.nbytes:
-                    raise DeepEMDError("chunk file is shorter than its manifest entry (truncated after opening)",
-                                       self.path / name, REPAIR_FIX)
+                    raise DeepEMDError(
+                        "chunk file is shorter than its manifest entry (truncated after opening)",
+                        self.path / name,
+                        REPAIR_FIX,
+                    )
         finally:
             os.close(fd)
         want = self._rows(index)["vec_crc" if vectors else "crc"][rows]
         bad = np.flatnonzero(_row_crcs(out) != want)
         if len(bad):
-            raise self._corrupt(self.path / name, f"row {int(rows[bad[0]])} of chunk {index}"
-                                + (f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""))
+            raise self._corrupt(
+                self.path / name,
+                f"row {int(rows[bad[0]])} of chunk {index}"
+                + (f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""),
+            )
 
     def _gather(self, ids: np.ndarray, vectors: bool) -> np.ndarray:
         if vectors and self.vector_dim is None:
-            raise DeepEMDError("this store keeps no global vectors", self.path,
-                               "create it with vector_dim=... to keep them")
+            raise DeepEMDError(
+                "this store keeps no global vectors", self.path, "create it with vector_dim=... to keep them"
+            )
         ids = np.asarray(ids)
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
         n = len(self)
         if len(ids) and (ids.min() < 0 or ids.max() >= n):
-            raise IndexError(f"ids must lie in [0, {n}); got min {ids.min()} max {ids.max()} "
-                             "(FAISS returns -1 where it found fewer than k neighbours: drop those first)")
+            raise IndexError(
+                f"ids must lie in [0, {n}); got min {ids.min()} max {ids.max()} "
+                "(FAISS returns -1 where it found fewer than k neighbours: drop those first)"
+            )
         shape = (self.vector_dim,) if vectors else (self.m, self.d)
         committed = self.committed
         unique, inverse = np.unique(ids.astype(np.int64), return_inverse=True)  # sorted: file order
@@ -441,15 +516,15 @@ class LocalFeatureStore:
         for start, group in zip(np.r_[0, bounds], np.split(unique, bounds)):
             if len(group) == 0:
                 continue
-            target = rows[start:start + len(group)]
+            target = rows[start : start + len(group)]
             if group[0] >= committed:  # still in the write buffer
                 target[:] = np.concatenate(self._vec_buffer if vectors else self._buffer)[group - committed]
-                scales[start:start + len(group)] = np.concatenate(self._scale_buffer)[group - committed]
+                scales[start : start + len(group)] = np.concatenate(self._scale_buffer)[group - committed]
                 continue
             chunk = int(chunk_of[start])
             local_rows = group - chunk * self.chunk_size
             self._read_rows(chunk, local_rows, vectors, target)
-            scales[start:start + len(group)] = self._rows(chunk)["scale"][local_rows]
+            scales[start : start + len(group)] = self._rows(chunk)["scale"][local_rows]
         import torch
 
         order = inverse.reshape(-1)
@@ -484,8 +559,10 @@ class LocalFeatureStore:
             if vectors:
                 yield self.committed, np.concatenate(self._vec_buffer)
             else:
-                yield self.committed, np.concatenate(self._buffer).astype(np.float32) * \
-                    np.concatenate(self._scale_buffer)[:, None, None]
+                yield (
+                    self.committed,
+                    np.concatenate(self._buffer).astype(np.float32) * np.concatenate(self._scale_buffer)[:, None, None],
+                )
 
     def verify_chunk(self, index: int) -> None:
         """Check every file of one chunk against the manifest (reads the chunk)."""
@@ -504,10 +581,19 @@ class LocalFeatureStore:
 ProduceFn = Callable[[int, int], "np.ndarray | tuple[np.ndarray, np.ndarray]"]
 
 
-def build_store(path: str | Path, n_items: int, produce_fn: ProduceFn, m: int, d: int,
-                fingerprint: dict[str, Any] | None, chunk_size: int = 4096, vector_dim: int | None = None,
-                progress: bool = True, on_commit: Callable[[int], None] | None = None,
-                dtype: str = "float16") -> LocalFeatureStore:
+def build_store(
+    path: str | Path,
+    n_items: int,
+    produce_fn: ProduceFn,
+    m: int,
+    d: int,
+    fingerprint: dict[str, Any] | None,
+    chunk_size: int = 4096,
+    vector_dim: int | None = None,
+    progress: bool = True,
+    on_commit: Callable[[int], None] | None = None,
+    dtype: str = "float16",
+) -> LocalFeatureStore:
     """Fill (or resume filling) a store with rows ``0 .. n_items-1``.
 
     ``produce_fn(start, stop)`` returns the local sets of items ``[start, stop)`` (or
@@ -521,16 +607,29 @@ def build_store(path: str | Path, n_items: int, produce_fn: ProduceFn, m: int, d
     path = Path(path)
     if (path / MANIFEST).exists():
         store = LocalFeatureStore.open(path, expected_fingerprint=fingerprint, mode="a")
-        mismatch = {k: (have, want) for k, have, want in
-                    (("m", store.m, m), ("d", store.d, d), ("chunk_size", store.chunk_size, chunk_size),
-                     ("vector_dim", store.vector_dim, vector_dim), ("dtype", store.dtype.name, dtype))
-                    if have != want}
+        mismatch = {
+            k: (have, want)
+            for k, have, want in (
+                ("m", store.m, m),
+                ("d", store.d, d),
+                ("chunk_size", store.chunk_size, chunk_size),
+                ("vector_dim", store.vector_dim, vector_dim),
+                ("dtype", store.dtype.name, dtype),
+            )
+            if have != want
+        }
         if mismatch:
-            raise DeepEMDError(f"existing store has different shapes {mismatch} (stored, requested)", path,
-                               "delete the folder to rebuild, or build with the stored settings")
+            raise DeepEMDError(
+                f"existing store has different shapes {mismatch} (stored, requested)",
+                path,
+                "delete the folder to rebuild, or build with the stored settings",
+            )
         if len(store) > n_items:
-            raise DeepEMDError(f"existing store holds {len(store)} items, more than the {n_items} requested",
-                               path, "delete the folder to rebuild it for this gallery")
+            raise DeepEMDError(
+                f"existing store holds {len(store)} items, more than the {n_items} requested",
+                path,
+                "delete the folder to rebuild it for this gallery",
+            )
     else:
         store = LocalFeatureStore.create(path, m, d, fingerprint, chunk_size, vector_dim, dtype)
     start = len(store)

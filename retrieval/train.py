@@ -11,6 +11,7 @@ resumes after the last finished epoch and ends with the weights of an uninterrup
 Under ``torchrun`` the model is wrapped in DistributedDataParallel, losses see the batch of all
 ranks (pml's DistributedLossWrapper) and only rank 0 writes.
 """
+
 from __future__ import annotations
 
 import time
@@ -22,27 +23,41 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from deepemd.backbones import batchnorm, feature_map_size
 from deepemd import distributed
+from deepemd.backbones import batchnorm, feature_map_size
+from deepemd.build import resolve_data
 from deepemd.checkpoints import append_log, check_resumable, restore_rng, rng_state
 from deepemd.data import DistributedMPerClassSampler, ImageDataset, build_transform
 from deepemd.errors import DeepEMDError
 from deepemd.io import load_checkpoint, load_state_dict_checked, save_checkpoint
+from deepemd.labels import build_label_loss
 from deepemd.local import FCN, global_features
+from deepemd.retrieval.build import dataset_images
 from deepemd.retrieval.config import TrainConfig
 from deepemd.retrieval.distance import DeepEMDSimilarity, flatten_sets
-from deepemd.retrieval.build import dataset_images
 from deepemd.retrieval.losses import build_loss
-from deepemd.build import resolve_data
-from deepemd.labels import build_label_loss
 from deepemd.retrieval.model import build_backbone
 from deepemd.seeding import derive_seed
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.csv"
 #: Options that must not change between a checkpoint and its resumption.
-FROZEN = ("backbone", "backbone_widths", "embed_dim", "image_size", "loss", "distance", "pyramid", "m_per_class",
-          "batch_size", "seed", "bn", "bn_affine", "label_loss", "hierarchy")
+FROZEN = (
+    "backbone",
+    "backbone_widths",
+    "embed_dim",
+    "image_size",
+    "loss",
+    "distance",
+    "pyramid",
+    "m_per_class",
+    "batch_size",
+    "seed",
+    "bn",
+    "bn_affine",
+    "label_loss",
+    "hierarchy",
+)
 
 
 class TrainNet(nn.Module):
@@ -73,8 +88,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if len(images) == 0:
         raise DeepEMDError(f"split '{cfg.split}' holds no training images", cfg.data_root, "check --split / --layout")
     num_classes = int(images.labels.max()) + 1
-    backbone, info = build_backbone(cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size, cfg.seed,
-                                    widths=tuple(cfg.backbone_widths))
+    backbone, info = build_backbone(
+        cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size, cfg.seed, widths=tuple(cfg.backbone_widths)
+    )
     bn, bn_line = batchnorm.prepare(backbone, cfg)
     cfg = replace(cfg, bn=bn)  # the resolved policy is what the checkpoint's config records
     if rank == 0 and progress:
@@ -85,8 +101,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     net = TrainNet(backbone, local_sets, tuple(cfg.pyramid), info.image_size).to(device)
     distance = DeepEMDSimilarity(net.num_nodes, weights=cfg.node_weights, solver=cfg.solver) if local_sets else None
     label_root = resolve_data(cfg)[1] if cfg.hierarchy == "folders" else None
-    label_loss = build_label_loss(cfg.label_loss, cfg.hierarchy, images.classes, label_root, cfg.emd_rho,
-                                  cfg.ce_weight, reduction="none")
+    label_loss = build_label_loss(
+        cfg.label_loss, cfg.hierarchy, images.classes, label_root, cfg.emd_rho, cfg.ce_weight, reduction="none"
+    )
     bundle = build_loss(cfg.loss, num_classes, backbone.out_channels, distance, label_loss)
     loss_fn, miner = bundle.loss.to(device), bundle.miner
 
@@ -119,8 +136,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     dataset = ImageDataset(images, build_transform(tf_cfg, train=cfg.augment))
     steps = cfg.steps_per_epoch or max(1, len(images) // (cfg.batch_size * world))
     sampler = DistributedMPerClassSampler(images.labels, cfg.m_per_class, cfg.batch_size, steps, cfg.seed, rank, world)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                                         num_workers=cfg.workers, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, drop_last=True
+    )
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(derive_seed(cfg.seed, "epoch", epoch, "rank", rank))
         sampler.set_epoch(epoch)
@@ -148,14 +166,25 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         row = {"epoch": epoch + 1, "loss": total / max(count, 1), "seconds": round(time.perf_counter() - start, 2)}
         history.append(row)
         if rank == 0:
-            save_checkpoint({
-                "model": net.backbone.state_dict(), "loss": loss_fn.state_dict(),
-                "optimizer": model_opt.state_dict(),
-                "loss_optimizer": loss_opt.state_dict() if loss_opt is not None else {},
-                "epoch": epoch, "rng": rng_state(), "history": history, "config": asdict(cfg),
-                "model_info": {"backbone": info.backbone, "embed_dim": info.embed_dim, "image_size": info.image_size,
-                               **info.extra},
-            }, ckpt_path)
+            save_checkpoint(
+                {
+                    "model": net.backbone.state_dict(),
+                    "loss": loss_fn.state_dict(),
+                    "optimizer": model_opt.state_dict(),
+                    "loss_optimizer": loss_opt.state_dict() if loss_opt is not None else {},
+                    "epoch": epoch,
+                    "rng": rng_state(),
+                    "history": history,
+                    "config": asdict(cfg),
+                    "model_info": {
+                        "backbone": info.backbone,
+                        "embed_dim": info.embed_dim,
+                        "image_size": info.image_size,
+                        **info.extra,
+                    },
+                },
+                ckpt_path,
+            )
             append_log(out / LOG, row)
             if progress:
                 print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} ({row['seconds']} s)", flush=True)

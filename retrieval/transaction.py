@@ -14,6 +14,7 @@ once interleave. So a writer
    to ``.G.old`` and the staging folder to ``G``; a run killed between the two renames is
    undone by the next writer (``.G.old`` goes back) before it does anything else.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -63,24 +64,36 @@ class GalleryLock:
             _held[key] += 1
             return self
         if self.out.exists() and not self.out.is_dir():
-            raise DeepEMDError("the gallery output exists and is not a folder", self.out,
-                               "give --out a folder path (new, or a gallery to update)")
+            raise DeepEMDError(
+                "the gallery output exists and is not a folder",
+                self.out,
+                "give --out a folder path (new, or a gallery to update)",
+            )
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
-            raise DeepEMDError(f"cannot create the gallery's lock file ({exc.strerror})", self.path,
-                               "give --out a folder in a place you can write to") from None
+            raise DeepEMDError(
+                f"cannot create the gallery's lock file ({exc.strerror})",
+                self.path,
+                "give --out a folder in a place you can write to",
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "details not written yet"
             os.close(fd)
-            raise DeepEMDError(f"another deepemd run is writing this gallery ({holder})", self.out,
-                               f"wait for it to finish (its lock {self.path} is released when it ends), "
-                               "or write to another --out") from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:500],
-                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            raise DeepEMDError(
+                f"another deepemd run is writing this gallery ({holder})",
+                self.out,
+                f"wait for it to finish (its lock {self.path} is released when it ends), or write to another --out",
+            ) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": " ".join(sys.argv)[:500],
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
@@ -88,7 +101,9 @@ class GalleryLock:
         _undo_half_swap(self.out)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         key = Path(os.path.abspath(self.path))
         _held[key] -= 1
         if _held[key] == 0:

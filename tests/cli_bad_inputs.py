@@ -7,6 +7,7 @@ from the same cases, so the table and the tests cannot drift apart.
 A case with ``as_user`` runs the CLI in a subprocess as that user (``setpriv``, when the tests run
 as root, since root may write any folder), in a world-readable temporary folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,14 +40,45 @@ def _images(root: Path, classes: int = 4, per_class: int = 6, size: int = 24) ->
 
 
 def _fewshot_test(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["fewshot", "test", "--layout", "folder", "--data-root", str(root), *TINY_RESNET,
-            "--weights", "none", "--way", "2", "--shot", "1", "--query", "2", "--episodes", "2",
-            "--out", str(out), *extra]
+    return [
+        "fewshot",
+        "test",
+        "--layout",
+        "folder",
+        "--data-root",
+        str(root),
+        *TINY_RESNET,
+        "--weights",
+        "none",
+        "--way",
+        "2",
+        "--shot",
+        "1",
+        "--query",
+        "2",
+        "--episodes",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _retrieval_eval(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["retrieval", "eval", "--layout", "folder", "--data-root", str(root), *TINY_RESNET,
-            "--weights", "none", "--out", str(out), *extra]
+    return [
+        "retrieval",
+        "eval",
+        "--layout",
+        "folder",
+        "--data-root",
+        str(root),
+        *TINY_RESNET,
+        "--weights",
+        "none",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @dataclass
@@ -67,8 +99,20 @@ def _missing_folder(tmp: Path):
 def _missing_split_file(tmp: Path):
     root = tmp / "mini"
     (root / "images").mkdir(parents=True)
-    return (["fewshot", "test", "--layout", "miniimagenet", "--data-root", str(root), *TINY_RESNET,
-             "--out", str(tmp / "out")], "split")
+    return (
+        [
+            "fewshot",
+            "test",
+            "--layout",
+            "miniimagenet",
+            "--data-root",
+            str(root),
+            *TINY_RESNET,
+            "--out",
+            str(tmp / "out"),
+        ],
+        "split",
+    )
 
 
 def _corrupt_image(tmp: Path):
@@ -134,8 +178,21 @@ def _unknown_method(tmp: Path):
 
 
 def _unknown_backbone(tmp: Path):
-    return (["retrieval", "eval", "--layout", "folder", "--data-root", str(_images(tmp / "data")),
-             "--backbone", "resnet13", "--out", str(tmp / "out")], "resnet13")
+    return (
+        [
+            "retrieval",
+            "eval",
+            "--layout",
+            "folder",
+            "--data-root",
+            str(_images(tmp / "data")),
+            "--backbone",
+            "resnet13",
+            "--out",
+            str(tmp / "out"),
+        ],
+        "resnet13",
+    )
 
 
 def _missing_checkpoint(tmp: Path):
@@ -167,9 +224,22 @@ def _gallery(tmp: Path, *extra: str) -> Path:
     from deepemd.cli import main
 
     out = tmp / "gallery"
-    code = main(["retrieval", "index", "--layout", "folder", "--data-root", str(_images(tmp / "data")),
-                 *LITE0, "--split", "all",
-                 "--out", str(out), *extra])
+    code = main(
+        [
+            "retrieval",
+            "index",
+            "--layout",
+            "folder",
+            "--data-root",
+            str(_images(tmp / "data")),
+            *LITE0,
+            "--split",
+            "all",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     assert code == 0, "building the test gallery failed"
     return out
 
@@ -177,9 +247,25 @@ def _gallery(tmp: Path, *extra: str) -> Path:
 def _index_from_other_model(tmp: Path):
     gallery = _gallery(tmp)
     query = _images(tmp / "q", classes=1, per_class=1) / "class0" / "0.png"
-    return (["retrieval", "search", "--gallery", str(gallery), "--backbone", "resnet12",
-             "--weights", "none", "--image-size", "32", "--queries", str(query),
-             "--out", str(tmp / "out")], str(gallery / "index.faiss"))
+    return (
+        [
+            "retrieval",
+            "search",
+            "--gallery",
+            str(gallery),
+            "--backbone",
+            "resnet12",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--queries",
+            str(query),
+            "--out",
+            str(tmp / "out"),
+        ],
+        str(gallery / "index.faiss"),
+    )
 
 
 def _store_out_of_step(tmp: Path):
@@ -187,16 +273,20 @@ def _store_out_of_step(tmp: Path):
     ids = gallery / "ids.txt"
     ids.write_text("\n".join(ids.read_text().splitlines()[:-1]) + "\n")  # one image fewer
     query = _images(tmp / "q", classes=1, per_class=1) / "class0" / "0.png"
-    return (["retrieval", "search", "--gallery", str(gallery), *LITE0, "--queries", str(query),
-             "--out", str(tmp / "out")], str(gallery))
+    return (
+        ["retrieval", "search", "--gallery", str(gallery), *LITE0, "--queries", str(query), "--out", str(tmp / "out")],
+        str(gallery),
+    )
 
 
 def _empty_queries(tmp: Path):
     gallery = _gallery(tmp)
     empty = tmp / "no-queries"
     empty.mkdir()
-    return (["retrieval", "search", "--gallery", str(gallery), *LITE0, "--queries", str(empty),
-             "--out", str(tmp / "out")], str(empty))
+    return (
+        ["retrieval", "search", "--gallery", str(gallery), *LITE0, "--queries", str(empty), "--out", str(tmp / "out")],
+        str(empty),
+    )
 
 
 def _out_is_a_file(tmp: Path):
@@ -239,7 +329,7 @@ def _config_out_is_a_file(tmp: Path):
     cfg = tmp / "exp.yaml"
     cfg.write_text(f"out: {out}\n")
     argv = _fewshot_test(_images(tmp / "data"), out, "--methods", "protonet", "--config", str(cfg))
-    del argv[argv.index("--out"):argv.index("--out") + 2]
+    del argv[argv.index("--out") : argv.index("--out") + 2]
     return argv, str(out)
 
 
@@ -249,14 +339,35 @@ def _output_file_is_a_folder(tmp: Path):
     return _fewshot_test(_images(tmp / "data"), out, "--methods", "protonet"), str(out / "episodes.csv")
 
 
-
 def _pretrain_with_hierarchy(tmp: Path, rows: str, *extra: str) -> tuple[list[str], str]:
     """``fewshot pretrain --loss emd --hierarchy FILE`` on class0..class3 with the given CSV."""
     hierarchy = tmp / "hierarchy.csv"
     hierarchy.write_text(rows)
-    return (["fewshot", "pretrain", "--layout", "folder", "--data-root", str(_images(tmp / "data")), *TINY_RESNET,
-             "--weights", "none", "--epochs", "1", "--val-episodes", "0", "--loss", "emd",
-             "--hierarchy", str(hierarchy), "--out", str(tmp / "out"), *extra], str(hierarchy))
+    return (
+        [
+            "fewshot",
+            "pretrain",
+            "--layout",
+            "folder",
+            "--data-root",
+            str(_images(tmp / "data")),
+            *TINY_RESNET,
+            "--weights",
+            "none",
+            "--epochs",
+            "1",
+            "--val-episodes",
+            "0",
+            "--loss",
+            "emd",
+            "--hierarchy",
+            str(hierarchy),
+            "--out",
+            str(tmp / "out"),
+            *extra,
+        ],
+        str(hierarchy),
+    )
 
 
 def _hierarchy_cycle(tmp: Path):
@@ -276,26 +387,37 @@ def _hierarchy_inner_class(tmp: Path):
 
 
 def _hierarchy_negative_length(tmp: Path):
-    return _pretrain_with_hierarchy(tmp, "class,parent,edge_length\nclass0,g0,1\nclass1,g0,-2\n"
-                                         "class2,g0,1\nclass3,g0,1\n")
+    return _pretrain_with_hierarchy(
+        tmp, "class,parent,edge_length\nclass0,g0,1\nclass1,g0,-2\nclass2,g0,1\nclass3,g0,1\n"
+    )
 
 
 def _emd_rho_not_positive(tmp: Path):
-    argv, _ = _pretrain_with_hierarchy(tmp, "class0,g\nclass1,g\nclass2,g\nclass3,g\n",
-                                       "--loss", "relaxed-emd", "--emd-rho", "0")
+    argv, _ = _pretrain_with_hierarchy(
+        tmp, "class0,g\nclass1,g\nclass2,g\nclass3,g\n", "--loss", "relaxed-emd", "--emd-rho", "0"
+    )
     return argv, "emd_rho"
 
 
 def _emd_loss_without_hierarchy(tmp: Path):
     argv, _ = _pretrain_with_hierarchy(tmp, "class0,g\n")
-    del argv[argv.index("--hierarchy"):argv.index("--hierarchy") + 2]
+    del argv[argv.index("--hierarchy") : argv.index("--hierarchy") + 2]
     return argv, "--hierarchy"
 
 
 def _gallery_search(gallery: Path, tmp: Path) -> list[str]:
     query = _images(tmp / "q", classes=1, per_class=1) / "class0" / "0.png"
-    return ["retrieval", "search", "--gallery", str(gallery), *LITE0, "--queries", str(query),
-            "--out", str(tmp / "out")]
+    return [
+        "retrieval",
+        "search",
+        "--gallery",
+        str(gallery),
+        *LITE0,
+        "--queries",
+        str(query),
+        "--out",
+        str(tmp / "out"),
+    ]
 
 
 def _flip_chunk_byte(gallery: Path) -> Path:
@@ -314,8 +436,22 @@ def _corrupt_store_chunk(tmp: Path):
 def _index_over_damaged_gallery(tmp: Path):
     gallery = _gallery(tmp)
     chunk = _flip_chunk_byte(gallery)
-    return (["retrieval", "index", "--layout", "folder", "--data-root", str(tmp / "data"), *LITE0, "--split", "all",
-             "--out", str(gallery)], str(chunk))
+    return (
+        [
+            "retrieval",
+            "index",
+            "--layout",
+            "folder",
+            "--data-root",
+            str(tmp / "data"),
+            *LITE0,
+            "--split",
+            "all",
+            "--out",
+            str(gallery),
+        ],
+        str(chunk),
+    )
 
 
 _HELD_LOCKS: list[int] = []  # flocks held "by another process" while a case runs
@@ -331,16 +467,44 @@ def _gallery_locked(tmp: Path):
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.write(fd, b'{"pid": 4242, "host": "other-host", "command": "deepemd retrieval index ..."}')
     _HELD_LOCKS.append(fd)
-    return (["retrieval", "index", "--layout", "folder", "--data-root", str(_images(tmp / "data")), *LITE0,
-             "--split", "all", "--out", str(gallery)], str(gallery))
+    return (
+        [
+            "retrieval",
+            "index",
+            "--layout",
+            "folder",
+            "--data-root",
+            str(_images(tmp / "data")),
+            *LITE0,
+            "--split",
+            "all",
+            "--out",
+            str(gallery),
+        ],
+        str(gallery),
+    )
 
 
 def _newline_in_file_name(tmp: Path):
     root = _images(tmp / "data")
     odd = root / "class1" / "two\nlines.png"
     odd.write_bytes((root / "class1" / "0.png").read_bytes())
-    return (["retrieval", "index", "--layout", "folder", "--data-root", str(root), *LITE0, "--split", "all",
-             "--out", str(tmp / "gallery")], "two\\nlines.png")
+    return (
+        [
+            "retrieval",
+            "index",
+            "--layout",
+            "folder",
+            "--data-root",
+            str(root),
+            *LITE0,
+            "--split",
+            "all",
+            "--out",
+            str(tmp / "gallery"),
+        ],
+        "two\\nlines.png",
+    )
 
 
 CASES = [
@@ -368,13 +532,14 @@ CASES = [
     Case("--out under a file", _out_under_a_file, "under a file"),
     Case("--out in a folder this user may not write", _out_not_writable, "permission denied", as_user="nobody"),
     Case("config file this user may not read", _config_not_readable, "permission denied", as_user="nobody"),
-    Case("image this user may not read", _image_not_readable, "cannot read image: permission denied",
-         as_user="nobody"),
+    Case("image this user may not read", _image_not_readable, "cannot read image: permission denied", as_user="nobody"),
     Case("out in the config names an existing file", _config_out_is_a_file, "names an existing file"),
     Case("a folder where an output file goes", _output_file_is_a_folder, "is a directory"),
     Case("label hierarchy with a cycle", _hierarchy_cycle, "cycle"),
     Case("label hierarchy with several roots", _hierarchy_several_roots, "roots"),
-    Case("class missing from the label hierarchy (unknown to it)", _hierarchy_missing_class, "missing from the hierarchy"),
+    Case(
+        "class missing from the label hierarchy (unknown to it)", _hierarchy_missing_class, "missing from the hierarchy"
+    ),
     Case("class that is an inner node of the hierarchy", _hierarchy_inner_class, "inner node"),
     Case("negative edge length in the hierarchy", _hierarchy_negative_length, "negative"),
     Case("EMD loss exponent rho <= 0", _emd_rho_not_positive, "emd_rho"),
@@ -417,8 +582,11 @@ def _run_as_user(case: Case, tmp: Path) -> tuple[int, str, str]:
             command = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *command]
         env = dict(os.environ, HOME=str(shared / "home"), DEEPEMD_CACHE=str(shared / "cache"))
         done = subprocess.run(command, capture_output=True, text=True, cwd=shared, env=env, timeout=300)
-        return (done.returncode, done.stderr.strip().replace(str(shared), str(tmp)),
-                names.replace(str(shared), str(tmp)))
+        return (
+            done.returncode,
+            done.stderr.strip().replace(str(shared), str(tmp)),
+            names.replace(str(shared), str(tmp)),
+        )
     finally:
         os.umask(umask)
         shutil.rmtree(shared, ignore_errors=True)
@@ -450,7 +618,7 @@ def markdown_table() -> str:
         with tempfile.TemporaryDirectory() as tmp:
             os.environ.setdefault("DEEPEMD_CACHE", str(Path(tmp) / "cache"))
             code, stderr, _ = run_case(case, Path(tmp))
-            message = stderr[stderr.find("deepemd: error:"):]
+            message = stderr[stderr.find("deepemd: error:") :]
             message = message.replace(tmp, "…").replace("\n", " ").replace("|", "\\|")
         rows.append(f"| {case.what} | {code} | `{message}` |")
     return "\n".join(rows)

@@ -2,6 +2,7 @@
 
 Kept small on purpose: anything one test module alone needs lives in that module.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -60,8 +61,9 @@ class TinyBackbone(nn.Module):
 
     def __init__(self, input_size: int = 16):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-                                 nn.Conv2d(8, 8, 3, stride=2, padding=1))
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        )
         self.out_channels = 8
         self.default_cfg = {"input_size": input_size, "mean": (0.5,) * 3, "std": (0.5,) * 3}
 

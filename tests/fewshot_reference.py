@@ -1,6 +1,7 @@
 """The few-shot methods as they were before batching over episodes: one episode at a time,
 torch.optim per episode, one ``pairwise_similarity`` per episode. Kept in tests only, as the
 slow oracle that the batched code in ``deepemd.fewshot.methods`` must agree with."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -40,8 +41,17 @@ def emd_merge(ep: Episode, o: MethodOptions):
 
 def emd_sfc(ep: Episode, o: MethodOptions):
     gen = torch.Generator().manual_seed(o.seed)
-    layer = fit_sfc(ep.support.local, ep.support_labels, ep.way, o.sfc, gen, weights=o.weights,
-                    solver=o.solver, temperature=o.temperature, center=o.center)
+    layer = fit_sfc(
+        ep.support.local,
+        ep.support_labels,
+        ep.way,
+        o.sfc,
+        gen,
+        weights=o.weights,
+        solver=o.solver,
+        temperature=o.temperature,
+        center=o.center,
+    )
     with torch.no_grad():
         return layer(ep.query.local)
 
@@ -86,6 +96,7 @@ def cosine_classifier(ep: Episode, o: MethodOptions):
 
     def logits(x):
         return COSINE_SCALE * F.normalize(x, dim=1) @ F.normalize(weight, dim=1).T
+
     _finetune(weight, None, logits, ep, o.finetune_steps)
     with torch.no_grad():
         return logits(ep.query.global_)
@@ -108,7 +119,14 @@ def prediction_fusion(ep: Episode, o: MethodOptions):
 
 
 REFERENCE = {
-    "emd": deepemd, "emd_nn": emd_nn, "emd_fusion": emd_fusion, "emd_merge": emd_merge,
-    "protonet": protonet, "matchingnet": matchingnet, "fc": fc_dot, "cosine": cosine_classifier,
-    "knn": knn_local, "fusion": prediction_fusion,
+    "emd": deepemd,
+    "emd_nn": emd_nn,
+    "emd_fusion": emd_fusion,
+    "emd_merge": emd_merge,
+    "protonet": protonet,
+    "matchingnet": matchingnet,
+    "fc": fc_dot,
+    "cosine": cosine_classifier,
+    "knn": knn_local,
+    "fusion": prediction_fusion,
 }

@@ -1,4 +1,5 @@
 """Backbone registry: shapes, configs, packaged ImageNet weights, user checkpoints, errors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,9 +33,15 @@ def test_resnet12_is_the_few_shot_architecture():
     assert slopes == {0.1}
 
 
-@pytest.mark.parametrize("name,channels,size,cells", [
-    ("resnet18", 512, 64, 2), ("resnet50", 2048, 64, 2), ("mobilenetv2", 1280, 64, 2),
-    ("efficientnet_lite0", 1280, 160, 5)])
+@pytest.mark.parametrize(
+    "name,channels,size,cells",
+    [
+        ("resnet18", 512, 64, 2),
+        ("resnet50", 2048, 64, 2),
+        ("mobilenetv2", 1280, 64, 2),
+        ("efficientnet_lite0", 1280, 160, 5),
+    ],
+)
 def test_feature_map_shapes(name, channels, size, cells):
     net = backbones.create(name).eval()
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """Every script in benchmarks/ imports against the current package and answers ``--help``:
 they print the README's speed tables, so an API change must not leave one behind."""
+
 import runpy
 from pathlib import Path
 

@@ -4,6 +4,7 @@ statistics (``--bn frozen``, the default for pretrained weights), ``--bn train``
 The oracle for "frozen" is exact: with a learning rate of zero nothing may change at all, not the
 validation accuracy, not one BN buffer (``num_batches_tracked`` included).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,14 @@ from deepemd.fewshot import build
 from deepemd.fewshot.config import TrainConfig
 from deepemd.io import load_checkpoint
 
-NET = {"layout": "folder", "backbone": "resnet12", "backbone_widths": (8, 8, 8, 8), "image_size": 32,
-       "batch_size": 16, "seed": 0}
+NET = {
+    "layout": "folder",
+    "backbone": "resnet12",
+    "backbone_widths": (8, 8, 8, 8),
+    "image_size": 32,
+    "batch_size": 16,
+    "seed": 0,
+}
 
 
 def bn_buffers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -92,8 +99,20 @@ def test_train_mode_keeps_frozen_statistics_through_forward_and_backward():
 
 
 def _meta_cfg(blobs: Path, out: Path, weights: str, **kw) -> TrainConfig:
-    base = dict(**NET, weights=weights, data_root=str(blobs), out=str(out), way=2, shot=1, query=3, epochs=1,
-                episodes_per_epoch=3, lr=0.0, val_episodes=6, val_fraction=0.34)
+    base = dict(
+        **NET,
+        weights=weights,
+        data_root=str(blobs),
+        out=str(out),
+        way=2,
+        shot=1,
+        query=3,
+        epochs=1,
+        episodes_per_epoch=3,
+        lr=0.0,
+        val_episodes=6,
+        val_fraction=0.34,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -146,9 +165,22 @@ def test_retrieval_training_at_lr_zero_keeps_bn_buffers_unless_told_to_train(fol
     weights = tmp_path / "resnet18.pt"
     torch.save(backbones.create("resnet18").state_dict(), weights)
     start = torch.load(weights, weights_only=True)
-    common = dict(data_root=str(folder_dataset), split="all", backbone="resnet18", weights=str(weights),
-                  embed_dim=None, image_size=32, loss="contrastive", batch_size=4, m_per_class=2, epochs=1,
-                  steps_per_epoch=2, lr=0.0, augment=False, seed=3)
+    common = dict(
+        data_root=str(folder_dataset),
+        split="all",
+        backbone="resnet18",
+        weights=str(weights),
+        embed_dim=None,
+        image_size=32,
+        loss="contrastive",
+        batch_size=4,
+        m_per_class=2,
+        epochs=1,
+        steps_per_epoch=2,
+        lr=0.0,
+        augment=False,
+        seed=3,
+    )
     for distance in ("cosine", "deepemd"):  # the global embedding and the DeepEMD distance
         train(RetrievalTrain(**common, distance=distance, out=str(tmp_path / distance)), progress=True)
         assert "retrieval train batchnorm frozen (auto: pretrained start)" in capsys.readouterr().out
@@ -171,8 +203,13 @@ def test_test_time_feature_extraction_runs_the_backbone_in_eval_mode(blobs, star
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     backbone.train()  # as a training loop leaves it
     images = build.read_split(cfg, "train")
-    extract(build.dataset(images, cfg, backbone, train=False), backbone, build.create_extractor(cfg, backbone),
-            "fcn", progress=False)
+    extract(
+        build.dataset(images, cfg, backbone, train=False),
+        backbone,
+        build.create_extractor(cfg, backbone),
+        "fcn",
+        progress=False,
+    )
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
 
 

@@ -2,6 +2,7 @@
 
 The cases live in ``tests/cli_bad_inputs.py``, which also prints the README's table of them.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -19,7 +20,7 @@ def test_bad_input_gets_one_clear_error(case, tmp_path):
     assert code == 2, stderr
     assert "Traceback" not in stderr
     assert "deepemd: error:" in stderr
-    message = stderr[stderr.index("deepemd: error:"):]  # tqdm bars may precede it on stderr
+    message = stderr[stderr.index("deepemd: error:") :]  # tqdm bars may precede it on stderr
     assert case.expect.lower() in message.lower()
     assert names in message
     assert len(message.splitlines()) <= 3  # the message and its fix, not a wall
@@ -27,8 +28,19 @@ def test_bad_input_gets_one_clear_error(case, tmp_path):
 
 def test_console_script_exit_code_and_debug(tmp_path):
     missing = tmp_path / "nope"
-    argv = [sys.executable, "-m", "deepemd.cli", "retrieval", "eval", "--layout", "folder",
-            "--data-root", str(missing), "--out", str(tmp_path / "o")]
+    argv = [
+        sys.executable,
+        "-m",
+        "deepemd.cli",
+        "retrieval",
+        "eval",
+        "--layout",
+        "folder",
+        "--data-root",
+        str(missing),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     plain = subprocess.run(argv, capture_output=True, text=True)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr and str(missing) in plain.stderr
     debug = subprocess.run(argv[:3] + ["--debug"] + argv[3:], capture_output=True, text=True)

@@ -1,4 +1,5 @@
 """deepemd.config: unknown keys and wrong types are errors; precedence default < YAML < flags."""
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,8 @@ def test_precedence_default_yaml_flags(tmp_path):
     out = config_from_args(Example, _parse(["--config", str(cfg), "--lr", "0.01"]))
     assert out == Example(way=10, lr=0.01, pyramid=(3, 2, 1))
     assert config_from_args(Example, _parse(["--pyramid", "2", "1", "--resume", "true"])) == Example(
-        pyramid=(2, 1), resume=True)
+        pyramid=(2, 1), resume=True
+    )
     assert config_from_args(Example, _parse(["--resume"])).resume is True
     assert config_from_args(Example, _parse(["--resume", "false"])).resume is False
 

@@ -1,4 +1,5 @@
 """Dataset layouts (tiny fixtures in each), safe loading, transforms, samplers, demo set, export."""
+
 from __future__ import annotations
 
 import gzip
@@ -31,6 +32,7 @@ def _names(image_list) -> list[str]:
 
 
 # ---------------------------------------------------------------- layouts
+
 
 def test_folder_default_split_is_sorted_halves(folder_dataset):
     train = read_layout("folder", folder_dataset, "train")
@@ -140,9 +142,14 @@ def test_csv_split_listing_a_missing_image(tmp_path):
         read_layout("miniimagenet", root, "train")
 
 
-@pytest.mark.parametrize("layout,folders", [
-    ("tieredimagenet", ("train", "val", "test")), ("fc100", ("train", "val", "test")),
-    ("cifarfs", ("meta-train", "meta-val", "meta-test"))])
+@pytest.mark.parametrize(
+    "layout,folders",
+    [
+        ("tieredimagenet", ("train", "val", "test")),
+        ("fc100", ("train", "val", "test")),
+        ("cifarfs", ("meta-train", "meta-val", "meta-test")),
+    ],
+)
 def test_split_folder_layouts(tmp_path, layout, folders):
     root = tmp_path / layout
     for k, folder in enumerate(folders):
@@ -188,6 +195,7 @@ def test_missing_root_and_unknown_layout(tmp_path):
 
 # ---------------------------------------------------------------- safe loading
 
+
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -215,8 +223,9 @@ def _png16(path: Path, samples: np.ndarray, color_type: int) -> Path:
     height, width = samples.shape[:2]
     rows = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(height))
     ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows))
-                     + _chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -249,7 +258,9 @@ def test_other_high_bit_depth_modes(tmp_path):
     big_endian = Image.frombytes("I;16B", (6, 8), (eight * 257).astype(">u2").tobytes())
     big_endian.save(tmp_path / "be.tif")
     assert Image.open(tmp_path / "be.tif").mode == "I;16B"
-    (tmp_path / "12bit.pgm").write_bytes(b"P5 6 8 4095\n" + (eight.astype(np.int64) * 4095 // 255).astype(">u2").tobytes())
+    (tmp_path / "12bit.pgm").write_bytes(
+        b"P5 6 8 4095\n" + (eight.astype(np.int64) * 4095 // 255).astype(">u2").tobytes()
+    )
     assert Image.open(tmp_path / "12bit.pgm").mode == "I"
     Image.fromarray(eight.astype(np.float32) / 255).save(tmp_path / "unit.tif")
     assert Image.open(tmp_path / "unit.tif").mode == "F"
@@ -257,7 +268,7 @@ def test_other_high_bit_depth_modes(tmp_path):
         got = np.asarray(load_image(tmp_path / name)).astype(int)
         assert np.abs(got - _rgb8_of_grey(eight)).max() <= 1, name  # 4095 steps: rounding differs by 1
     # a 32-bit image beyond 16 bits declares no white level: its range is stretched to 0..255
-    wide = (eight.astype(np.int32) * 1_000_000 - 50_000_000)
+    wide = eight.astype(np.int32) * 1_000_000 - 50_000_000
     Image.fromarray(wide).save(tmp_path / "wide.tif")
     got = np.asarray(load_image(tmp_path / "wide.tif"))[..., 0].astype(int)
     stretched = np.rint((eight - eight.min()) * 255 / (eight.max() - eight.min()))
@@ -308,6 +319,7 @@ def test_image_dataset_errors_name_the_file_or_skip_with_a_count(folder_dataset)
 
 # ---------------------------------------------------------------- transforms
 
+
 def test_test_transform_is_resize_92_84_then_normalise():
     cfg = {"input_size": 84, "mean": (0.5, 0.25, 0.0), "std": (0.5, 0.25, 1.0)}
     image = Image.fromarray(np.full((100, 200, 3), 255, dtype=np.uint8))
@@ -330,6 +342,7 @@ def test_train_transform_is_random_resized_crop_and_flip():
 
 
 # ---------------------------------------------------------------- samplers
+
 
 def test_episode_layout_and_determinism():
     labels = np.repeat(np.arange(8), 10)
@@ -373,13 +386,14 @@ def test_class_balanced_sampler_gives_m_per_class():
     sampler = class_balanced_sampler(labels, m=3, batch_size=12)
     order = list(iter(sampler))
     for start in range(0, len(order) - 11, 12):
-        _, counts = np.unique(labels[order[start:start + 12]], return_counts=True)
+        _, counts = np.unique(labels[order[start : start + 12]], return_counts=True)
         assert counts.tolist() == [3, 3, 3, 3]
     with pytest.raises(DeepEMDError, match="multiple of m=4"):
         class_balanced_sampler(labels, m=4, batch_size=10)
 
 
 # ---------------------------------------------------------------- bundled data
+
 
 def test_demo_root_is_the_omniglot_folder_layout():
     root = demo_root()
@@ -395,8 +409,9 @@ def test_demo_root_is_the_omniglot_folder_layout():
     assert image.size == (105, 105) and image.mode == "RGB"
 
 
-needs_fashion = pytest.mark.skipif(not (FASHION_SOURCE / "t10k-labels-idx1-ubyte.gz").is_file(),
-                                   reason="Debian dataset-fashion-mnist is not installed")
+needs_fashion = pytest.mark.skipif(
+    not (FASHION_SOURCE / "t10k-labels-idx1-ubyte.gz").is_file(), reason="Debian dataset-fashion-mnist is not installed"
+)
 
 
 @needs_fashion

@@ -1,5 +1,6 @@
 """benchmarks/device_check.py runs its CPU side and exits 0 on a machine without CUDA (or with
 --cpu-only), printing one table row per check; on a GPU machine it is the session's device check."""
+
 import runpy
 from pathlib import Path
 

@@ -7,6 +7,7 @@
   and its options are checked like a run would check them (types, choices, bounds, ``--config``
   files); every ``python benchmarks/X.py ...`` line is parsed by that script's own argparse.
 """
+
 from __future__ import annotations
 
 import ast
@@ -23,8 +24,22 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"(?:<!-- snippet: (?P<mark>[\w-]+) -->\s*\n)?```(?P<lang>\w+)\n(?P<body>.*?)```", re.S)
 #: Set-up and tooling lines: CI itself runs them (.ci/run runs the README's test command).
-TOOLING = ("pip", "python3 -m venv", "python -m pytest", "apt-get", ".", "source", "cd", "git", "bash", "time",
-           "mkdocs", "ruff", "mypy", "export")
+TOOLING = (
+    "pip",
+    "python3 -m venv",
+    "python -m pytest",
+    "apt-get",
+    ".",
+    "source",
+    "cd",
+    "git",
+    "bash",
+    "time",
+    "mkdocs",
+    "ruff",
+    "mypy",
+    "export",
+)
 
 
 def blocks(lang: str) -> list[tuple[str, str, str]]:
@@ -85,7 +100,7 @@ PYTHON = blocks("python")
 def test_documented_commands_parse(where, mark, body, monkeypatch, capsys):
     for argv in commands(body):
         if argv[0] == "torchrun":
-            argv = argv[argv.index("deepemd"):]
+            argv = argv[argv.index("deepemd") :]
         if argv[0] == "deepemd":
             check_deepemd(argv[1:])
         elif argv[0] == "python" and argv[1].startswith("benchmarks/"):

@@ -1,4 +1,5 @@
 """Scores and all-pairs scoring: what the retrieval and few-shot jobs call."""
+
 import pytest
 import torch
 
@@ -39,12 +40,12 @@ def test_pairwise_similarity_scores_every_pair_and_chunking_changes_nothing(weig
     opts = dict(weights=weights, temperature=2.0, center=center)
     full = pairwise_similarity(a, b, **opts)
     assert full.shape == (3, 5)
-    per_pair = torch.stack([torch.cat([similarity(a[p:p + 1], b[q:q + 1], **opts)
-                                       for q in range(5)]) for p in range(3)])
+    per_pair = torch.stack(
+        [torch.cat([similarity(a[p : p + 1], b[q : q + 1], **opts) for q in range(5)]) for p in range(3)]
+    )
     torch.testing.assert_close(full, per_pair, rtol=0, atol=1e-6)
     for chunk in (1, 4, 5, 7, 10, 1000):
-        torch.testing.assert_close(pairwise_similarity(a, b, chunk=chunk, **opts), full,
-                                   rtol=0, atol=1e-12)
+        torch.testing.assert_close(pairwise_similarity(a, b, chunk=chunk, **opts), full, rtol=0, atol=1e-12)
 
 
 def test_pairwise_similarity_float32_matches_per_pair():
@@ -52,7 +53,7 @@ def test_pairwise_similarity_float32_matches_per_pair():
     a, b = torch.relu(torch.randn(2, 25, 64, generator=gen)), torch.randn(7, 9, 64, generator=gen)
     full = pairwise_similarity(a, b)
     assert full.dtype == torch.float32
-    per_pair = torch.stack([similarity(a[p:p + 1].expand(7, -1, -1), b) for p in range(2)])
+    per_pair = torch.stack([similarity(a[p : p + 1].expand(7, -1, -1), b) for p in range(2)])
     torch.testing.assert_close(full, per_pair, rtol=0, atol=1e-6)
 
 
@@ -78,8 +79,7 @@ def test_finite_check_is_not_fooled_by_an_overflowing_sum():
 def test_pairwise_similarity_is_differentiable():
     a = rand(2, 3, 4).requires_grad_(True)
     b = rand(3, 3, 4, seed=1).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: pairwise_similarity(a, b, chunk=4), (a, b),
-                                    eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda a, b: pairwise_similarity(a, b, chunk=4), (a, b), eps=1e-6, atol=1e-5)
 
 
 def test_uniform_weights_and_sinkhorn_route_through_similarity():
@@ -96,14 +96,26 @@ def test_bench_prints_a_ratio_table(capsys):
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--sizes", "3x4", "--batches", "2", "--repeats", "1",
-                              "--qpth-count", "1", "--no-qpth-probe", "--sinkhorn-iters", "50"])
+    args = parser.parse_args(
+        [
+            "--sizes",
+            "3x4",
+            "--batches",
+            "2",
+            "--repeats",
+            "1",
+            "--qpth-count",
+            "1",
+            "--no-qpth-probe",
+            "--sinkhorn-iters",
+            "50",
+        ]
+    )
     assert run(args) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 3x4 | 2 |")]
     solvers = {line.split(" | ")[2] for line in rows}
-    assert solvers == {"cv2.EMD loop", "POT ot.emd loop", "exact (ours)", "sinkhorn",
-                       "qpth batch-1 loop"}
+    assert solvers == {"cv2.EMD loop", "POT ot.emd loop", "exact (ours)", "sinkhorn", "qpth batch-1 loop"}
     assert "loadavg" in out
 
 
@@ -114,12 +126,14 @@ def test_bench_pairwise_mode_prints_the_rerank_table(capsys):
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--pairwise", "2x3", "--nodes", "4", "--channels", "8",
-                              "--repeats", "1"])
+    args = parser.parse_args(["--pairwise", "2x3", "--nodes", "4", "--channels", "8", "--repeats", "1"])
     assert run(args) == 0
     out = capsys.readouterr().out
     rows = [line.split(" | ")[1] for line in out.splitlines() if line.startswith("| 2x3 |")]
-    assert rows == ["per-pair similarity on gathered copies (reference)", "pairwise_similarity",
-                    "  of which the exact solve (solve_batch)"]
+    assert rows == [
+        "per-pair similarity on gathered copies (reference)",
+        "pairwise_similarity",
+        "  of which the exact solve (solve_batch)",
+    ]
     difference = float(out.split("between the two: ")[1].split()[0])
     assert difference < 1e-5

@@ -1,12 +1,12 @@
 """Edge cases of the EMD head, each with a defined result or a clear error."""
+
 import numpy as np
 import pytest
 import torch
-
-from deepemd.emd import (cost_matrix, cross_reference_weights, pairwise_similarity, similarity,
-                         solve, uniform_weights)
-from deepemd.errors import DeepEMDError
 from test_emd_exact import highs_emd  # tests/ is on sys.path (pytest prepend mode)
+
+from deepemd.emd import cost_matrix, cross_reference_weights, pairwise_similarity, similarity, solve, uniform_weights
+from deepemd.errors import DeepEMDError
 
 
 def rand(*shape, seed=0, dtype=torch.float64):
@@ -78,8 +78,7 @@ def test_unbalanced_masses_are_rescaled_to_their_mean_total():
     dist, flow = solve(cost, wu, 3.0 * wv)
     total = 0.5 * (wu.sum() + 3.0 * wv.sum())
     torch.testing.assert_close(flow.sum(), total)
-    ref = highs_emd(cost[0].numpy(), (wu * total / wu.sum())[0].numpy(),
-                    (wv * total / wv.sum())[0].numpy())
+    ref = highs_emd(cost[0].numpy(), (wu * total / wu.sum())[0].numpy(), (wv * total / wv.sum())[0].numpy())
     assert abs(dist.item() - ref) <= 1e-9 * ref
 
 
@@ -107,12 +106,10 @@ def test_tiny_and_huge_costs(scale):
     cost = rng.random((6, 7)) * scale
     a, b = rng.random(6), rng.random(7)
     b *= a.sum() / b.sum()
-    dist, flow = solve(torch.from_numpy(cost)[None], torch.from_numpy(a)[None],
-                       torch.from_numpy(b)[None])
+    dist, flow = solve(torch.from_numpy(cost)[None], torch.from_numpy(a)[None], torch.from_numpy(b)[None])
     ref = highs_emd(cost / scale, a, b) * scale  # HiGHS's own tolerances are absolute
     assert abs(dist.item() - ref) <= 1e-9 * ref
-    unit, _ = solve(torch.from_numpy(cost / scale)[None], torch.from_numpy(a)[None],
-                    torch.from_numpy(b)[None])
+    unit, _ = solve(torch.from_numpy(cost / scale)[None], torch.from_numpy(a)[None], torch.from_numpy(b)[None])
     assert abs(dist.item() - scale * unit.item()) <= 1e-9 * ref
 
 
@@ -134,8 +131,12 @@ def test_opencv_refuses_to_pretend_it_has_a_gradient():
     with pytest.raises(DeepEMDError, match="no gradient"):
         similarity(u, rand(1, 3, 4, seed=1), solver="opencv")
     with torch.no_grad():
-        torch.testing.assert_close(similarity(u, rand(1, 3, 4, seed=1), solver="opencv"),
-                                   similarity(u, rand(1, 3, 4, seed=1)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            similarity(u, rand(1, 3, 4, seed=1), solver="opencv"),
+            similarity(u, rand(1, 3, 4, seed=1)),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-12, 1e-9, 1e19, 1e25, 1e35])
@@ -168,8 +169,7 @@ def test_nodes_of_very_different_norms_in_one_set():
         got = pairwise_similarity(a, b, weights=weights)
         torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-6)
     cost = cost_matrix(a[:1], b[:1])
-    torch.testing.assert_close(cost.double(), cost_matrix(a[:1].double(), b[:1].double()),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(cost.double(), cost_matrix(a[:1].double(), b[:1].double()), rtol=0, atol=1e-6)
 
 
 def test_pairwise_similarity_with_an_empty_side_is_empty():

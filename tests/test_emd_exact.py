@@ -1,4 +1,5 @@
 """The exact solver against independent oracles: scipy's HiGHS LP solver and POT."""
+
 import numpy as np
 import ot
 import pytest
@@ -17,8 +18,13 @@ def highs_emd(cost: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     m, n = cost.shape
     rows = sp.kron(sp.eye(m), np.ones((1, n)))
     cols = sp.kron(np.ones((1, m)), sp.eye(n))
-    res = linprog(cost.ravel(), A_eq=sp.vstack([rows, cols]).tocsr(), b_eq=np.concatenate([a, b]),
-                  bounds=(0, None), method="highs")
+    res = linprog(
+        cost.ravel(),
+        A_eq=sp.vstack([rows, cols]).tocsr(),
+        b_eq=np.concatenate([a, b]),
+        bounds=(0, None),
+        method="highs",
+    )
     assert res.status == 0, res.message
     return res.fun
 
@@ -61,10 +67,10 @@ def test_exact_matches_highs_and_pot_on_500_random_problems():
         assert np.abs(flow.sum(0) - b).max() <= 1e-6 * mass
         reduced = cost - alpha[:, None] - beta[None, :]
         tol = 1e-9 * max(1.0, np.abs(cost).max())
-        assert reduced.min() >= -tol                                     # dual feasible
+        assert reduced.min() >= -tol  # dual feasible
         assert np.abs(reduced[flow > 1e-12 * mass]).max(initial=0) <= tol  # compl. slackness
-        assert abs(a @ alpha + b @ beta - dist) <= 1e-6 * scale           # strong duality
-        assert abs(a @ alpha - b @ beta) <= 1e-6 * scale                  # centred gauge
+        assert abs(a @ alpha + b @ beta - dist) <= 1e-6 * scale  # strong duality
+        assert abs(a @ alpha - b @ beta) <= 1e-6 * scale  # centred gauge
     assert fallbacks == 0  # the simplex itself solved every problem (no POT fallback)
 
 
@@ -76,7 +82,7 @@ def test_batched_call_equals_problem_by_problem():
     b *= (a.sum(1) / b.sum(1))[:, None]
     batched = exact_numpy(cost, a, b)
     for k in range(40):
-        single = exact_numpy(cost[k:k + 1], a[k:k + 1], b[k:k + 1])
+        single = exact_numpy(cost[k : k + 1], a[k : k + 1], b[k : k + 1])
         for got, want in zip(batched, single):
             np.testing.assert_array_equal(got[k], want[0])
 
@@ -112,9 +118,9 @@ def test_reference_solvers_agree_with_exact(m, n):
         opencv, cv_flow = solve(cost, wu, wv, solver="opencv")
     qpth, _ = solve(cost, wu, wv, solver="qpth")
     sinkhorn, sk_flow = solve(cost, wu, wv, solver="sinkhorn", eps=1e-3, n_iter=5000, tol=1e-9)
-    torch.testing.assert_close(opencv, exact, rtol=1e-5, atol=1e-5)     # float32 inside
-    torch.testing.assert_close(qpth, exact, rtol=1e-4, atol=1e-5)       # L2 term 1e-6
-    torch.testing.assert_close(sinkhorn, exact, rtol=1e-2, atol=1e-2)   # entropic bias ~ eps
+    torch.testing.assert_close(opencv, exact, rtol=1e-5, atol=1e-5)  # float32 inside
+    torch.testing.assert_close(qpth, exact, rtol=1e-4, atol=1e-5)  # L2 term 1e-6
+    torch.testing.assert_close(sinkhorn, exact, rtol=1e-2, atol=1e-2)  # entropic bias ~ eps
     assert torch.allclose(cv_flow.sum(-1), wu, atol=1e-4)
     assert torch.allclose(sk_flow.sum(-1), wu, atol=1e-3)  # slow to converge at small eps
 
@@ -124,8 +130,10 @@ def test_sinkhorn_tends_to_exact_as_eps_shrinks():
     cost = cost_matrix(u, v)
     wu, wv = cross_reference_weights(u, v)
     exact, _ = solve(cost, wu, wv)
-    errors = [float((solve(cost, wu, wv, solver="sinkhorn", eps=eps, n_iter=20000, tol=1e-10)[0]
-                     - exact).abs().max()) for eps in (1e-1, 1e-2, 1e-3)]
+    errors = [
+        float((solve(cost, wu, wv, solver="sinkhorn", eps=eps, n_iter=20000, tol=1e-10)[0] - exact).abs().max())
+        for eps in (1e-1, 1e-2, 1e-3)
+    ]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-2
 
@@ -175,9 +183,13 @@ def highs_restricted(cost: np.ndarray, a: np.ndarray, b: np.ndarray, allowed: np
     m, n = cost.shape
     rows = sp.kron(sp.eye(m), np.ones((1, n)))
     cols = sp.kron(np.ones((1, m)), sp.eye(n))
-    res = linprog(np.where(allowed, cost, 0.0).ravel(), A_eq=sp.vstack([rows, cols]).tocsr(),
-                  b_eq=np.concatenate([a, b]), method="highs",
-                  bounds=[(0, None) if ok else (0, 0) for ok in allowed.ravel()])
+    res = linprog(
+        np.where(allowed, cost, 0.0).ravel(),
+        A_eq=sp.vstack([rows, cols]).tocsr(),
+        b_eq=np.concatenate([a, b]),
+        method="highs",
+        bounds=[(0, None) if ok else (0, 0) for ok in allowed.ravel()],
+    )
     return res.fun if res.status == 0 else None
 
 

@@ -1,4 +1,5 @@
 """Gradients of the exact layer: finite differences, qpth's KKT gradients, subgradients."""
+
 import pytest
 import torch
 
@@ -12,14 +13,19 @@ def features(batch, m, n, d=5, seed=0):
     return u.requires_grad_(True), v.requires_grad_(True)
 
 
-@pytest.mark.parametrize("m,n,weights,center", [(4, 4, "cross", False), (5, 3, "cross", True),
-                                                (3, 6, "uniform", False)])
+@pytest.mark.parametrize(
+    "m,n,weights,center", [(4, 4, "cross", False), (5, 3, "cross", True), (3, 6, "uniform", False)]
+)
 def test_similarity_gradient_matches_finite_differences(m, n, weights, center):
     # Gaussian features give non-degenerate LPs with probability 1, where the layer is smooth.
     u, v = features(3, m, n, seed=m + 10 * n)
     assert torch.autograd.gradcheck(
         lambda u, v: similarity(u, v, weights=weights, center=center, temperature=12.5),
-        (u, v), eps=1e-6, atol=1e-5, rtol=1e-4)
+        (u, v),
+        eps=1e-6,
+        atol=1e-5,
+        rtol=1e-4,
+    )
 
 
 def test_solve_gradient_reaches_cost_and_both_weight_vectors():
@@ -27,8 +33,7 @@ def test_solve_gradient_reaches_cost_and_both_weight_vectors():
     cost = cost_matrix(u, v).detach().requires_grad_(True)
     wu, wv = (w.detach().requires_grad_(True) for w in cross_reference_weights(u, v))
     # Unbalanced directions included: solve() rescales both sides to the mean total first.
-    assert torch.autograd.gradcheck(lambda c, a, b: solve(c, a, b)[0], (cost, wu, wv),
-                                    eps=1e-7, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda c, a, b: solve(c, a, b)[0], (cost, wu, wv), eps=1e-7, atol=1e-6)
 
 
 @pytest.mark.parametrize("m,n", [(3, 3), (4, 5)])
@@ -78,8 +83,7 @@ def test_gradient_is_a_valid_subgradient_on_degenerate_problems(seed):
             da = 0.1 * torch.randn(wu.shape, generator=gen, dtype=torch.float64)
             db = 0.1 * torch.randn(wv.shape, generator=gen, dtype=torch.float64)
             da, db = da - da.mean(), db - db.mean()
-            assert solve(cost, wu + da, wv + db)[0] >= dist + (g_wu * da).sum() \
-                + (g_wv * db).sum() - 1e-9
+            assert solve(cost, wu + da, wv + db)[0] >= dist + (g_wu * da).sum() + (g_wv * db).sum() - 1e-9
 
 
 def test_gradient_is_deterministic_on_degenerate_problems():

@@ -6,6 +6,7 @@ DeepEMDError; the distance equals POT's ot.emd2 (on the costs divided by their s
 scaled back: the EMD is linear in the costs, and POT's tolerances are absolute); the flow meets
 both marginals. Derandomised, so CI runs the same examples every time.
 """
+
 import numpy as np
 import ot
 import pytest
@@ -17,8 +18,7 @@ from deepemd.emd import pairwise_similarity, similarity, solve
 from deepemd.emd.exact import solve_batch
 from deepemd.errors import DeepEMDError
 
-PROPERTY = settings(max_examples=150, derandomize=True, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 COST_KINDS = ("uniform", "ties", "constant", "sparse-large", "integers")
 
 
@@ -44,15 +44,17 @@ def make_weights(rng: np.random.Generator, size: int, zeros: float, uniform: boo
     return w
 
 
-problems = st.fixed_dictionaries({
-    "seed": st.integers(0, 2**32 - 1),
-    "m": st.integers(1, 40),
-    "n": st.integers(1, 40),
-    "exponent": st.integers(-300, 300),
-    "kind": st.sampled_from(COST_KINDS),
-    "zeros": st.sampled_from([0.0, 0.3, 0.8]),
-    "uniform": st.booleans(),
-})
+problems = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**32 - 1),
+        "m": st.integers(1, 40),
+        "n": st.integers(1, 40),
+        "exponent": st.integers(-300, 300),
+        "kind": st.sampled_from(COST_KINDS),
+        "zeros": st.sampled_from([0.0, 0.3, 0.8]),
+        "uniform": st.booleans(),
+    }
+)
 
 
 def draw(p: dict):
@@ -104,18 +106,20 @@ def test_non_finite_input_is_one_clear_error(p, where, bad):
         solve(*(torch.from_numpy(arrays[k])[None] for k in ("cost", "wu", "wv")))
 
 
-features = st.fixed_dictionaries({
-    "seed": st.integers(0, 2**32 - 1),
-    "p": st.integers(1, 3),
-    "q": st.integers(1, 3),
-    "m": st.integers(1, 12),
-    "n": st.integers(1, 12),
-    "d": st.integers(1, 24),
-    "exponent": st.integers(-30, 30),
-    "dead": st.sampled_from([0.0, 0.3]),
-    "center": st.booleans(),
-    "weights": st.sampled_from(["cross", "uniform"]),
-})
+features = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**32 - 1),
+        "p": st.integers(1, 3),
+        "q": st.integers(1, 3),
+        "m": st.integers(1, 12),
+        "n": st.integers(1, 12),
+        "d": st.integers(1, 24),
+        "exponent": st.integers(-30, 30),
+        "dead": st.sampled_from([0.0, 0.3]),
+        "center": st.booleans(),
+        "weights": st.sampled_from(["cross", "uniform"]),
+    }
+)
 
 
 @PROPERTY

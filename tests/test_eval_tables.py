@@ -1,4 +1,5 @@
 """deepemd.eval: the 95% interval by hand, and the csv/markdown pair."""
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ Oracles: ``deepemd.emd.pairwise_similarity`` per episode for the batched EMD sco
 per-episode methods (tests/fewshot_reference.py: torch.optim per episode, one pairwise call per
 episode, ``fit_sfc`` per episode) scored on the same seeded episodes through ``evaluate``.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -122,8 +123,9 @@ def test_knn_sharing_the_emd_dot_products_equals_its_own_matmul():
         a, b = make_batch(shared, idx, 5, 2), make_batch(separate, idx, 5, 2)
         METHODS["emd_nn"].build(o).batch(a)  # computes the shared dots first
         assert ("local_dots", center) in a.memo
-        torch.testing.assert_close(METHODS["knn"].build(o).batch(a), METHODS["knn"].build(o).batch(b),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            METHODS["knn"].build(o).batch(a), METHODS["knn"].build(o).batch(b), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_stacked_episode_labels_match_one_episode_at_a_time():

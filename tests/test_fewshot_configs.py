@@ -1,5 +1,6 @@
 """Every shipped few-shot config parses into its command's dataclass (unknown keys are errors)
 and names things that exist (layout, backbone, local set, methods, solver)."""
+
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,5 @@
 """Seeded episodes, per-rank sharding, and the 95% CI of the results table."""
+
 import math
 
 import numpy as np
@@ -54,6 +55,7 @@ def test_all_methods_see_the_same_episodes():
         def run(ep):
             seen[name].append(ep.query.global_.sum().item())
             return torch.randn(ep.query.global_.shape[0], ep.way, generator=torch.Generator().manual_seed(0))
+
         return run
 
     evaluate(cache, {"a": recorder("a"), "b": recorder("b")}, 4, 2, 3, 5, seed=1, progress=False)

@@ -1,5 +1,6 @@
 """Every few-shot method runs on a tiny episode, returns (queries, way) scores, and gets a
 clearly separable episode right; the k-shot EMD rules agree with their definitions."""
+
 import numpy as np
 import pytest
 import torch
@@ -23,8 +24,9 @@ def _episode(noise=0.1, seed=0, shot=SHOT):
     centres = torch.randn(WAY, NODES, DIM, generator=gen).abs() + torch.eye(WAY, DIM)[:, None, :] * 3
     s_labels = torch.arange(WAY).repeat_interleave(shot)
     q_labels = torch.arange(WAY).repeat_interleave(QUERY)
-    return Episode(WAY, shot, _cache(s_labels, centres, noise, gen), _cache(q_labels, centres, noise, gen),
-                   s_labels, q_labels)
+    return Episode(
+        WAY, shot, _cache(s_labels, centres, noise, gen), _cache(q_labels, centres, noise, gen), s_labels, q_labels
+    )
 
 
 OPTS = MethodOptions(sfc=SFCFit(steps=10, batch_size=3), finetune_steps=30)

@@ -1,4 +1,5 @@
 """Pre-training checkpoints/resume, and 2-process gloo DDP meta-training on the CPU."""
+
 import os
 import socket
 from pathlib import Path
@@ -15,8 +16,15 @@ from deepemd.fewshot.config import PretrainConfig, TrainConfig
 from deepemd.io import load_checkpoint
 from deepemd.seeding import seed_everything
 
-TINY = dict(layout="folder", backbone="resnet12", backbone_widths=(4, 8, 8, 16), weights="none",
-            image_size=32, batch_size=16, seed=0)
+TINY = dict(
+    layout="folder",
+    backbone="resnet12",
+    backbone_widths=(4, 8, 8, 16),
+    weights="none",
+    image_size=32,
+    batch_size=16,
+    seed=0,
+)
 
 
 def write_pattern_folder(root: Path, classes: int = 12, per_class: int = 4, size: int = 32) -> Path:
@@ -42,8 +50,17 @@ def folder(tmp_path_factory):
 def test_pretrain_checkpoints_load_weights_only_and_resume(folder, tmp_path):
     from deepemd.fewshot.pretrain import pretrain
 
-    cfg = PretrainConfig(**TINY, data_root=str(folder), out=str(tmp_path), epochs=1, rotation=True,
-                         val_way=2, val_query=2, val_episodes=2, step_size=1)
+    cfg = PretrainConfig(
+        **TINY,
+        data_root=str(folder),
+        out=str(tmp_path),
+        epochs=1,
+        rotation=True,
+        val_way=2,
+        val_query=2,
+        val_episodes=2,
+        step_size=1,
+    )
     pretrain(cfg, progress=False)
     state = load_checkpoint(tmp_path / "last.pt")  # weights_only=True inside
     assert {"backbone", "heads", "optimizer", "scheduler", "epoch", "rng", "best", "config"} <= set(state)
@@ -67,8 +84,9 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from deepemd.fewshot.metatrain import meta_train
 
@@ -78,8 +96,18 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) ->
 
 @pytest.mark.slow
 def test_two_process_gloo_ddp_meta_training_keeps_ranks_identical(folder, tmp_path):
-    cfg = TrainConfig(**TINY, data_root=str(folder), out=str(tmp_path / "run"), way=2, shot=1, query=1,
-                      epochs=1, episodes_per_epoch=4, lr=0.05, val_episodes=2)
+    cfg = TrainConfig(
+        **TINY,
+        data_root=str(folder),
+        out=str(tmp_path / "run"),
+        way=2,
+        shot=1,
+        query=1,
+        epochs=1,
+        episodes_per_epoch=4,
+        lr=0.05,
+        val_episodes=2,
+    )
     mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -93,8 +121,9 @@ def test_two_process_gloo_ddp_meta_training_keeps_ranks_identical(folder, tmp_pa
     assert {"best.pt", "history.csv", "last.pt"} <= {p.name for p in (tmp_path / "run").iterdir()}
 
 
-@pytest.mark.parametrize("local, extra", [("fcn", {"pyramid": (1,)}), ("grid", {"grid_levels": (2, 1)}),
-                                          ("sampling", {"num_patches": 3})])
+@pytest.mark.parametrize(
+    "local, extra", [("fcn", {"pyramid": (1,)}), ("grid", {"grid_levels": (2, 1)}), ("sampling", {"num_patches": 3})]
+)
 def test_episode_loss_reaches_the_backbone_for_every_local_set(local, extra):
     from deepemd.fewshot.metatrain import EpisodeNet
 

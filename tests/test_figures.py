@@ -1,5 +1,6 @@
 """Flow pictures show the image as the network saw it: a non-square image gets its boxes on the
 regions its nodes came from (the test transform's resize + centre crop, not a squashed square)."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -52,8 +53,9 @@ def test_retrieval_figure_draws_the_crop_the_network_saw(tmp_path, monkeypatch):
         drawn.append((image_a, image_b, boxes_a, flow))
 
     monkeypatch.setattr(figures, "draw_flow", capture)
-    figures.save_rerank_figure(tmp_path / "flows.png", images, glob, sets, model, RerankSettings(depth=3),
-                               count=2, seed=0)
+    figures.save_rerank_figure(
+        tmp_path / "flows.png", images, glob, sets, model, RerankSettings(depth=3), count=2, seed=0
+    )
     assert (tmp_path / "flows.png").is_file() and len(drawn) == 2
     expected = {tuple(seen_image(p, SIZE).ravel()[:64]) for p in paths}
     for image_a, image_b, boxes, flow in drawn:

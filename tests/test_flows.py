@@ -1,4 +1,5 @@
 """Flow pictures: one line per drawn flow, wider for larger flow; files written atomically."""
+
 from __future__ import annotations
 
 import numpy as np

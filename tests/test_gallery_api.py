@@ -1,4 +1,5 @@
 """``Gallery.open(path).search(...)``: the Python API of the main job, agreeing with the CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -6,15 +7,28 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_class_folders
 
 from deepemd.cli import main
 from deepemd.errors import DeepEMDError
 from deepemd.retrieval import Gallery
 
-from conftest import make_class_folders
-
-TINY = ["--backbone", "resnet12", "--backbone-widths", "8", "8", "8", "8", "--weights", "none", "--image-size", "32",
-        "--pyramid", "2", "1"]
+TINY = [
+    "--backbone",
+    "resnet12",
+    "--backbone-widths",
+    "8",
+    "8",
+    "8",
+    "8",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--pyramid",
+    "2",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +45,24 @@ def gallery(images):
 
 def test_open_rebuilds_the_network_and_matches_the_cli_search(gallery, images, tmp_path, monkeypatch):
     queries = sorted(images.rglob("*.png"))[:3]
-    assert main(["retrieval", "search", "--gallery", str(gallery), "--queries", *map(str, queries[:1]), *TINY,
-                 "--top", "4", "--out", str(tmp_path / "cli")]) == 0
+    assert (
+        main(
+            [
+                "retrieval",
+                "search",
+                "--gallery",
+                str(gallery),
+                "--queries",
+                *map(str, queries[:1]),
+                *TINY,
+                "--top",
+                "4",
+                "--out",
+                str(tmp_path / "cli"),
+            ]
+        )
+        == 0
+    )
     with open(tmp_path / "cli" / "search.csv") as fh:
         cli_ids = [int(row["id"]) for row in csv.DictReader(fh)]
     monkeypatch.chdir(tmp_path)  # the recorded options hold no path relative to where index ran

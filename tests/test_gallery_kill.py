@@ -7,6 +7,7 @@ The CLI runs in a subprocess through a small wrapper that only makes the gallery
 index, the verification before the swap), so the test can kill it at a known step by watching
 the staging folder. Everything else is the shipped code path: ``deepemd.cli.main``.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import make_class_folders, write_image
 from test_gallery_transactions import MODEL, files, index, same_results, search
 
@@ -53,10 +53,31 @@ WRAPPER = textwrap.dedent("""
 
 
 def argv(data: Path, out: Path) -> list[str]:
-    return [sys.executable, "-c", WRAPPER, "retrieval", "index", "--layout", "folder", "--data-root", str(data),
-            "--split", "all", "--out", str(out), "--backbone", MODEL["backbone"], "--weights", MODEL["weights"],
-            "--image-size", str(MODEL["image_size"]), "--pyramid", *map(str, MODEL["pyramid"]),
-            "--batch-size", str(MODEL["batch_size"])]
+    return [
+        sys.executable,
+        "-c",
+        WRAPPER,
+        "retrieval",
+        "index",
+        "--layout",
+        "folder",
+        "--data-root",
+        str(data),
+        "--split",
+        "all",
+        "--out",
+        str(out),
+        "--backbone",
+        MODEL["backbone"],
+        "--weights",
+        MODEL["weights"],
+        "--image-size",
+        str(MODEL["image_size"]),
+        "--pyramid",
+        *map(str, MODEL["pyramid"]),
+        "--batch-size",
+        str(MODEL["batch_size"]),
+    ]
 
 
 def env(pause: float, gate: Path | None = None) -> dict[str, str]:
@@ -125,15 +146,15 @@ def test_two_writers_at_once_one_wins_the_other_gets_one_clear_error(tmp_path):
     other = make_class_folders(tmp_path / "other", [f"class_{c}" for c in "xyz"], 3)
     out = tmp_path / "g"
     gate = tmp_path / "gate"
-    first = subprocess.Popen(argv(data, out), env=env(0, gate), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen(
+        argv(data, out), env=env(0, gate), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 120
         while staged_chunks(out.parent / ".g.staging") < 1:  # the first writer holds the lock
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
-        second = subprocess.run(argv(other, out), env=env(0), capture_output=True, text=True, timeout=180,
-                                check=False)
+        second = subprocess.run(argv(other, out), env=env(0), capture_output=True, text=True, timeout=180, check=False)
         assert first.poll() is None, "the first writer must still be running"
         gate.touch()
         _, first_err = first.communicate(timeout=180)
@@ -142,7 +163,7 @@ def test_two_writers_at_once_one_wins_the_other_gets_one_clear_error(tmp_path):
             first.kill()
     assert first.returncode == 0, first_err[-2000:]
     assert second.returncode == 2 and "Traceback" not in second.stderr
-    message = second.stderr[second.stderr.index("deepemd: error:"):]
+    message = second.stderr[second.stderr.index("deepemd: error:") :]
     assert "another deepemd run is writing this gallery" in message and f'"pid": {first.pid}' in message
     assert len(message.strip().splitlines()) <= 2
     rows = search(out, data / "class_a", tmp_path / "s")  # the winner's gallery, complete

@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis) for the feature store, the id map and a whole gallery:
 random galleries, kills at random writes, random byte corruptions. The property everywhere is
 "never a silent wrong result": either exactly the right answer or one DeepEMDError."""
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,15 @@ def galleries(draw):
 
 
 def write(path: Path, local, vectors, chunk: int, dtype: str, batches: list[int]) -> LocalFeatureStore:
-    store = LocalFeatureStore.create(path, local.shape[1], local.shape[2], FP, chunk_size=chunk,
-                                     vector_dim=None if vectors is None else 3, dtype=dtype)
+    store = LocalFeatureStore.create(
+        path,
+        local.shape[1],
+        local.shape[2],
+        FP,
+        chunk_size=chunk,
+        vector_dim=None if vectors is None else 3,
+        dtype=dtype,
+    )
     start = 0
     for size in batches + [len(local)]:
         stop = min(len(local), start + size)
@@ -50,8 +58,7 @@ def write(path: Path, local, vectors, chunk: int, dtype: str, batches: list[int]
 def read_all(path: Path) -> list[np.ndarray]:
     store = LocalFeatureStore.open(path, expected_fingerprint=FP)
     n = len(store)
-    out = [store.get(np.arange(n)), store.get(np.arange(n)[::-1]),
-           np.concatenate([c for _, c in store.iter_chunks()])]
+    out = [store.get(np.arange(n)), store.get(np.arange(n)[::-1]), np.concatenate([c for _, c in store.iter_chunks()])]
     if store.vector_dim is not None:
         out += [store.get_vectors(np.arange(n)), np.concatenate([c for _, c in store.iter_chunks(vectors=True)])]
     return out
@@ -118,8 +125,18 @@ def test_a_build_killed_at_any_write_resumes_to_the_same_store(gallery, kill_at)
         return local[start:stop] if vectors is None else (vectors[start:stop], local[start:stop])
 
     def build(path):
-        return build_store(path, len(local), produce, local.shape[1], local.shape[2], FP, chunk_size=chunk,
-                           vector_dim=None if vectors is None else 3, progress=False, dtype=dtype)
+        return build_store(
+            path,
+            len(local),
+            produce,
+            local.shape[1],
+            local.shape[2],
+            FP,
+            chunk_size=chunk,
+            vector_dim=None if vectors is None else 3,
+            progress=False,
+            dtype=dtype,
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp) / "ref")

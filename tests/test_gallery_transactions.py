@@ -3,6 +3,7 @@
 Each test names the finding it pins down. The oracle for an incremental or repaired gallery is
 a fresh build over the same images: the search results (paths, order, scores) must agree.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_class_folders, write_image
-from deepemd.retrieval.config import IndexConfig, SearchConfig
-from deepemd.retrieval.search import run_index, run_search
-from deepemd.retrieval.transaction import GalleryLock
 
 from deepemd.errors import DeepEMDError
+from deepemd.retrieval.config import IndexConfig, SearchConfig
+from deepemd.retrieval.search import run_index, run_search
 
 MODEL = {"backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 32, "pyramid": (2, 1), "batch_size": 16}
 
@@ -26,8 +26,10 @@ def index(data: Path | str, out: Path | str, **kw) -> dict:
 
 
 def search(gallery: Path | str, queries: Path | str, out: Path | str, **kw) -> list[tuple[str, int, str, float]]:
-    rows = run_search(SearchConfig(gallery=str(gallery), queries=str(queries), out=str(out), top=5, rerank_k=10,
-                                   **{**MODEL, **kw}), progress=False)["rows"]
+    rows = run_search(
+        SearchConfig(gallery=str(gallery), queries=str(queries), out=str(out), top=5, rerank_k=10, **{**MODEL, **kw}),
+        progress=False,
+    )["rows"]
     return [(Path(r["query"]).name, r["rank"], str(r["path"]), r["score"]) for r in rows]
 
 
@@ -67,7 +69,7 @@ def test_a_failed_index_leaves_the_previous_gallery_exactly_as_it_was(built, dat
 def test_incremental_index_embeds_only_new_images_and_equals_a_fresh_build(built, data, tmp_path):
     out, _ = built
     write_image(data / "class_a" / "img02b.png", seed=901)  # lands in the middle of the sorted list
-    write_image(data / "class_e" / "new.png", seed=902)     # a new class at the end
+    write_image(data / "class_e" / "new.png", seed=902)  # a new class at the end
     result = index(data, out)
     assert (result["reused"], result["embedded"]) == (20, 2)
     fresh = tmp_path / "fresh"
@@ -126,17 +128,18 @@ def test_id_map_paths_are_relative_to_the_id_map_from_any_working_directory(data
     assert (work / "g1" / "ids.txt").read_text().splitlines()[0] == "0\t../data4/d/class_a/img00.png"
     monkeypatch.chdir(tmp_path)
     again = search(work / "g1", work / "data4" / "d" / "class_b", "out2")
-    assert [(q, r, str(Path(p).resolve())) for q, r, p, _ in again] == \
-        [(q, r, str((work / p).resolve())) for q, r, p, _ in rows]
+    assert [(q, r, str(Path(p).resolve())) for q, r, p, _ in again] == [
+        (q, r, str((work / p).resolve())) for q, r, p, _ in rows
+    ]
 
 
 def users_index(images: list[Path], tmp: Path, ids_file: Path, relative: bool = True) -> tuple[Path, np.ndarray]:
     """A user's own IndexIDMap (ids 500+) over the deepemd global vectors, and its id map file."""
     import faiss
-    from deepemd.retrieval.build import local_specs, make_embedder, make_loader
-    from deepemd.retrieval.model import embed_loader
 
     from deepemd.data import ImageList
+    from deepemd.retrieval.build import local_specs, make_embedder, make_loader
+    from deepemd.retrieval.model import embed_loader
 
     cfg = SearchConfig(**MODEL)
     model = make_embedder(cfg, local_specs(cfg, ["fcn"]))
@@ -165,14 +168,16 @@ def test_users_index_with_a_relative_id_map_and_id_map_disagreement(data, tmp_pa
     assert {q: p for q, (p, _) in top1.items()} == {p.name: p for p in sorted((data / "class_a").iterdir())}
     reversed_map = maps / "reversed.txt"
     lines = (maps / "ids.txt").read_text().splitlines()
-    reversed_map.write_text("".join(f"{a.split(chr(9))[0]}\t{b.split(chr(9))[1]}\n"
-                                    for a, b in zip(lines, lines[::-1])))
+    reversed_map.write_text(
+        "".join(f"{a.split(chr(9))[0]}\t{b.split(chr(9))[1]}\n" for a, b in zip(lines, lines[::-1]))
+    )
     with pytest.raises(DeepEMDError, match="--id-map disagrees with the feature store") as err:
         search(tmp_path / "store", data / "class_a", tmp_path / "s2", index=str(mine), id_map=str(reversed_map))
     assert str(reversed_map) in str(err.value) and "retrieval index" in str(err.value)
     # the fix the message names: `index` updates the store for the new map (rows reused by image)
-    result = run_index(IndexConfig(index=str(mine), id_map=str(reversed_map), out=str(tmp_path / "store"), **MODEL),
-                       progress=False)
+    result = run_index(
+        IndexConfig(index=str(mine), id_map=str(reversed_map), out=str(tmp_path / "store"), **MODEL), progress=False
+    )
     assert (result["reused"], result["embedded"]) == (len(images), 0)
     flipped = search(tmp_path / "store", data / "class_a", tmp_path / "s3", index=str(mine), id_map=str(reversed_map))
     assert {q: Path(p) for q, r, p, _ in flipped if r == 1} != {q: p for q, (p, _) in top1.items()}
@@ -204,7 +209,8 @@ def test_tiny_features_give_the_right_nonzero_rerank_scores(data, tmp_path):
     cfg = IndexConfig(**{**MODEL, "weights": "none"})
     model = make_embedder(cfg, local_specs(cfg, ["fcn"]))
     vectors, sets = make_producer(model, "fcn", gallery.paths, 16, 0, torch.device("cpu"), True)(
-        np.arange(len(gallery.paths)))
+        np.arange(len(gallery.paths))
+    )
     assert 0 < np.abs(sets).max() < 1e-6  # the premise: tiny features
     stored = gallery.store.get(np.arange(len(sets)))
     np.testing.assert_allclose(stored, sets, rtol=0, atol=2e-3 * np.abs(sets).max())

@@ -3,6 +3,7 @@
 The oracle for search is a brute-force numpy top-k; approximate indexes are judged by their
 recall of the exact top-10 on clustered data (where a good IVF/HNSW index should find nearly all).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,13 +51,16 @@ def test_flat_matches_brute_force_and_ids_are_positions():
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
 
 
-@pytest.mark.parametrize("spec,depth,min_recall", [
-    ("IVF32,Flat", 10, 0.95),
-    ("HNSW16", 10, 0.95),
-    # 16 bytes per 32-d vector is lossy: PQ is used for a deeper shortlist that then gets reranked,
-    # so it is judged by how many of the true top-10 its top-50 holds
-    ("IVF16,PQ16", 50, 0.9),
-])
+@pytest.mark.parametrize(
+    "spec,depth,min_recall",
+    [
+        ("IVF32,Flat", 10, 0.95),
+        ("HNSW16", 10, 0.95),
+        # 16 bytes per 32-d vector is lossy: PQ is used for a deeper shortlist that then gets reranked,
+        # so it is judged by how many of the true top-10 its top-50 holds
+        ("IVF16,PQ16", 50, 0.9),
+    ],
+)
 def test_approximate_specs_recall_against_flat(spec, depth, min_recall):
     index = ix.build_index(X, spec, train_sample=2000, seed=0)
     assert index.ntotal == len(X)
@@ -122,8 +126,19 @@ def test_round_trip_in_a_new_process(tmp_path):
     scores, ids = ix.search(index, Q, 10)
     ix.save_index(index, tmp_path / "g.faiss", {"backbone": "resnet50", "embed_dim": 32})
     np.save(tmp_path / "q.npy", Q)
-    subprocess.run([sys.executable, "-c", ROUND_TRIP, str(tmp_path / "g.faiss"), str(tmp_path / "q.npy"),
-                    str(tmp_path / "ids.npy"), str(tmp_path / "scores.npy")], check=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            ROUND_TRIP,
+            str(tmp_path / "g.faiss"),
+            str(tmp_path / "q.npy"),
+            str(tmp_path / "ids.npy"),
+            str(tmp_path / "scores.npy"),
+        ],
+        check=True,
+        timeout=120,
+    )
     np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), ids)  # nprobe survived the file
     np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), scores)
     sidecar = json.loads((tmp_path / "g.faiss.json").read_text())

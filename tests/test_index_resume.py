@@ -5,6 +5,7 @@ stands in for the network) and then the index. The test kills it with SIGKILL af
 committed chunks, part-way into the next one, runs it again, and compares with a build that was
 never interrupted: every chunk file byte for byte, the manifest, and the search results.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,14 +52,14 @@ WORKER = textwrap.dedent(f"""
 
 
 def run_worker(folder, delay: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", WORKER, str(folder), str(delay)], capture_output=True,
-                          text=True, timeout=180, check=True)
+    return subprocess.run(
+        [sys.executable, "-c", WORKER, str(folder), str(delay)], capture_output=True, text=True, timeout=180, check=True
+    )
 
 
 def kill_after_commits(folder, commits: int, extra_delay: float) -> None:
     """Start the worker, wait for ``commits`` committed chunks, sleep into the next chunk, SIGKILL."""
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(folder), "0.3"], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(folder), "0.3"], stdout=subprocess.PIPE, text=True)
     try:
         seen = 0
         for line in proc.stdout:

@@ -1,5 +1,6 @@
 """deepemd.io: atomic writes never leave a torn file, get the umask's mode, and turn file-system
 failures into one clear error; checkpoints load weights-only or explain."""
+
 from __future__ import annotations
 
 import errno
@@ -148,7 +149,8 @@ def test_another_user_reads_what_the_umask_allows_and_cannot_write_a_locked_fold
         locked = shared / "locked"
         locked.mkdir(mode=0o555)
         locked.chmod(0o555)
-        done = _as_nobody(f"""
+        done = _as_nobody(
+            f"""
             from pathlib import Path
             from deepemd.errors import DeepEMDError
             from deepemd.io import atomic_path
@@ -158,7 +160,9 @@ def test_another_user_reads_what_the_umask_allows_and_cannot_write_a_locked_fold
                     tmp.write_text("x")
             except DeepEMDError as exc:
                 print(exc)
-            """, shared)
+            """,
+            shared,
+        )
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
         assert lines[0] == "a.png"  # a file written by root with umask 022 is readable by others
@@ -182,8 +186,21 @@ def test_a_gallery_built_by_root_is_searched_by_another_user():
         gallery = shared / "gallery"
         old = os.umask(0o022)
         try:
-            code = main(["retrieval", "index", "--layout", "folder", "--data-root", str(_images(shared / "data")),
-                         *LITE0, "--split", "all", "--out", str(gallery)])
+            code = main(
+                [
+                    "retrieval",
+                    "index",
+                    "--layout",
+                    "folder",
+                    "--data-root",
+                    str(_images(shared / "data")),
+                    *LITE0,
+                    "--split",
+                    "all",
+                    "--out",
+                    str(gallery),
+                ]
+            )
         finally:
             os.umask(old)
         assert code == 0
@@ -193,13 +210,16 @@ def test_a_gallery_built_by_root_is_searched_by_another_user():
         writable.mkdir(mode=0o777)
         writable.chmod(0o777)
         query = shared / "data" / "class0" / "0.png"
-        done = _as_nobody(f"""
+        done = _as_nobody(
+            f"""
             import os, sys
             os.environ.update(HOME={str(writable)!r}, DEEPEMD_CACHE={str(writable / "cache")!r})
             from deepemd.cli import main
             sys.exit(main(["retrieval", "search", "--gallery", {str(gallery)!r}, *{LITE0!r},
                            "--queries", {str(query)!r}, "--top", "3", "--out", {str(writable / "out")!r}]))
-            """, shared)
+            """,
+            shared,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         assert (writable / "out" / "search.csv").is_file()
     finally:

@@ -1,5 +1,6 @@
 """deepemd.labels: tree_emd against POT's exact LP and 1-D Wasserstein, gradients against
 finite differences, the label-tree constructors and every bad input they reject."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,8 +34,9 @@ def random_tree(rng: np.random.Generator, n_leaves: int) -> tuple[LabelTree, np.
     parents = {names[i]: names[parent[i]] for i in range(1, len(parent))}
     tree = LabelTree.from_parents(parents, {names[i]: lengths[i] for i in range(1, len(parent))})
     rows = list(range(1, len(parent)))
-    graph = csr_matrix(([lengths[i] + 1e-300 for i in rows], (rows, [parent[i] for i in rows])),
-                       shape=(len(parent),) * 2)
+    graph = csr_matrix(
+        ([lengths[i] + 1e-300 for i in rows], (rows, [parent[i] for i in rows])), shape=(len(parent),) * 2
+    )
     dist = shortest_path(graph, directed=False)
     idx = [int(leaf[1:]) for leaf in tree.leaves]
     return tree, dist[np.ix_(idx, idx)]
@@ -90,7 +92,9 @@ def test_chain_equals_wasserstein_1d():
         want = ot.wasserstein_1d(pos, pos, p, q, p=1)
         got = tree_emd(torch.tensor(p), torch.tensor(q), chain(K, spacing=gaps))
         assert float(got) == pytest.approx(float(want), abs=1e-9)
-        np.testing.assert_allclose(chain(K, gaps).distance_matrix().numpy(), np.abs(pos[:, None] - pos[None]), atol=1e-12)
+        np.testing.assert_allclose(
+            chain(K, gaps).distance_matrix().numpy(), np.abs(pos[:, None] - pos[None]), atol=1e-12
+        )
 
 
 def test_chain_matches_the_same_path_built_as_a_general_tree():
@@ -129,8 +133,9 @@ def test_gradients_match_central_finite_differences(rho):
     # random masses make every edge difference non-zero: the function is differentiable there
     assert torch.autograd.gradcheck(lambda x: tree_emd(x, q, tree, rho), (p,), eps=1e-7, atol=1e-6)
     c = torch.tensor(rng.dirichlet(np.ones(8), size=2), requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: tree_emd(x, torch.tensor([0, 7]), chain(8, 0.7), rho), (c,),
-                                    eps=1e-7, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda x: tree_emd(x, torch.tensor([0, 7]), chain(8, 0.7), rho), (c,), eps=1e-7, atol=1e-6
+    )
 
 
 def test_exact_gradient_is_the_closed_form_and_zero_at_the_optimum():
@@ -164,8 +169,9 @@ def test_float32_and_device():
 def test_constructors_agree(tmp_path):
     parents = {"cat": "animal", "dog": "animal", "car": "thing", "animal": "root", "thing": "root"}
     a = LabelTree.from_parents(parents, lengths={"car": 3.0})
-    (tmp_path / "h.csv").write_text("class,parent,edge_length\ncat,animal,\ndog,animal\ncar,thing,3\n"
-                                    "animal,root\nthing,root\n")
+    (tmp_path / "h.csv").write_text(
+        "class,parent,edge_length\ncat,animal,\ndog,animal\ncar,thing,3\nanimal,root\nthing,root\n"
+    )
     b = LabelTree.from_csv(tmp_path / "h.csv")
     for leaf in ("animal/cat", "animal/dog", "thing/car"):
         (tmp_path / "imgs" / leaf).mkdir(parents=True)
@@ -193,28 +199,34 @@ def test_restrict_keeps_distances_and_order():
     assert c.is_chain and c.distance_matrix().tolist() == [[0, 5, 9], [5, 0, 4], [9, 4, 0]]
 
 
-@pytest.mark.parametrize("make, phrase", [
-    (lambda: LabelTree.from_parents({"a": "b", "b": "c", "c": "a"}), "cycle"),
-    (lambda: LabelTree.from_parents({"a": "r", "b": "r", "x": "y", "y": "x"}), "cycle"),
-    (lambda: LabelTree.from_parents({"a": "a"}), "cycle"),
-    (lambda: LabelTree.from_parents({"a": "r1", "b": "r2"}), "2 roots"),
-    (lambda: LabelTree.from_parents({"a": "r", "b": "r"}, lengths={"zebra": 1.0}), "unknown class"),
-    (lambda: LabelTree.from_parents({"a": "r", "b": "r"}, lengths={"a": -1.0}), "negative"),
-    (lambda: LabelTree.from_parents({"a": "r", "b": "r"}, lengths={"a": float("nan")}), "non-finite"),
-    (lambda: LabelTree.from_parents({"a": "g", "b": "g", "g": "r"}, classes=["a", "c"]), "missing from the hierarchy"),
-    (lambda: LabelTree.from_parents({"a": "g", "b": "g", "g": "r"}, classes=["a", "g"]), "inner node"),
-    (lambda: LabelTree.from_parents({}), "empty"),
-    (lambda: chain(1), "at least 2"),
-    (lambda: chain(3, [1.0, -2.0]), "negative"),
-    (lambda: tree_emd(torch.ones(1, 2) / 2, torch.tensor([0]), chain(2), rho=0), "rho"),
-    (lambda: tree_emd(torch.ones(1, 2) / 2, torch.tensor([0]), chain(2), rho=-1), "rho"),
-    (lambda: tree_emd(torch.ones(1, 3) / 3, torch.tensor([0]), chain(2)), "do not fit"),
-    (lambda: tree_emd(torch.ones(1, 2) / 2, torch.tensor([2]), chain(2)), "unknown class index"),
-    (lambda: tree_emd(torch.ones(2, 2) / 2, torch.ones(2, 3) / 3, chain(2)), "do not match"),
-    (lambda: TreeEMDLoss(chain(2), rho=0), "rho"),
-    (lambda: TreeEMDLoss.from_name("hinge", chain(2)), "unknown label loss"),
-    (lambda: chain(3).index("7"), "unknown class"),
-])
+@pytest.mark.parametrize(
+    "make, phrase",
+    [
+        (lambda: LabelTree.from_parents({"a": "b", "b": "c", "c": "a"}), "cycle"),
+        (lambda: LabelTree.from_parents({"a": "r", "b": "r", "x": "y", "y": "x"}), "cycle"),
+        (lambda: LabelTree.from_parents({"a": "a"}), "cycle"),
+        (lambda: LabelTree.from_parents({"a": "r1", "b": "r2"}), "2 roots"),
+        (lambda: LabelTree.from_parents({"a": "r", "b": "r"}, lengths={"zebra": 1.0}), "unknown class"),
+        (lambda: LabelTree.from_parents({"a": "r", "b": "r"}, lengths={"a": -1.0}), "negative"),
+        (lambda: LabelTree.from_parents({"a": "r", "b": "r"}, lengths={"a": float("nan")}), "non-finite"),
+        (
+            lambda: LabelTree.from_parents({"a": "g", "b": "g", "g": "r"}, classes=["a", "c"]),
+            "missing from the hierarchy",
+        ),
+        (lambda: LabelTree.from_parents({"a": "g", "b": "g", "g": "r"}, classes=["a", "g"]), "inner node"),
+        (lambda: LabelTree.from_parents({}), "empty"),
+        (lambda: chain(1), "at least 2"),
+        (lambda: chain(3, [1.0, -2.0]), "negative"),
+        (lambda: tree_emd(torch.ones(1, 2) / 2, torch.tensor([0]), chain(2), rho=0), "rho"),
+        (lambda: tree_emd(torch.ones(1, 2) / 2, torch.tensor([0]), chain(2), rho=-1), "rho"),
+        (lambda: tree_emd(torch.ones(1, 3) / 3, torch.tensor([0]), chain(2)), "do not fit"),
+        (lambda: tree_emd(torch.ones(1, 2) / 2, torch.tensor([2]), chain(2)), "unknown class index"),
+        (lambda: tree_emd(torch.ones(2, 2) / 2, torch.ones(2, 3) / 3, chain(2)), "do not match"),
+        (lambda: TreeEMDLoss(chain(2), rho=0), "rho"),
+        (lambda: TreeEMDLoss.from_name("hinge", chain(2)), "unknown label loss"),
+        (lambda: chain(3).index("7"), "unknown class"),
+    ],
+)
 def test_bad_inputs_give_one_clear_error(make, phrase):
     with pytest.raises(DeepEMDError, match=phrase):
         make()

@@ -1,5 +1,6 @@
 """Readers of users' hierarchies (CUB taxonomy table, CIFAR-100 python pickles) on tiny fixtures
 made here, and the --hierarchy resolver."""
+
 from __future__ import annotations
 
 import pickle
@@ -33,8 +34,8 @@ def test_cub_taxonomy(tmp_path):
     assert tree.leaves[0] == "001.Black_footed_Albatross" and tree.num_classes == 6
     d = tree.distance_matrix()
     i = {c: tree.index(c) for c in tree.leaves}
-    assert d[i["029.American_Crow"], i["030.Fish_Crow"]] == 2     # same genus
-    assert d[i["029.American_Crow"], i["073.Blue_Jay"]] == 4      # same family
+    assert d[i["029.American_Crow"], i["030.Fish_Crow"]] == 2  # same genus
+    assert d[i["029.American_Crow"], i["073.Blue_Jay"]] == 4  # same family
     assert d[i["001.Black_footed_Albatross"], i["073.Blue_Jay"]] == 8  # only the root shared
     assert load_hierarchy(str(path), tree.leaves).leaves == tree.leaves
     (tmp_path / "short.csv").write_text("class,order,family\n001.A,X,Y\n")
@@ -46,8 +47,11 @@ def _cifar_fixture(root, coarse_of=(0, 0, 1, 1)):
     root.mkdir()
     meta = {"fine_label_names": ["apple", "pear", "bee", "wasp"], "coarse_label_names": ["fruit", "insects"]}
     fine = np.array([0, 1, 2, 3, 0, 2])
-    train = {"fine_labels": fine.tolist(), "coarse_labels": [coarse_of[f] for f in fine],
-             "data": np.zeros((6, 12), np.uint8)}
+    train = {
+        "fine_labels": fine.tolist(),
+        "coarse_labels": [coarse_of[f] for f in fine],
+        "data": np.zeros((6, 12), np.uint8),
+    }
     (root / "meta").write_bytes(pickle.dumps(meta))
     (root / "train").write_bytes(pickle.dumps(train))
     return root

@@ -1,4 +1,5 @@
 """The label losses wired into training: `deepemd fewshot pretrain --loss ... --hierarchy ...`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,13 +8,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from deepemd.fewshot.config import PretrainConfig
 from PIL import Image
 
+from deepemd.fewshot.config import PretrainConfig
 from deepemd.labels import LabelTree, TreeEMDLoss, build_label_loss, tree_emd
 
-TINY = dict(layout="folder", backbone="resnet12", backbone_widths=(4, 4, 4, 8), weights="none",
-            image_size=32, batch_size=8, seed=0, epochs=1, val_episodes=0, step_size=1)
+TINY = dict(
+    layout="folder",
+    backbone="resnet12",
+    backbone_widths=(4, 4, 4, 8),
+    weights="none",
+    image_size=32,
+    batch_size=8,
+    seed=0,
+    epochs=1,
+    val_episodes=0,
+    step_size=1,
+)
 
 
 def _folder(root: Path, classes=("a1", "a2", "b1", "b2"), per_class: int = 4) -> Path:
@@ -56,10 +67,37 @@ def test_cli_pretrain_with_a_hierarchy_file(tmp_path, loss):
     root = _folder(tmp_path / "data")
     (tmp_path / "h.csv").write_text("class,parent,edge_length\na1,a,1\na2,a,1\nb1,b,2\nb2,b,2\na,root,1\nb,root,1\n")
     out = tmp_path / "out"
-    argv = ["fewshot", "pretrain", "--layout", "folder", "--data-root", str(root), "--backbone", "resnet12",
-            "--backbone-widths", "4", "4", "4", "8", "--weights", "none", "--image-size", "32", "--batch-size", "8",
-            "--epochs", "1", "--val-episodes", "0", "--loss", loss, "--hierarchy", str(tmp_path / "h.csv"),
-            "--out", str(out)]
+    argv = [
+        "fewshot",
+        "pretrain",
+        "--layout",
+        "folder",
+        "--data-root",
+        str(root),
+        "--backbone",
+        "resnet12",
+        "--backbone-widths",
+        "4",
+        "4",
+        "4",
+        "8",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--val-episodes",
+        "0",
+        "--loss",
+        loss,
+        "--hierarchy",
+        str(tmp_path / "h.csv"),
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     history = pd.read_csv(out / "history.csv")
     assert np.isfinite(history["loss"]).all()
@@ -76,6 +114,7 @@ def test_normsoftmax_with_a_label_loss_scores_its_proxy_logits():
     want = tree_emd(bundle.loss.get_logits(emb).softmax(1), y, tree, rho=2).mean()
     torch.testing.assert_close(bundle.loss(emb, y), want)
     from deepemd.errors import DeepEMDError
+
     with pytest.raises(DeepEMDError, match="applies to normsoftmax"):
         build_loss("contrastive", 4, 6, label_loss=label_loss)
 
@@ -85,9 +124,24 @@ def test_retrieval_train_with_label_emd(tmp_path):
     from deepemd.retrieval.train import train
 
     root = _folder(tmp_path / "data")
-    cfg = TrainConfig(data_root=str(root), split="all", backbone="resnet18", weights="none", embed_dim=8,
-                      image_size=32, loss="normsoftmax", label_loss="relaxed-emd", hierarchy="chain", batch_size=4,
-                      m_per_class=2, epochs=1, steps_per_epoch=2, lr=1e-2, augment=False, out=str(tmp_path / "out"))
+    cfg = TrainConfig(
+        data_root=str(root),
+        split="all",
+        backbone="resnet18",
+        weights="none",
+        embed_dim=8,
+        image_size=32,
+        loss="normsoftmax",
+        label_loss="relaxed-emd",
+        hierarchy="chain",
+        batch_size=4,
+        m_per_class=2,
+        epochs=1,
+        steps_per_epoch=2,
+        lr=1e-2,
+        augment=False,
+        out=str(tmp_path / "out"),
+    )
     result = train(cfg, progress=False)
     assert np.isfinite(result["history"][-1]["loss"])
     assert isinstance(result_loss := torch.load(result["checkpoint"], weights_only=True)["loss"], dict)

@@ -5,6 +5,7 @@
 - a job never imports the other job;
 - no stage of a job imports its job's ``eval``/``test`` command module (the builders live apart).
 """
+
 from __future__ import annotations
 
 import ast
@@ -13,8 +14,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"deepemd": ROOT / "deepemd", "deepemd.retrieval": ROOT / "retrieval",
-            "deepemd.fewshot": ROOT / "fewshot", "deepemd.eval": ROOT / "eval"}
+PACKAGES = {
+    "deepemd": ROOT / "deepemd",
+    "deepemd.retrieval": ROOT / "retrieval",
+    "deepemd.fewshot": ROOT / "fewshot",
+    "deepemd.eval": ROOT / "eval",
+}
 JOBS = ("deepemd.retrieval", "deepemd.fewshot")
 #: The command modules that run a job's last stage: only the CLI module may import them.
 COMMAND_MODULES = {"deepemd.retrieval": "deepemd.retrieval.evaluate", "deepemd.fewshot": "deepemd.fewshot.evaluate"}
@@ -63,8 +68,9 @@ def test_imports_point_down(package, name, path):
     bad = sorted(i for i in found if any(_under(i, f) for f in forbidden))
     assert not bad, f"{name} imports {bad}"
     if package in COMMAND_MODULES and not name.endswith((".cli", COMMAND_MODULES[package])):
-        assert not any(_under(i, COMMAND_MODULES[package]) for i in found), \
+        assert not any(_under(i, COMMAND_MODULES[package]) for i in found), (
             f"{name} imports the command module {COMMAND_MODULES[package]}"
+        )
 
 
 def test_every_package_was_read():

@@ -1,5 +1,6 @@
 """Local feature sets: (B, m, d) for each setting, one backbone pass per batch, node values
 checked against hand computations (pooling by hand, crops through an identity backbone)."""
+
 from __future__ import annotations
 
 import math
@@ -30,6 +31,7 @@ class CountingBackbone(nn.Module):
 
 class PixelBackbone(nn.Module):
     """Identity 'backbone': the feature map is the image, so a crop's node is its mean colour."""
+
     out_channels = 3
     default_cfg = {"input_size": 32, "mean": (0.0,) * 3, "std": (1.0,) * 3}
 
@@ -37,10 +39,19 @@ class PixelBackbone(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("kind,kw,m", [
-    ("fcn", {}, 16), ("fcn", {"pyramid": (3, 2, 1)}, 9 + 4 + 1 + 16), ("fcn", {"pyramid": (2,)}, 4 + 16),
-    ("grid", {}, 9), ("grid", {"levels": (3, 2), "ratio": 2.0}, 13), ("grid", {"levels": (1, 2, 4)}, 21),
-    ("sampling", {}, 25), ("sampling", {"num_patches": 9}, 9)])
+@pytest.mark.parametrize(
+    "kind,kw,m",
+    [
+        ("fcn", {}, 16),
+        ("fcn", {"pyramid": (3, 2, 1)}, 9 + 4 + 1 + 16),
+        ("fcn", {"pyramid": (2,)}, 4 + 16),
+        ("grid", {}, 9),
+        ("grid", {"levels": (3, 2), "ratio": 2.0}, 13),
+        ("grid", {"levels": (1, 2, 4)}, 21),
+        ("sampling", {}, 25),
+        ("sampling", {"num_patches": 9}, 9),
+    ],
+)
 def test_shapes_and_one_forward_per_batch(tiny_backbone, kind, kw, m):
     counted = CountingBackbone(tiny_backbone)
     extractor = local.create(kind, counted, **kw)
@@ -81,7 +92,7 @@ def test_grid_nodes_are_the_mean_colour_of_each_cell():
     image = torch.zeros(1, 3, 64, 64)
     colours = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]])
     for i, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
-        image[0, :, 32 * r:32 * (r + 1), 32 * c:32 * (c + 1)] = colours[i][:, None, None]
+        image[0, :, 32 * r : 32 * (r + 1), 32 * c : 32 * (c + 1)] = colours[i][:, None, None]
     nodes = local.create("grid", PixelBackbone(), levels=(2, 1))(image)
     torch.testing.assert_close(nodes[0, :4], colours, atol=0.03, rtol=0)  # bilinear blend at the border only
     torch.testing.assert_close(nodes[0, 4], colours.mean(0), atol=1e-5, rtol=0)

@@ -1,4 +1,5 @@
 """The shared options: one declaration per option, checked when parsed (before any work)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,8 @@ import pytest
 from deepemd.cli import build_parser, main
 from deepemd.config import build_config, read_yaml
 from deepemd.errors import DeepEMDError
-from deepemd.fewshot.config import EvalConfig as FewShotEval, PretrainConfig
+from deepemd.fewshot.config import EvalConfig as FewShotEval
+from deepemd.fewshot.config import PretrainConfig
 from deepemd.options import DataOptions, LocalOptions, ModelOptions
 from deepemd.registry import Registry
 from deepemd.retrieval.config import EvalConfig, IndexConfig, SearchConfig, TrainConfig
@@ -29,21 +31,24 @@ def _run(argv: list[str]) -> tuple[int, str, float]:
     return code, err.getvalue(), time.perf_counter() - start
 
 
-@pytest.mark.parametrize("argv,phrase", [
-    (["retrieval", "eval", "--data-root", "demo", "--batch-size", "0"], "'batch_size' must be >= 1"),
-    (["retrieval", "eval", "--data-root", "demo", "--per-class", "-1"], "'per_class' must be >= 1"),
-    (["retrieval", "search", "--top", "0"], "'top' must be >= 1"),
-    (["retrieval", "search", "--top", "-3"], "'top' must be >= 1"),
-    (["retrieval", "eval", "--data-root", "demo", "--alpha", "1.5"], "'alpha' must be <= 1"),
-    (["fewshot", "test", "--data-root", "demo", "--query", "0"], "'query' must be >= 1"),
-    (["fewshot", "test", "--data-root", "demo", "--episodes", "0"], "'episodes' must be >= 1"),
-    (["fewshot", "test", "--data-root", "demo", "--temperature", "0"], "'temperature' must be > 0"),
-    (["fewshot", "test", "--data-root", "demo", "--backbone", "resnet13"], "did you mean 'resnet18'"),
-    (["retrieval", "eval", "--data-root", "demo", "--solver", "exakt"], "did you mean 'exact'"),
-    (["retrieval", "eval", "--data-root", "demo", "--methods", "fcn", "gird"], "did you mean 'grid'"),
-    (["fewshot", "test", "--data-root", "demo", "--methods", "protonett"], "did you mean 'protonet'"),
-    (["fewshot", "test", "--data-root", "demo", "--layout", "mini-imagenet"], "did you mean 'miniimagenet'"),
-])
+@pytest.mark.parametrize(
+    "argv,phrase",
+    [
+        (["retrieval", "eval", "--data-root", "demo", "--batch-size", "0"], "'batch_size' must be >= 1"),
+        (["retrieval", "eval", "--data-root", "demo", "--per-class", "-1"], "'per_class' must be >= 1"),
+        (["retrieval", "search", "--top", "0"], "'top' must be >= 1"),
+        (["retrieval", "search", "--top", "-3"], "'top' must be >= 1"),
+        (["retrieval", "eval", "--data-root", "demo", "--alpha", "1.5"], "'alpha' must be <= 1"),
+        (["fewshot", "test", "--data-root", "demo", "--query", "0"], "'query' must be >= 1"),
+        (["fewshot", "test", "--data-root", "demo", "--episodes", "0"], "'episodes' must be >= 1"),
+        (["fewshot", "test", "--data-root", "demo", "--temperature", "0"], "'temperature' must be > 0"),
+        (["fewshot", "test", "--data-root", "demo", "--backbone", "resnet13"], "did you mean 'resnet18'"),
+        (["retrieval", "eval", "--data-root", "demo", "--solver", "exakt"], "did you mean 'exact'"),
+        (["retrieval", "eval", "--data-root", "demo", "--methods", "fcn", "gird"], "did you mean 'grid'"),
+        (["fewshot", "test", "--data-root", "demo", "--methods", "protonett"], "did you mean 'protonet'"),
+        (["fewshot", "test", "--data-root", "demo", "--layout", "mini-imagenet"], "did you mean 'miniimagenet'"),
+    ],
+)
 def test_bad_values_fail_when_parsed(argv, phrase, tmp_path):
     code, err, seconds = _run([*argv, "--out", str(tmp_path / "out")])
     assert code == 2 and phrase in err and "Traceback" not in err
@@ -86,8 +91,9 @@ def test_help_lists_the_registries_choices():
     def help_of(*path: str) -> str:
         parser = build_parser()
         for name in path:
-            parser = next(a for a in parser._actions if hasattr(a, "choices") and a.choices and name in a.choices
-                          ).choices[name]
+            parser = next(
+                a for a in parser._actions if hasattr(a, "choices") and a.choices and name in a.choices
+            ).choices[name]
         return " ".join(parser.format_help().split())
 
     retrieval, fewshot = help_of("retrieval", "eval"), help_of("fewshot", "test")

@@ -1,6 +1,7 @@
 """The Shortlist value, the EMD bounds (never above the exact optimum) and the pruned Reranker
 (same top k and scores as the full rerank), on random problems and on real CNN features
 (EfficientNet-Lite0 ImageNet maps of the bundled Omniglot images)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -103,8 +104,9 @@ def test_pruned_rerank_equals_the_full_rerank_on_real_features(real_sets):
     # and the full rerank's scores are the EMD head's own pairwise scores
     q = 3
     full = Reranker(sets, k=30, prune=False).rerank(sets, shortlist)
-    expected = pairwise_similarity(torch.from_numpy(sets[q:q + 1]).float(),
-                                   torch.from_numpy(sets[full.ids[q]]).float())[0]
+    expected = pairwise_similarity(
+        torch.from_numpy(sets[q : q + 1]).float(), torch.from_numpy(sets[full.ids[q]]).float()
+    )[0]
     np.testing.assert_allclose(full.scores[q], expected.numpy(), atol=2e-6)
 
 

@@ -1,5 +1,6 @@
 """Retrieval metrics through pml's AccuracyCalculator, the rerank, the DeepEMD pml distance and
 the eval command's contract."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,8 +53,14 @@ def test_rerank_reorders_only_the_head_and_keeps_skip_and_padding():
     sets = np.array([[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 0.1]], [[0.6, 0.8]]], dtype=np.float32)
     scores = np.array([[0.9, 0.8, 0.7, 0.6, -np.inf]], dtype=np.float32)
     ids = np.array([[0, 1, 3, 2, -1]])
-    out_scores, out_ids = rerank(scores, ids, lambda i: sets[0], lambda rows: sets[rows],
-                                 RerankSettings(depth=3, weights="uniform"), skip_ids=np.array([0]))
+    out_scores, out_ids = rerank(
+        scores,
+        ids,
+        lambda i: sets[0],
+        lambda rows: sets[rows],
+        RerankSettings(depth=3, weights="uniform"),
+        skip_ids=np.array([0]),
+    )
     # head (0 skipped and kept first; 1 and 3 rescored by cosine to [1,0]: 3 (0.6) beats 1 (0.0));
     # beyond the depth, 2 and the -1 padding keep their places
     assert out_ids.tolist() == [[0, 3, 1, 2, -1]]
@@ -62,8 +69,13 @@ def test_rerank_reorders_only_the_head_and_keeps_skip_and_padding():
 
 def test_fusion_mixes_the_global_score():
     sets = np.array([[[1.0, 0.0]], [[0.0, 1.0]]], dtype=np.float32)
-    scores, _ = rerank(np.array([[0.5]], dtype=np.float32), np.array([[1]]), lambda i: sets[0],
-                       lambda rows: sets[rows], RerankSettings(depth=1, weights="uniform", alpha=0.25))
+    scores, _ = rerank(
+        np.array([[0.5]], dtype=np.float32),
+        np.array([[1]]),
+        lambda i: sets[0],
+        lambda rows: sets[rows],
+        RerankSettings(depth=1, weights="uniform", alpha=0.25),
+    )
     assert scores[0, 0] == pytest.approx(0.75 * 0.0 + 0.25 * 0.5, abs=1e-6)
 
 
@@ -87,8 +99,11 @@ def test_deepemd_distance_reshapes_flat_sets_and_matches_the_emd_head():
     mat = dist(flatten_sets(sets))
     expected = torch.stack([similarity(sets[i].expand(5, -1, -1), sets) for i in range(5)])
     assert torch.allclose(mat, expected.to(mat.dtype), atol=1e-5)
-    assert torch.allclose(dist.pairwise_distance(flatten_sets(sets), flatten_sets(sets.flip(0))),
-                          similarity(sets, sets.flip(0)).to(mat.dtype), atol=1e-5)
+    assert torch.allclose(
+        dist.pairwise_distance(flatten_sets(sets), flatten_sets(sets.flip(0))),
+        similarity(sets, sets.flip(0)).to(mat.dtype),
+        atol=1e-5,
+    )
     with pytest.raises(DeepEMDError, match="num_nodes"):
         dist(torch.randn(3, 10))
 
@@ -113,9 +128,28 @@ def test_eval_command_contract(folder_dataset, tmp_path):
     from deepemd.cli import main
 
     out = tmp_path / "out"
-    code = main(["retrieval", "eval", "--layout", "folder", "--data-root", str(folder_dataset),
-                 "--backbone", "efficientnet_lite0", "--out", str(out), "--image-size", "64",
-                 "--num-patches", "4", "--grid-levels", "2", "--flow-queries", "1"])
+    code = main(
+        [
+            "retrieval",
+            "eval",
+            "--layout",
+            "folder",
+            "--data-root",
+            str(folder_dataset),
+            "--backbone",
+            "efficientnet_lite0",
+            "--out",
+            str(out),
+            "--image-size",
+            "64",
+            "--num-patches",
+            "4",
+            "--grid-levels",
+            "2",
+            "--flow-queries",
+            "1",
+        ]
+    )
     assert code == 0
     frame = pd.read_csv(out / "results.csv")
     assert list(frame.columns) == ["method", "P@1", "RP", "MAP@R", "queries/s"]
@@ -132,8 +166,9 @@ def test_eval_rejects_unknown_config_key_and_missing_checkpoint(folder_dataset, 
     cfg.write_text("rerank_kk: 5\n")
     assert main(["retrieval", "eval", "--config", str(cfg), "--data-root", str(folder_dataset)]) == 2
     assert "did you mean 'rerank_k'" in capsys.readouterr().err
-    assert main(["retrieval", "eval", "--data-root", str(folder_dataset), "--checkpoint",
-                 str(tmp_path / "none.pt")]) == 2
+    assert (
+        main(["retrieval", "eval", "--data-root", str(folder_dataset), "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    )
     assert "checkpoint not found" in capsys.readouterr().err
 
 

@@ -1,5 +1,6 @@
 """Gallery round trip (index + store reopened in a new process), a user's own FAISS index, and
 the errors for mismatched or missing pieces."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,6 @@ import torch
 from deepemd.errors import DeepEMDError
 from deepemd.retrieval.config import IndexConfig, SearchConfig
 from deepemd.retrieval.search import run_index, run_search
-
 
 MODEL = dict(backbone="efficientnet_lite0", weights="imagenet", image_size=64, pyramid=(2, 1), batch_size=16)
 
@@ -47,8 +47,13 @@ def test_saved_gallery_gives_the_same_top_k_in_a_new_process(gallery, folder_dat
     paths = [Path(r["path"]).name for r in here["rows"] if r["rank"] == 1]
     assert paths == sorted(p.name for p in (folder_dataset / "class_b").iterdir())
     args = {**cfg.__dict__, "out": str(tmp_path / "s2")}
-    proc = subprocess.run([sys.executable, "-c", ROUND_TRIP, json.dumps(args)], capture_output=True, text=True,
-                          timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-c", ROUND_TRIP, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == here["ids"].tolist()
 
@@ -95,8 +100,16 @@ def test_users_own_faiss_index_is_reranked(folder_dataset, tmp_path):
     id_map = tmp_path / "mine_ids.txt"
     id_map.write_text("".join(f"{i}\t{p}\n" for i, p in zip(user_ids, images.paths)))
 
-    result = run_search(search_cfg(tmp_path / "g", folder_dataset / "class_c", tmp_path / "s",
-                                   index=str(tmp_path / "mine.faiss"), id_map=str(id_map)), progress=False)
+    result = run_search(
+        search_cfg(
+            tmp_path / "g",
+            folder_dataset / "class_c",
+            tmp_path / "s",
+            index=str(tmp_path / "mine.faiss"),
+            id_map=str(id_map),
+        ),
+        progress=False,
+    )
     top1 = {Path(r["query"]).name: (r["id"], Path(r["path"])) for r in result["rows"] if r["rank"] == 1}
     by_path = dict(zip(images.paths, user_ids))
     for name, (fid, path) in top1.items():
@@ -104,11 +117,21 @@ def test_users_own_faiss_index_is_reranked(folder_dataset, tmp_path):
     assert (tmp_path / "g" / "local" / "manifest.json").exists()  # built once, reused next time
     with pytest.raises(DeepEMDError, match="id map lists"):
         id_map.write_text("".join(f"{i}\t{p}\n" for i, p in zip(user_ids[:3], images.paths)))
-        run_search(search_cfg(tmp_path / "g2", folder_dataset / "class_c", tmp_path / "s",
-                              index=str(tmp_path / "mine.faiss"), id_map=str(id_map)), progress=False)
+        run_search(
+            search_cfg(
+                tmp_path / "g2",
+                folder_dataset / "class_c",
+                tmp_path / "s",
+                index=str(tmp_path / "mine.faiss"),
+                id_map=str(id_map),
+            ),
+            progress=False,
+        )
 
 
-@pytest.mark.parametrize("name, weights, embed_dim", [("resnet12", "none", None), ("efficientnet_lite0", "imagenet", 16)])
+@pytest.mark.parametrize(
+    "name, weights, embed_dim", [("resnet12", "none", None), ("efficientnet_lite0", "imagenet", 16)]
+)
 def test_untrained_parts_are_rebuilt_identically(name, weights, embed_dim):
     """`index` then `search` in two processes must build the same network (same fingerprint),
     also for a random backbone or a random embedding head on pretrained weights."""

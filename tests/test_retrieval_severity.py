@@ -1,4 +1,5 @@
 """Retrieval with a label hierarchy: the severity of each query's first wrong result."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Retrieval training: pml losses, per-rank class-balanced sampling, DDP, kill and resume."""
+
 from __future__ import annotations
 
 import os
@@ -16,26 +17,42 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from deepemd.data import DistributedMPerClassSampler
 from deepemd.errors import DeepEMDError
 from deepemd.io import load_checkpoint
 from deepemd.retrieval.config import TrainConfig
-from deepemd.data import DistributedMPerClassSampler
 from deepemd.retrieval.train import train
 
 
 def tiny_config(root: Path, out: Path, **kw) -> TrainConfig:
     """resnet18 at 32 px (1x1 map): a few milliseconds per step on one core."""
-    base = dict(data_root=str(root), split="all", backbone="resnet18", weights="none", embed_dim=8,
-                image_size=32, loss="contrastive", batch_size=4, m_per_class=2, epochs=3, steps_per_epoch=2,
-                lr=1e-2, augment=True, out=str(out), seed=3)
+    base = dict(
+        data_root=str(root),
+        split="all",
+        backbone="resnet18",
+        weights="none",
+        embed_dim=8,
+        image_size=32,
+        loss="contrastive",
+        batch_size=4,
+        m_per_class=2,
+        epochs=3,
+        steps_per_epoch=2,
+        lr=1e-2,
+        augment=True,
+        out=str(out),
+        seed=3,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
 
 def test_distributed_sampler_splits_global_batches_into_whole_classes():
     labels = np.repeat(np.arange(6), 5)
-    ranks = [DistributedMPerClassSampler(labels, m=2, batch_size=4, batches_per_epoch=3, seed=1, rank=r, world=2)
-             for r in range(2)]
+    ranks = [
+        DistributedMPerClassSampler(labels, m=2, batch_size=4, batches_per_epoch=3, seed=1, rank=r, world=2)
+        for r in range(2)
+    ]
     single = DistributedMPerClassSampler(labels, m=2, batch_size=8, batches_per_epoch=3, seed=1)
     per_rank = [np.array(list(s)).reshape(3, 4) for s in ranks]
     glued = np.concatenate(per_rank, axis=1).reshape(-1)
@@ -50,8 +67,9 @@ def test_distributed_sampler_splits_global_batches_into_whole_classes():
 
 
 def test_training_lowers_loss_and_writes_loadable_checkpoint(folder_dataset, tmp_path):
-    cfg = tiny_config(folder_dataset, tmp_path / "run", loss="normsoftmax", epochs=8, steps_per_epoch=3,
-                      augment=False, loss_lr=0.1)
+    cfg = tiny_config(
+        folder_dataset, tmp_path / "run", loss="normsoftmax", epochs=8, steps_per_epoch=3, augment=False, loss_lr=0.1
+    )
     result = train(cfg, progress=False)
     losses = [row["loss"] for row in result["history"]]
     assert losses[-1] < losses[0]
@@ -73,8 +91,9 @@ def test_deepemd_distance_needs_a_pair_loss(folder_dataset, tmp_path):
 
 
 def test_contrastive_through_deepemd_trains(folder_dataset, tmp_path):
-    cfg = tiny_config(folder_dataset, tmp_path / "run", distance="deepemd", image_size=64, pyramid=(2, 1),
-                      epochs=1, steps_per_epoch=2)
+    cfg = tiny_config(
+        folder_dataset, tmp_path / "run", distance="deepemd", image_size=64, pyramid=(2, 1), epochs=1, steps_per_epoch=2
+    )
     before = {k: v.clone() for k, v in _fresh_backbone(cfg).state_dict().items()}
     train(cfg, progress=False)
     after = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]
@@ -144,8 +163,9 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     result = train(cfg, progress=False)
     torch.save(result["model"].backbone.state_dict(), Path(out) / f"rank{rank}.pt")

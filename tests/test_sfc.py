@@ -1,4 +1,5 @@
 """The structured FC layer (paper 4.5): fitting lowers the support loss and separates classes."""
+
 import torch
 import torch.nn.functional as F
 

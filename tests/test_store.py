@@ -5,15 +5,16 @@ for float32 stores, within float16's relative precision of each set's largest va
 stores, at any magnitude), and every way the files can disagree with the manifest must be an
 error naming the file.
 """
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
-from deepemd.retrieval.store import LocalFeatureStore, build_store
 
 from deepemd.errors import DeepEMDError
+from deepemd.retrieval.store import LocalFeatureStore, build_store
 
 M, DIM, VDIM, CHUNK = 4, 6, 3, 16
 FP = {"backbone": "resnet12", "local": {"kind": "fcn", "pyramid": [3, 2, 1]}}
@@ -21,22 +22,21 @@ FP = {"backbone": "resnet12", "local": {"kind": "fcn", "pyramid": [3, 2, 1]}}
 
 def data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, M, DIM)).astype(np.float16),
-            rng.standard_normal((n, VDIM)).astype(np.float32))
+    return (rng.standard_normal((n, M, DIM)).astype(np.float16), rng.standard_normal((n, VDIM)).astype(np.float32))
 
 
 def close(got: np.ndarray, want: np.ndarray) -> None:
     """float16 keeps 11 bits relative to each set's largest value (the set's own scale)."""
     peak = np.abs(want).reshape(len(want), -1).max(axis=1)[:, None, None]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * peak.max() if want.size else 0)
-    assert (np.abs(got - want) <= 2.0 ** -11 * 2 * peak).all()
+    assert (np.abs(got - want) <= 2.0**-11 * 2 * peak).all()
 
 
 def make(path, n: int = 100, vectors: bool = True) -> tuple[np.ndarray, np.ndarray]:
     local, vecs = data(n)
     store = LocalFeatureStore.create(path, M, DIM, FP, chunk_size=CHUNK, vector_dim=VDIM if vectors else None)
     for start in range(0, n, 7):  # batches that do not line up with chunks
-        store.append(local[start:start + 7], vecs[start:start + 7] if vectors else None)
+        store.append(local[start : start + 7], vecs[start : start + 7] if vectors else None)
     store.flush()
     return local, vecs
 
@@ -78,8 +78,9 @@ def test_flush_then_append_refills_the_short_chunk(tmp_path):
     close(reopened.get(np.arange(40)), local)  # 32 on disk, 8 in the buffer
     reopened.flush()
     names = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert names == [f"chunk_00000{i}.{n}.{kind}" for i, n in ((0, 16), (1, 16), (2, 8))
-                     for kind in ("npy", "rows.npy", "vec.npy")] + ["manifest.json"]  # the 4-row chunk is gone
+    assert names == [
+        f"chunk_00000{i}.{n}.{kind}" for i, n in ((0, 16), (1, 16), (2, 8)) for kind in ("npy", "rows.npy", "vec.npy")
+    ] + ["manifest.json"]  # the 4-row chunk is gone
     # identical to writing the 40 rows in one go
     make_once = LocalFeatureStore.create(tmp_path / "t", M, DIM, FP, chunk_size=CHUNK, vector_dim=VDIM)
     make_once.append(local, vecs)
@@ -111,8 +112,13 @@ def flip(path, offset: int, value: int | None = None, xor: int = 0x40) -> None:
 
 
 # which reads touch which file of a chunk: every read that touches the damaged file must fail
-TOUCHES = {"get": {"npy", "rows"}, "get_vectors": {"vec", "rows"}, "iter_chunks": {"npy", "rows"},
-           "iter_vectors": {"vec"}, "verify": {"npy", "rows", "vec"}}
+TOUCHES = {
+    "get": {"npy", "rows"},
+    "get_vectors": {"vec", "rows"},
+    "iter_chunks": {"npy", "rows"},
+    "iter_vectors": {"vec"},
+    "verify": {"npy", "rows", "vec"},
+}
 
 
 @pytest.mark.parametrize("kind", ["npy", "vec", "rows"])
@@ -123,9 +129,13 @@ def test_a_flipped_byte_is_caught_by_every_read(tmp_path, kind):
     flip(chunk, -5)  # inside the last row of chunk 3
     store = LocalFeatureStore.open(tmp_path / "s")  # same size: only the checksum can tell
     row = np.array([4 * CHUNK - 1])
-    reads = {"get": lambda: store.get(row), "get_vectors": lambda: store.get_vectors(row),
-             "iter_chunks": lambda: list(store.iter_chunks()),
-             "iter_vectors": lambda: list(store.iter_chunks(vectors=True)), "verify": store.verify}
+    reads = {
+        "get": lambda: store.get(row),
+        "get_vectors": lambda: store.get_vectors(row),
+        "iter_chunks": lambda: list(store.iter_chunks()),
+        "iter_vectors": lambda: list(store.iter_chunks(vectors=True)),
+        "verify": store.verify,
+    }
     for name, read in reads.items():
         if kind in TOUCHES[name]:
             with pytest.raises(DeepEMDError, match="feature store corrupted") as err:
@@ -168,7 +178,7 @@ def test_float16_store_keeps_sets_of_any_magnitude(tmp_path, magnitude):
     store.append(local)
     store.flush()
     got = LocalFeatureStore.open(tmp_path / "s").get(np.arange(40))
-    np.testing.assert_allclose(got, local, rtol=2.0 ** -10, atol=magnitude * 2.0 ** -11)
+    np.testing.assert_allclose(got, local, rtol=2.0**-10, atol=magnitude * 2.0**-11)
     assert (got != 0).mean() > 0.99
 
 

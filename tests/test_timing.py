@@ -1,4 +1,5 @@
 """Stage timings recorded from inside the job code, the whole-job ETA, and the long-run warning."""
+
 from __future__ import annotations
 
 import time

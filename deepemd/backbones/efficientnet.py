@@ -6,6 +6,7 @@ The Lite models were trained on inputs scaled to [-1, 1] (TF's mean 127 / std 12
 ``default_cfg`` uses mean = std = 0.5: on sample photos this gave more confident correct
 ImageNet classes than ImageNet mean/std did.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

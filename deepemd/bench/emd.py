@@ -7,6 +7,7 @@ forward rows, forward+backward for forward+backward rows) by the row's own time,
 in this run on this machine. The load average is printed with the table because the machine
 may be shared.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,42 +26,56 @@ from deepemd.errors import DeepEMDError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", default="5x5,25x25,50x50,25x50",
-                        help="problem sizes m x n, comma separated")
+    parser.add_argument("--sizes", default="5x5,25x25,50x50,25x50", help="problem sizes m x n, comma separated")
     parser.add_argument("--batches", default="1,100,1000", help="batch sizes, comma separated")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timing runs per cell, best kept (Sinkhorn and qpth: 1 run)")
-    parser.add_argument("--solvers", default=",".join(SOLVER_ROWS),
-                        help="which rows to time, comma separated (cv2.EMD is always timed: "
-                             "the ratios need it)")
-    parser.add_argument("--qpth-count", type=int, default=3,
-                        help="problems timed for qpth (batch 1 each; it takes ~1 s per problem)")
-    parser.add_argument("--qpth-max-cells", type=int, default=625,
-                        help="skip qpth above this many variables m*n (its KKT solve is cubic)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timing runs per cell, best kept (Sinkhorn and qpth: 1 run)"
+    )
+    parser.add_argument(
+        "--solvers",
+        default=",".join(SOLVER_ROWS),
+        help="which rows to time, comma separated (cv2.EMD is always timed: the ratios need it)",
+    )
+    parser.add_argument(
+        "--qpth-count", type=int, default=3, help="problems timed for qpth (batch 1 each; it takes ~1 s per problem)"
+    )
+    parser.add_argument(
+        "--qpth-max-cells",
+        type=int,
+        default=625,
+        help="skip qpth above this many variables m*n (its KKT solve is cubic)",
+    )
     parser.add_argument("--sinkhorn-eps", type=float, default=1e-2, help="entropic eps (cost units)")
     parser.add_argument("--sinkhorn-iters", type=int, default=500, help="Sinkhorn iteration cap")
     parser.add_argument("--dim", type=int, default=64, help="feature channels of the problems")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads, also used by the exact solver")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads, also used by the exact solver")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="sizes 5x5,25x25; batches 1,100; 1 repeat; 2 qpth problems")
+    parser.add_argument(
+        "--quick", action="store_true", help="sizes 5x5,25x25; batches 1,100; 1 repeat; 2 qpth problems"
+    )
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA rows")
-    parser.add_argument("--pairwise", default=None, metavar="PxQ",
-                        help="instead of the solver table, time pairwise_similarity of P query "
-                             "sets against Q sets (e.g. 1x100: one rerank of a shortlist)")
+    parser.add_argument(
+        "--pairwise",
+        default=None,
+        metavar="PxQ",
+        help="instead of the solver table, time pairwise_similarity of P query "
+        "sets against Q sets (e.g. 1x100: one rerank of a shortlist)",
+    )
     parser.add_argument("--nodes", type=int, default=25, help="--pairwise: nodes per set")
     parser.add_argument("--channels", type=int, default=640, help="--pairwise: feature channels")
-    parser.add_argument("--no-qpth-probe", action="store_true",
-                        help="skip trying qpth with a CPU batch of 2 at 25x25")
-    parser.add_argument("--user-path", action="store_true",
-                        help="instead of the solver table, time solve() in a user's call path: "
-                             "float32 features -> cost_matrix -> cross_reference_weights -> "
-                             "solve right after that torch work, on random ReLU features "
-                             "(--channels) and on EfficientNet-Lite0 cell features of the demo "
-                             "set, against a cv2.EMD loop and the bare kernel in the same run")
-    parser.add_argument("--images", type=int, default=64,
-                        help="--user-path: demo images whose cell features are paired")
+    parser.add_argument("--no-qpth-probe", action="store_true", help="skip trying qpth with a CPU batch of 2 at 25x25")
+    parser.add_argument(
+        "--user-path",
+        action="store_true",
+        help="instead of the solver table, time solve() in a user's call path: "
+        "float32 features -> cost_matrix -> cross_reference_weights -> "
+        "solve right after that torch work, on random ReLU features "
+        "(--channels) and on EfficientNet-Lite0 cell features of the demo "
+        "set, against a cv2.EMD loop and the bare kernel in the same run",
+    )
+    parser.add_argument(
+        "--images", type=int, default=64, help="--user-path: demo images whose cell features are paired"
+    )
 
 
 SOLVER_ROWS = ("exact", "pot", "sinkhorn", "qpth")
@@ -111,6 +126,7 @@ def _forward(solver: str, cost, wu, wv, **opts) -> Callable[[], object]:
     def run():
         with torch.no_grad():
             solve(cost, wu, wv, solver=solver, **opts)
+
     return run
 
 
@@ -119,6 +135,7 @@ def _forward_backward(solver: str, cost, wu, wv, **opts) -> Callable[[], object]
         c, a, b = (t.detach().requires_grad_(True) for t in (cost, wu, wv))
         dist, _ = solve(c, a, b, solver=solver, **opts)
         dist.sum().backward()
+
     return run
 
 
@@ -130,6 +147,7 @@ def _pot_loop(cost, wu, wv) -> Callable[[], object]:
     def run():
         for k in range(c.shape[0]):
             ot.emd2(a[k], b[k], c[k])
+
     return run
 
 
@@ -143,11 +161,10 @@ def probe_qpth_batch(m: int = 25, n: int = 25, batch: int = 2, seed: int = 0) ->
     t0 = time.perf_counter()
     try:
         x = QPFunction(verbose=-1, eps=1e-12, maxIter=30, check_Q_spd=False)(
-            1e-6 * eye, cost.reshape(batch, -1), -eye, torch.zeros(m * n, dtype=torch.float64),
-            A, rhs)
+            1e-6 * eye, cost.reshape(batch, -1), -eye, torch.zeros(m * n, dtype=torch.float64), A, rhs
+        )
     except Exception as exc:  # qpth raises torch/LinAlg errors; report the first line
-        return f"fails after {time.perf_counter() - t0:.2f} s: {type(exc).__name__}: " \
-               f"{str(exc).splitlines()[0][:120]}"
+        return f"fails after {time.perf_counter() - t0:.2f} s: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     ref, _ = solve(cost, wu, wv)
     got = (cost.reshape(batch, -1) * x).sum(-1)
     err = float(((got - ref).abs() / ref).max())
@@ -171,21 +188,25 @@ def run_pairwise(args: argparse.Namespace) -> int:
     with torch.no_grad():
         ref = _gathered_pairs(a, b)
         fast = pairwise_similarity(a, b)
-        cost = torch.cat([cost_matrix(a[i:i + 1].expand(q, -1, -1), b) for i in range(p)])
-        weights = [cross_reference_weights(a[i:i + 1].expand(q, -1, -1), b) for i in range(p)]
+        cost = torch.cat([cost_matrix(a[i : i + 1].expand(q, -1, -1), b) for i in range(p)])
+        weights = [cross_reference_weights(a[i : i + 1].expand(q, -1, -1), b) for i in range(p)]
         wu, wv = (torch.cat(w).double().numpy() for w in zip(*weights))
     c64 = cost.double().numpy()
-    rows = [("per-pair similarity on gathered copies (reference)",
-             _best_time(lambda: _gathered_pairs(a, b), args.repeats)),
-            ("pairwise_similarity", _best_time(_forward_pairwise(a, b), args.repeats)),
-            ("  of which the exact solve (solve_batch)",
-             _best_time(lambda: solve_batch(c64, wu, wv), args.repeats))]
+    rows = [
+        ("per-pair similarity on gathered copies (reference)", _best_time(lambda: _gathered_pairs(a, b), args.repeats)),
+        ("pairwise_similarity", _best_time(_forward_pairwise(a, b), args.repeats)),
+        ("  of which the exact solve (solve_batch)", _best_time(lambda: solve_batch(c64, wu, wv), args.repeats)),
+    ]
     print(f"# deepemd bench emd: {' '.join(sys.argv[1:])}")
-    print(f"{p} x {q} sets of {args.nodes} nodes x {args.channels} channels (float32, ReLU), "
-          f"cross-reference weights, exact solver; best of {args.repeats} runs")
-    print(f"loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}, cpus {os.cpu_count()}, "
-          f"threads (torch and exact solver) {torch.get_num_threads()}; max |difference| "
-          f"between the two: {float((fast - ref).abs().max()):.1e}\n")
+    print(
+        f"{p} x {q} sets of {args.nodes} nodes x {args.channels} channels (float32, ReLU), "
+        f"cross-reference weights, exact solver; best of {args.repeats} runs"
+    )
+    print(
+        f"loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}, cpus {os.cpu_count()}, "
+        f"threads (torch and exact solver) {torch.get_num_threads()}; max |difference| "
+        f"between the two: {float((fast - ref).abs().max()):.1e}\n"
+    )
     print("| pairs | path | ms / call | x reference |")
     print("|---|---|---|---|")
     for name, t in rows:
@@ -198,6 +219,7 @@ def _forward_pairwise(a: torch.Tensor, b: torch.Tensor) -> Callable[[], object]:
     def run():
         with torch.no_grad():
             pairwise_similarity(a, b)
+
     return run
 
 
@@ -237,26 +259,33 @@ def run_user_path(args: argparse.Namespace) -> int:
     same problems, interleaved in one run so that the ratios share the machine's load."""
     sizes = _parse_sizes(args.sizes if args.sizes != parser_default("sizes") else "25x25")
     m, n = sizes[0]
-    batch = int(args.batches.split(",")[-1]) if args.batches != parser_default("batches") \
-        else 1000
+    batch = int(args.batches.split(",")[-1]) if args.batches != parser_default("batches") else 1000
     gen = torch.Generator().manual_seed(args.seed)
-    kinds = {f"random ReLU {args.channels}-d": (
-        torch.relu(torch.randn(batch, m, args.channels, generator=gen)),
-        torch.relu(torch.randn(batch, n, args.channels, generator=gen)))}
+    kinds = {
+        f"random ReLU {args.channels}-d": (
+            torch.relu(torch.randn(batch, m, args.channels, generator=gen)),
+            torch.relu(torch.randn(batch, n, args.channels, generator=gen)),
+        )
+    }
     if (m, n) == (25, 25):
         kinds["EfficientNet-Lite0 1280-d demo cells"] = paired_sets(
-            real_cell_features(args.images, seed=args.seed), batch, args.seed)
+            real_cell_features(args.images, seed=args.seed), batch, args.seed
+        )
     print(f"# deepemd bench emd: {' '.join(sys.argv[1:])}")
-    print(f"{m}x{n}, batch {batch}, float32 features, cross-reference weights; best of "
-          f"{args.repeats} interleaved runs; threads (torch and exact solver) "
-          f"{torch.get_num_threads()}; loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
-          f"cpus {os.cpu_count()}\n")
+    print(
+        f"{m}x{n}, batch {batch}, float32 features, cross-reference weights; best of "
+        f"{args.repeats} interleaved runs; threads (torch and exact solver) "
+        f"{torch.get_num_threads()}; loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+        f"cpus {os.cpu_count()}\n"
+    )
     print("| features | path | us / problem | x cv2.EMD | x bare kernel | pivots mean (max) |")
     print("|---|---|---|---|---|---|")
     cpu_lines = [_user_path_rows(name, u, v, args.repeats) for name, (u, v) in kinds.items()]
-    print("\nCPU time of one thread (less sensitive to the machine's load than the wall times "
-          "above, not immune: contention for caches and cores inflates it too; two threads on "
-          "an idle 2-core machine can at best double the ratio):")
+    print(
+        "\nCPU time of one thread (less sensitive to the machine's load than the wall times "
+        "above, not immune: contention for caches and cores inflates it too; two threads on "
+        "an idle 2-core machine can at best double the ratio):"
+    )
     for line in cpu_lines:
         print(line)
     print(f"loadavg at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -293,17 +322,23 @@ def _user_path_rows(name: str, u: torch.Tensor, v: torch.Tensor, repeats: int) -
             threads.PREFER_TORCH_POOL = True
     pivots = solve_batch(c64, a64, b64).pivots
     piv = f"{pivots.mean():.1f} ({pivots.max()})"
-    rows = [("cv2.EMD loop", times["cv2"], "-"),
-            ("exact, bare kernel (solve_batch, float64 arrays)", times["bare"], piv),
-            ("exact, user call path (solve on float32, after torch work)", times["user"], piv),
-            ("  the same on an own thread pool instead of torch's", times["own"], "")]
+    rows = [
+        ("cv2.EMD loop", times["cv2"], "-"),
+        ("exact, bare kernel (solve_batch, float64 arrays)", times["bare"], piv),
+        ("exact, user call path (solve on float32, after torch work)", times["user"], piv),
+        ("  the same on an own thread pool instead of torch's", times["own"], ""),
+    ]
     for label, t, p in rows:
-        print(f"| {name} | {label} | {t / batch * 1e6:,.2f} | {times['cv2'] / t:.1f} | "
-              f"{times['bare'] / t:.2f} | {p} |", flush=True)
+        print(
+            f"| {name} | {label} | {t / batch * 1e6:,.2f} | {times['cv2'] / t:.1f} | {times['bare'] / t:.2f} | {p} |",
+            flush=True,
+        )
     cpu_cv2 = _best_cpu(_forward("opencv", cost, wu, wv), repeats)
     cpu_kernel = _best_cpu(lambda: solve_batch(c64, a64, b64, threads=1), repeats)
-    return (f"{name}: per problem cv2.EMD {cpu_cv2 / batch * 1e6:,.2f} us, bare kernel "
-            f"{cpu_kernel / batch * 1e6:,.2f} us: {cpu_cv2 / cpu_kernel:.1f}x")
+    return (
+        f"{name}: per problem cv2.EMD {cpu_cv2 / batch * 1e6:,.2f} us, bare kernel "
+        f"{cpu_kernel / batch * 1e6:,.2f} us: {cpu_cv2 / cpu_kernel:.1f}x"
+    )
 
 
 def parser_default(name: str) -> object:
@@ -335,13 +370,18 @@ def run(args: argparse.Namespace) -> int:
     _pot_loop(*warm)()
 
     print(f"# deepemd bench emd: {' '.join(sys.argv[1:]) or '(defaults)'}")
-    print(f"sinkhorn: eps {args.sinkhorn_eps}, at most {args.sinkhorn_iters} iterations, "
-          f"tol 1e-6; qpth: l2 1e-6, {args.qpth_count} problems one at a time; every row: "
-          f"best of {args.repeats} runs (Sinkhorn, qpth: 1), problems of {args.dim}-d ReLU "
-          f"features", flush=True)
-    print(f"loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}, cpus {os.cpu_count()}, "
-          f"threads (torch and exact solver) {torch.get_num_threads()}, "
-          f"cuda {'yes' if cuda else 'no'}\n")
+    print(
+        f"sinkhorn: eps {args.sinkhorn_eps}, at most {args.sinkhorn_iters} iterations, "
+        f"tol 1e-6; qpth: l2 1e-6, {args.qpth_count} problems one at a time; every row: "
+        f"best of {args.repeats} runs (Sinkhorn, qpth: 1), problems of {args.dim}-d ReLU "
+        f"features",
+        flush=True,
+    )
+    print(
+        f"loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}, cpus {os.cpu_count()}, "
+        f"threads (torch and exact solver) {torch.get_num_threads()}, "
+        f"cuda {'yes' if cuda else 'no'}\n"
+    )
     print("| m x n | batch | solver | pass | us / problem | x cv2.EMD | x qpth (batch 1) |")
     print("|---|---|---|---|---|---|---|")
     sk = {"eps": args.sinkhorn_eps, "n_iter": args.sinkhorn_iters, "tol": 1e-6}
@@ -358,36 +398,33 @@ def run(args: argparse.Namespace) -> int:
                 rows.append(("POT ot.emd loop", "fwd", timed(_pot_loop(cost, wu, wv))))
             if "exact" in chosen:
                 rows.append(("exact (ours)", "fwd", timed(_forward("exact", cost, wu, wv))))
-                rows.append(("exact (ours)", "fwd+bwd",
-                             timed(_forward_backward("exact", cost, wu, wv))))
+                rows.append(("exact (ours)", "fwd+bwd", timed(_forward_backward("exact", cost, wu, wv))))
             if "sinkhorn" in chosen:
                 rows.append(("sinkhorn", "fwd", timed(_forward("sinkhorn", cost, wu, wv, **sk), 1)))
-                rows.append(("sinkhorn", "fwd+bwd",
-                             timed(_forward_backward("sinkhorn", cost, wu, wv, **sk), 1)))
+                rows.append(("sinkhorn", "fwd+bwd", timed(_forward_backward("sinkhorn", cost, wu, wv, **sk), 1)))
             if "qpth" in chosen and m * n <= args.qpth_max_cells and args.qpth_count > 0:
                 k = min(batch, args.qpth_count)
                 sub = (cost[:k], wu[:k], wv[:k])
                 rows.append(("qpth batch-1 loop", "fwd", timed(_forward("qpth", *sub), 1, False, k)))
-                rows.append(("qpth batch-1 loop", "fwd+bwd",
-                             timed(_forward_backward("qpth", *sub), 1, False, k)))
+                rows.append(("qpth batch-1 loop", "fwd+bwd", timed(_forward_backward("qpth", *sub), 1, False, k)))
             if cuda:
                 dev = [t.cuda() for t in (cost, wu, wv)]
                 if "exact" in chosen:
-                    rows.append(("exact (ours), cuda in/out", "fwd+bwd",
-                                 timed(_forward_backward("exact", *dev), sync=True)))
+                    rows.append(
+                        ("exact (ours), cuda in/out", "fwd+bwd", timed(_forward_backward("exact", *dev), sync=True))
+                    )
                 if "sinkhorn" in chosen:
-                    rows.append(("sinkhorn, cuda", "fwd",
-                                 timed(_forward("sinkhorn", *dev, **sk), sync=True)))
-                    rows.append(("sinkhorn, cuda", "fwd+bwd",
-                                 timed(_forward_backward("sinkhorn", *dev, **sk), sync=True)))
+                    rows.append(("sinkhorn, cuda", "fwd", timed(_forward("sinkhorn", *dev, **sk), sync=True)))
+                    rows.append(
+                        ("sinkhorn, cuda", "fwd+bwd", timed(_forward_backward("sinkhorn", *dev, **sk), sync=True))
+                    )
             ref = {(s, p): t for s, p, t in rows}
             cv2_t = ref[("cv2.EMD loop", "fwd")]
             for solver, pass_, t in rows:
                 q = ref.get(("qpth batch-1 loop", pass_))
                 vs_cv2 = f"{cv2_t / t:.1f}" if pass_ == "fwd" else "-"
                 vs_qpth = f"{q / t:,.0f}" if q else "-"
-                print(f"| {m}x{n} | {batch} | {solver} | {pass_} | {t * 1e6:,.1f} | {vs_cv2} | "
-                      f"{vs_qpth} |", flush=True)
+                print(f"| {m}x{n} | {batch} | {solver} | {pass_} | {t * 1e6:,.1f} | {vs_cv2} | {vs_qpth} |", flush=True)
     if not args.no_qpth_probe:
         print(f"\nqpth with a CPU batch of 2 at 25x25: {probe_qpth_batch()}")
     print(f"loadavg at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -6,6 +6,7 @@
 - :class:`EpisodeSampler` (N-way K-shot batch sampler), :func:`class_balanced_sampler` (pml).
 - :func:`demo_root` (bundled Omniglot, folder layout), :func:`export_fashion_mnist`.
 """
+
 from deepemd.data.cache import cache_dir
 from deepemd.data.demo import demo_root
 from deepemd.data.fashion_mnist import export_fashion_mnist
@@ -15,7 +16,18 @@ from deepemd.data.samplers import DistributedMPerClassSampler, EpisodeSampler, c
 from deepemd.data.transforms import build_transform
 
 __all__ = [
-    "ImageList", "read_layout", "LAYOUTS", "ImageDataset", "drop_unreadable", "load_image", "DEFAULT_MAX_PIXELS",
-    "build_transform", "EpisodeSampler", "DistributedMPerClassSampler", "class_balanced_sampler", "demo_root",
-    "export_fashion_mnist", "cache_dir",
+    "ImageList",
+    "read_layout",
+    "LAYOUTS",
+    "ImageDataset",
+    "drop_unreadable",
+    "load_image",
+    "DEFAULT_MAX_PIXELS",
+    "build_transform",
+    "EpisodeSampler",
+    "DistributedMPerClassSampler",
+    "class_balanced_sampler",
+    "demo_root",
+    "export_fashion_mnist",
+    "cache_dir",
 ]

@@ -1,6 +1,7 @@
 """Where derived data lives (``$DEEPEMD_CACHE`` or ``~/.cache/deepemd``) and how a folder is
 published atomically: built in a temporary sibling, then renamed into place, so a run killed
 half-way never leaves a half-extracted folder that a later run would trust."""
+
 from __future__ import annotations
 
 import os

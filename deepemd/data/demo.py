@@ -9,6 +9,7 @@ the folder layout): alphabets of set 1 (Balinese, Early_Aramaic, Greek, Korean, 
 classes) are ``train``; alphabets only in set 2 (Japanese_(katakana), Sanskrit, Tagalog: 106
 classes) are ``test``, so test characters come from alphabets never seen in training.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,7 +29,9 @@ TRAIN_ZIP = ZIPS[0]
 def _bundled(name: str) -> Path:
     path = Path(str(resources.files("deepemd.data") / "demo" / name))
     if not path.is_file():
-        raise DeepEMDError("bundled demo file is missing", path, "reinstall deepemd (pip install -e . / pip install deepemd)")
+        raise DeepEMDError(
+            "bundled demo file is missing", path, "reinstall deepemd (pip install -e . / pip install deepemd)"
+        )
     return path
 
 

@@ -5,6 +5,7 @@ folder layout's default split (first half of the sorted classes = train) gives l
 train and 5-9 for test. The train and t10k files are merged (7,000 images per class);
 ``per_class=k`` keeps the first k of each class in file order.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -19,8 +20,7 @@ from deepemd.data.cache import atomic_dir
 from deepemd.errors import DeepEMDError
 
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
-CLASS_NAMES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot")
+CLASS_NAMES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot")
 _MARKER = ".deepemd-export.json"
 
 
@@ -55,8 +55,11 @@ def export_fashion_mnist(out_dir: str | Path, per_class: int | None = None, sour
     if out_dir.exists():
         if marker.is_file() and json.loads(marker.read_text()) == settings:
             return out_dir
-        raise DeepEMDError("folder exists but is not a Fashion-MNIST export with these settings", out_dir,
-                           "choose another --out folder, or delete this one")
+        raise DeepEMDError(
+            "folder exists but is not a Fashion-MNIST export with these settings",
+            out_dir,
+            "choose another --out folder, or delete this one",
+        )
     images, labels = load_fashion_mnist(Path(source))
     keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)])
     with atomic_dir(out_dir) as tmp:

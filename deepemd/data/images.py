@@ -14,6 +14,7 @@ nothing: PIL already decodes them to 8 bits per channel.
 ``ImageDataset(skip_bad=True)`` instead checks every image once up front and drops the bad ones
 with one counted warning, so labels and samplers stay aligned.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -65,9 +66,11 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             with Image.open(path) as img:
                 w, h = img.size
                 if w * h > max_pixels:
-                    raise DeepEMDError(f"image is {w}x{h} = {w * h / 1e6:.1f} MP, over the limit of "
-                                       f"{max_pixels / 1e6:g} MP", path,
-                                       "shrink or remove the image, raise max_pixels, or skip it with --skip-bad (skip_bad=True in Python)")
+                    raise DeepEMDError(
+                        f"image is {w}x{h} = {w * h / 1e6:.1f} MP, over the limit of {max_pixels / 1e6:g} MP",
+                        path,
+                        "shrink or remove the image, raise max_pixels, or skip it with --skip-bad (skip_bad=True in Python)",
+                    )
                 img.load()
                 return to_rgb8(img)
     except DeepEMDError:
@@ -75,40 +78,57 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     except FileNotFoundError:
         raise DeepEMDError("image not found", path, "restore the file or remove it from the dataset") from None
     except PermissionError:  # an OSError, but no sign of a corrupt file
-        raise DeepEMDError("cannot read image: permission denied", path,
-                           "make it readable for this user (chmod a+r), or skip it with --skip-bad "
-                           "(skip_bad=True in Python)") from None
+        raise DeepEMDError(
+            "cannot read image: permission denied",
+            path,
+            "make it readable for this user (chmod a+r), or skip it with --skip-bad (skip_bad=True in Python)",
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DeepEMDError(f"image refused as a decompression bomb ({exc})", path,
-                           "shrink or remove the image, or skip it with --skip-bad (skip_bad=True in Python)") from None
+        raise DeepEMDError(
+            f"image refused as a decompression bomb ({exc})",
+            path,
+            "shrink or remove the image, or skip it with --skip-bad (skip_bad=True in Python)",
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DeepEMDError(f"cannot read image: corrupt or truncated ({type(exc).__name__}: {exc})", path,
-                           "re-export or remove the file, or skip unreadable images with --skip-bad (skip_bad=True in Python)") from None
+        raise DeepEMDError(
+            f"cannot read image: corrupt or truncated ({type(exc).__name__}: {exc})",
+            path,
+            "re-export or remove the file, or skip unreadable images with --skip-bad (skip_bad=True in Python)",
+        ) from None
 
 
-def drop_unreadable(image_list: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS
-                    ) -> tuple[ImageList, list[tuple[Path, str]]]:
+def drop_unreadable(
+    image_list: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[ImageList, list[tuple[Path, str]]]:
     """Check every image once and keep the usable ones, so labels and samplers built from the
     returned list stay aligned; one warning gives the count. Returns (kept, [(path, reason)])."""
     good, skipped = [], []
-    for i, path in enumerate(tqdm(image_list.paths, desc="checking images", leave=False,
-                                  disable=len(image_list) < 2000)):
+    for i, path in enumerate(
+        tqdm(image_list.paths, desc="checking images", leave=False, disable=len(image_list) < 2000)
+    ):
         try:
             load_image(path, max_pixels)
             good.append(i)
         except DeepEMDError as exc:
             skipped.append((Path(path), str(exc).splitlines()[0]))
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} of {len(image_list)} images that cannot be used "
-                      f"(first: {skipped[0][1]})", stacklevel=2)
+        warnings.warn(
+            f"skipped {len(skipped)} of {len(image_list)} images that cannot be used (first: {skipped[0][1]})",
+            stacklevel=2,
+        )
     return image_list.subset(good), skipped
 
 
 class ImageDataset(Dataset):
     """``(transform(image), label)`` pairs over an :class:`ImageList` with safe loading."""
 
-    def __init__(self, image_list: ImageList, transform: Callable | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, skip_bad: bool = False):
+    def __init__(
+        self,
+        image_list: ImageList,
+        transform: Callable | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        skip_bad: bool = False,
+    ):
         self.transform = transform
         self.max_pixels = int(max_pixels)
         self.skipped: list[tuple[Path, str]] = []

@@ -20,6 +20,7 @@ so a run's own output never becomes an image or a class of the next run.
 
 Every failure (missing root, split file, class folder, listed image) is one DeepEMDError naming it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -99,8 +100,11 @@ def _read_class_folders(root: Path, class_names: list[str]) -> ImageList:
     for name in class_names:
         images = _images_in(root / name)
         if not images:
-            raise DeepEMDError("class folder holds no images", root / name,
-                               f"add images ({', '.join(sorted(IMAGE_SUFFIXES))}) or remove the folder")
+            raise DeepEMDError(
+                "class folder holds no images",
+                root / name,
+                f"add images ({', '.join(sorted(IMAGE_SUFFIXES))}) or remove the folder",
+            )
         items += [(p, name) for p in images]
     return _build(items, root, class_names)
 
@@ -110,8 +114,11 @@ def read_split_file(path: Path) -> dict[str, str]:
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
     if not rows or [c.strip().lower() for c in rows[0][:2]] != ["class", "split"]:
-        raise DeepEMDError("split file must start with the header 'class,split'", path,
-                           "write one 'class,split' header, then one '<class folder>,<train|val|test>' row per class")
+        raise DeepEMDError(
+            "split file must start with the header 'class,split'",
+            path,
+            "write one 'class,split' header, then one '<class folder>,<train|val|test>' row per class",
+        )
     out = {}
     for n, row in enumerate(rows[1:], start=2):
         if not row or not "".join(row).strip():
@@ -122,8 +129,9 @@ def read_split_file(path: Path) -> dict[str, str]:
     return out
 
 
-def read_folder(root: Path, split: str, split_file: Path | None = None,
-                exclude: Iterable[str | Path | None] = ()) -> ImageList:
+def read_folder(
+    root: Path, split: str, split_file: Path | None = None, exclude: Iterable[str | Path | None] = ()
+) -> ImageList:
     _require_dir(root, "dataset root", "give the folder that holds one sub-folder per class")
     excluded = _Excluded(exclude)
     classes = [p.name for p in _class_dirs(root, excluded)]
@@ -136,17 +144,24 @@ def read_folder(root: Path, split: str, split_file: Path | None = None,
         assignment = read_split_file(split_file)
         missing = [c for c in assignment if c not in classes]
         if missing:
-            raise DeepEMDError(f"split file names class '{missing[0]}' which has no folder", split_file,
-                               "fix the class name or create the folder")
+            raise DeepEMDError(
+                f"split file names class '{missing[0]}' which has no folder",
+                split_file,
+                "fix the class name or create the folder",
+            )
         chosen = [c for c in classes if assignment.get(c) == split]
         if not chosen:
-            raise DeepEMDError(f"split file assigns no class to split '{split}'", split_file,
-                               f"add rows '<class>,{split}'")
+            raise DeepEMDError(
+                f"split file assigns no class to split '{split}'", split_file, f"add rows '<class>,{split}'"
+            )
         return _read_class_folders(root, chosen)
     if split not in ("train", "test"):
-        raise DeepEMDError(f"split '{split}' needs a split file", split_file,
-                           "without split.csv the folder layout has only 'train' (first half of the sorted "
-                           "classes), 'test' (second half) and 'all'")
+        raise DeepEMDError(
+            f"split '{split}' needs a split file",
+            split_file,
+            "without split.csv the folder layout has only 'train' (first half of the sorted "
+            "classes), 'test' (second half) and 'all'",
+        )
     half = (len(classes) + 1) // 2
     return _read_class_folders(root, classes[:half] if split == "train" else classes[half:])
 
@@ -157,8 +172,11 @@ def _read_csv_split(root: Path, split: str, layout: str) -> ImageList:
     _require_dir(root, "dataset root", f"give the {layout} folder that holds images/ and split/")
     _require_dir(images, "images folder", f"the {layout} layout keeps every image under <root>/images/")
     if not csv_path.is_file():
-        raise DeepEMDError(f"split file for '{split}' not found", csv_path,
-                           "the layout needs split/{train,val,test}.csv with rows 'filename,label'")
+        raise DeepEMDError(
+            f"split file for '{split}' not found",
+            csv_path,
+            "the layout needs split/{train,val,test}.csv with rows 'filename,label'",
+        )
     with open(csv_path, newline="") as fh:
         rows = [r for r in csv.reader(fh) if r and "".join(r).strip()][1:]  # first row is the header
     items = []
@@ -174,8 +192,7 @@ def _read_csv_split(root: Path, split: str, layout: str) -> ImageList:
     return _build(items, root)
 
 
-def _read_split_folders(root: Path, split: str, names: dict[str, str], layout: str, excluded: _Excluded
-                        ) -> ImageList:
+def _read_split_folders(root: Path, split: str, names: dict[str, str], layout: str, excluded: _Excluded) -> ImageList:
     _require_dir(root, "dataset root", f"give the {layout} folder that holds {', '.join(names.values())}/")
     if split not in names:
         raise DeepEMDError(f"unknown split '{split}' for layout {layout}", fix=f"choose one of: {', '.join(names)}")
@@ -186,8 +203,11 @@ def _read_split_folders(root: Path, split: str, names: dict[str, str], layout: s
 
 def _read_table(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
-        raise DeepEMDError("CUB-200-2011 file not found", path,
-                           "give the CUB_200_2011 folder holding images.txt, image_class_labels.txt, classes.txt, images/")
+        raise DeepEMDError(
+            "CUB-200-2011 file not found",
+            path,
+            "give the CUB_200_2011 folder holding images.txt, image_class_labels.txt, classes.txt, images/",
+        )
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
@@ -207,7 +227,9 @@ def read_cub_retrieval(root: Path, split: str) -> ImageList:
     if split not in wanted:
         raise DeepEMDError(f"unknown split '{split}' for layout cub-retrieval", fix="choose train, test or all")
     keep = set(wanted[split])
-    items = [(root / "images" / rel, class_names[int(labels[i])]) for i, rel in images.items() if int(labels[i]) in keep]
+    items = [
+        (root / "images" / rel, class_names[int(labels[i])]) for i, rel in images.items() if int(labels[i]) in keep
+    ]
     if not items:
         raise DeepEMDError(f"no images of classes {min(keep)}-{max(keep)}", root / "image_class_labels.txt")
     missing = next((p for p, _ in items if not p.is_file()), None)
@@ -226,18 +248,27 @@ Reader = Callable[[Path, str, "_Excluded"], ImageList]
 LAYOUTS: Registry[Reader] = Registry("dataset layout", normalise=lambda name: name.lower().replace("_", "-"))
 LAYOUTS.add("folder", lambda root, split, excluded: read_folder(root, split, None, excluded.folders))
 LAYOUTS.add("miniimagenet", lambda root, split, excluded: _read_csv_split(root, split, "miniimagenet"))
-LAYOUTS.add("tieredimagenet", lambda root, split, excluded: _read_split_folders(
-    root, split, _STANDARD_SPLITS, "tieredimagenet", excluded))
-LAYOUTS.add("cifarfs", lambda root, split, excluded: _read_split_folders(root, split, _CIFARFS_SPLITS, "cifarfs",
-                                                                         excluded))
-LAYOUTS.add("fc100", lambda root, split, excluded: _read_split_folders(root, split, _STANDARD_SPLITS, "fc100",
-                                                                       excluded))
+LAYOUTS.add(
+    "tieredimagenet",
+    lambda root, split, excluded: _read_split_folders(root, split, _STANDARD_SPLITS, "tieredimagenet", excluded),
+)
+LAYOUTS.add(
+    "cifarfs", lambda root, split, excluded: _read_split_folders(root, split, _CIFARFS_SPLITS, "cifarfs", excluded)
+)
+LAYOUTS.add(
+    "fc100", lambda root, split, excluded: _read_split_folders(root, split, _STANDARD_SPLITS, "fc100", excluded)
+)
 LAYOUTS.add("cub", lambda root, split, excluded: _read_csv_split(root, split, "cub"))
 LAYOUTS.add("cub-retrieval", lambda root, split, excluded: read_cub_retrieval(root, split))
 
 
-def read_layout(layout: str, root: str | Path, split: str, split_file: str | Path | None = None,
-                exclude: Iterable[str | Path | None] = ()) -> ImageList:
+def read_layout(
+    layout: str,
+    root: str | Path,
+    split: str,
+    split_file: str | Path | None = None,
+    exclude: Iterable[str | Path | None] = (),
+) -> ImageList:
     """Read ``split`` of the dataset at ``root`` stored in ``layout`` (see the module docstring);
     nothing inside an ``exclude`` folder (pass the command's output folder) is listed."""
     root = Path(root).expanduser()

@@ -5,6 +5,7 @@ CenterCrop(84) at 84 px, scaled to any input size (224 px -> Resize(245), Center
 Train: ``RandomResizedCrop(size)`` + horizontal flip. Both end with float conversion and the
 backbone's mean/std normalisation.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

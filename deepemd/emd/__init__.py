@@ -10,10 +10,18 @@ Plain functions over batched torch tensors, POT style::
 
 See docs/emd.md for the solvers, the gradient and the speed table.
 """
+
 from deepemd.emd.api import SOLVERS, balance, pairwise_similarity, similarity, solve
 from deepemd.emd.features import cost_matrix, cross_reference_weights, equal_mass, uniform_weights
 
 __all__ = [
-    "SOLVERS", "balance", "cost_matrix", "cross_reference_weights", "equal_mass",
-    "pairwise_similarity", "similarity", "solve", "uniform_weights",
+    "SOLVERS",
+    "balance",
+    "cost_matrix",
+    "cross_reference_weights",
+    "equal_mass",
+    "pairwise_similarity",
+    "similarity",
+    "solve",
+    "uniform_weights",
 ]

@@ -1,4 +1,5 @@
 """The EMD head's public functions: solve a batch of transport problems, score feature sets."""
+
 from __future__ import annotations
 
 from typing import Callable, Iterator, Union
@@ -6,9 +7,18 @@ from typing import Callable, Iterator, Union
 import torch
 
 from deepemd.emd.checks import check_features, check_problem, check_set_pair, require_finite
-from deepemd.emd.features import (working_dtype, centred, cost_matrix, cross_reference_weights,
-                                  pair_costs, pair_cross_weights, pair_dots, pair_uniform_weights,
-                                  safe_norms, uniform_weights)
+from deepemd.emd.features import (
+    centred,
+    cost_matrix,
+    cross_reference_weights,
+    pair_costs,
+    pair_cross_weights,
+    pair_dots,
+    pair_uniform_weights,
+    safe_norms,
+    uniform_weights,
+    working_dtype,
+)
 from deepemd.emd.layer import ExactEMD
 from deepemd.emd.reference import solve_opencv, solve_qpth
 from deepemd.emd.sinkhorn import solve_sinkhorn
@@ -44,8 +54,9 @@ def balance(wu: torch.Tensor, wv: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return wu * (total / su), wv * (total / sv)
 
 
-def solve(cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor, solver: str = "exact", **opts
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def solve(
+    cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor, solver: str = "exact", **opts
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Earth Mover's Distance of a batch: ``cost (B,m,n), wu (B,m), wv (B,n)`` ->
     ``(distance (B,), flow (B,m,n))`` with ``distance = sum_ij cost_ij flow_ij``.
 
@@ -78,13 +89,19 @@ def _weights(weights: Weights, u: torch.Tensor, v: torch.Tensor):
     if isinstance(weights, tuple):
         return weights
     if weights not in WEIGHTS:
-        raise DeepEMDError(f"unknown weights {weights!r}",
-                           fix=f"use one of {sorted(WEIGHTS)} or a tuple (wu, wv)")
+        raise DeepEMDError(f"unknown weights {weights!r}", fix=f"use one of {sorted(WEIGHTS)} or a tuple (wu, wv)")
     return WEIGHTS[weights](u, v)
 
 
-def similarity(u: torch.Tensor, v: torch.Tensor, weights: Weights = "cross", solver: str = "exact",
-               temperature: float = 1.0, center: bool = False, **opts) -> torch.Tensor:
+def similarity(
+    u: torch.Tensor,
+    v: torch.Tensor,
+    weights: Weights = "cross",
+    solver: str = "exact",
+    temperature: float = 1.0,
+    center: bool = False,
+    **opts,
+) -> torch.Tensor:
     """DeepEMD score of each pair of sets, ``(B,m,d),(B,n,d) -> (B,)``.
 
     ``temperature * sum_ij (1 - c_ij) x_ij / T`` where ``T`` is the transported mass
@@ -113,9 +130,16 @@ def _score(dist: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor, temperature: 
     return temperature * (total - dist) / total
 
 
-def pairwise_similarity(a: torch.Tensor, b: torch.Tensor, weights: str = "cross",
-                        solver: str = "exact", temperature: float = 1.0, center: bool = False,
-                        chunk: int = 1024, **opts) -> torch.Tensor:
+def pairwise_similarity(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    weights: str = "cross",
+    solver: str = "exact",
+    temperature: float = 1.0,
+    center: bool = False,
+    chunk: int = 1024,
+    **opts,
+) -> torch.Tensor:
     """Score every set of ``a (P,m,d)`` against every set of ``b (Q,n,d)`` -> ``(P,Q)``:
     the numbers of :func:`similarity` on each pair (``weights`` "cross" or "uniform").
 
@@ -133,8 +157,9 @@ def pairwise_similarity(a: torch.Tensor, b: torch.Tensor, weights: str = "cross"
     (torch.Size([3, 4]), True)
     """
     if not isinstance(weights, str) or weights not in PAIR_WEIGHTS:
-        raise DeepEMDError(f"unknown weights {weights!r} for pairwise scoring",
-                           fix=f"use one of {sorted(PAIR_WEIGHTS)}")
+        raise DeepEMDError(
+            f"unknown weights {weights!r} for pairwise scoring", fix=f"use one of {sorted(PAIR_WEIGHTS)}"
+        )
     if chunk < 1:
         raise DeepEMDError(f"chunk must be >= 1, got {chunk}")
     check_set_pair(a, b)
@@ -156,8 +181,7 @@ def pairwise_similarity(a: torch.Tensor, b: torch.Tensor, weights: str = "cross"
             wu, wv = pair_cross_weights(a[rows], b[cols], dots=dots)
         else:
             wu, wv = PAIR_WEIGHTS[weights](a[rows], b[cols])
-        dist, _ = solve(pair_costs(dots, norms_a[rows], norms_b[cols]), wu, wv, solver=solver,
-                        **opts)
+        dist, _ = solve(pair_costs(dots, norms_a[rows], norms_b[cols]), wu, wv, solver=solver, **opts)
         scores.append(_score(dist, wu, wv, temperature))
     if not scores:
         return torch.zeros(a.shape[0], b.shape[0], dtype=dtype, device=a.device)

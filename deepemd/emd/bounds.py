@@ -16,6 +16,7 @@ k-th best exact score found so far can be skipped without changing the top k:
 
 All functions are batched over a leading dimension and run in the inputs' dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,7 @@ def relaxed_bound(cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor) -> tor
     return torch.maximum(rows, cols)
 
 
-def centroid_bound(unit_u: torch.Tensor, unit_v: torch.Tensor, wu: torch.Tensor,
-                   wv: torch.Tensor) -> torch.Tensor:
+def centroid_bound(unit_u: torch.Tensor, unit_v: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
     """``(B,m,d), (B,n,d)`` nodes of norm at most 1 (the cosine cost's unit nodes; zero nodes
     allowed) with balanced masses ``(B,m), (B,n)`` -> ``(B,)`` lower bound on the optimal cost
     for the cost ``1 - u_i . v_j``: ``T/2 |mean_wu(u) - mean_wv(v)|^2``."""

@@ -1,5 +1,6 @@
 """Input validation for the EMD head: one clear :class:`DeepEMDError` instead of a NaN that
 surfaces three layers later (or a solver that loops on garbage)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,7 @@ def _require_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise DeepEMDError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
-        raise DeepEMDError(f"{name} must be a floating-point tensor, got {t.dtype}",
-                           fix=f"convert with {name}.float()")
+        raise DeepEMDError(f"{name} must be a floating-point tensor, got {t.dtype}", fix=f"convert with {name}.float()")
 
 
 def _all_finite(t: torch.Tensor, summary: torch.Tensor | None = None) -> bool:
@@ -28,8 +28,7 @@ def _all_finite(t: torch.Tensor, summary: torch.Tensor | None = None) -> bool:
     right after this check (measured: a 1,000-problem solve 5.8 -> 9.7 ms on 2 cores)."""
     probe = _host_view(t if summary is None else summary)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow: the full check decides
-        if bool(np.isfinite(probe.sum()) if isinstance(probe, np.ndarray)
-                else torch.isfinite(probe.sum())):
+        if bool(np.isfinite(probe.sum()) if isinstance(probe, np.ndarray) else torch.isfinite(probe.sum())):
             return True
     return bool(torch.isfinite(t).all())
 
@@ -45,8 +44,9 @@ def _host_view(t: torch.Tensor) -> np.ndarray | torch.Tensor:
 def require_finite(name: str, t: torch.Tensor, summary: torch.Tensor | None = None) -> None:
     """One clear error if ``t`` holds NaN or inf (``summary``: see :func:`_all_finite`)."""
     if t.numel() and not _all_finite(t, summary):
-        raise DeepEMDError(f"{name} contains NaN or inf values",
-                           fix="check the network output (diverged training, bad input image)")
+        raise DeepEMDError(
+            f"{name} contains NaN or inf values", fix="check the network output (diverged training, bad input image)"
+        )
 
 
 def _check_node_sets(names: tuple[str, str], u: torch.Tensor, v: torch.Tensor) -> None:
@@ -54,16 +54,18 @@ def _check_node_sets(names: tuple[str, str], u: torch.Tensor, v: torch.Tensor) -
     for name, t in zip(names, (u, v)):
         _require_float(name, t)
         if t.dim() != 3:
-            raise DeepEMDError(f"{name} must have shape (sets, nodes, channels), got "
-                               f"{tuple(t.shape)}", fix="add a batch dimension with .unsqueeze(0)")
+            raise DeepEMDError(
+                f"{name} must have shape (sets, nodes, channels), got {tuple(t.shape)}",
+                fix="add a batch dimension with .unsqueeze(0)",
+            )
         if t.shape[1] == 0 or t.shape[2] == 0:
             raise DeepEMDError(f"{name} has no nodes or no channels: shape {tuple(t.shape)}")
     if u.shape[2] != v.shape[2]:
-        raise DeepEMDError(f"{names[0]} {tuple(u.shape)} and {names[1]} {tuple(v.shape)} must "
-                           "agree in channel count")
+        raise DeepEMDError(f"{names[0]} {tuple(u.shape)} and {names[1]} {tuple(v.shape)} must agree in channel count")
     if u.device != v.device:
-        raise DeepEMDError(f"{names[0]} is on {u.device} but {names[1]} is on {v.device}",
-                           fix="move both to one device")
+        raise DeepEMDError(
+            f"{names[0]} is on {u.device} but {names[1]} is on {v.device}", fix="move both to one device"
+        )
 
 
 def check_features(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,20 +85,22 @@ def check_set_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     _check_node_sets(("a", "b"), a, b)
 
 
-def check_problem(cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor,
-                  cost_values: bool = True) -> None:
+def check_problem(cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor, cost_values: bool = True) -> None:
     """A batch of transport problems: shapes agree, values finite, weights >= 0 with mass on
     both sides of every problem. ``cost_values=False`` leaves the costs' finiteness to the
     caller (the exact solver sees NaN and inf in the pass that scales the costs)."""
     for name, t in (("cost", cost), ("wu", wu), ("wv", wv)):
         _require_float(name, t)
     if cost.dim() != 3 or wu.dim() != 2 or wv.dim() != 2:
-        raise DeepEMDError(f"expected cost (B,m,n), wu (B,m), wv (B,n); got {tuple(cost.shape)}, "
-                           f"{tuple(wu.shape)}, {tuple(wv.shape)}")
+        raise DeepEMDError(
+            f"expected cost (B,m,n), wu (B,m), wv (B,n); got {tuple(cost.shape)}, {tuple(wu.shape)}, {tuple(wv.shape)}"
+        )
     b, m, n = cost.shape
     if tuple(wu.shape) != (b, m) or tuple(wv.shape) != (b, n):
-        raise DeepEMDError(f"weights {tuple(wu.shape)}, {tuple(wv.shape)} do not match cost "
-                           f"{tuple(cost.shape)}: need wu (B,m) and wv (B,n)")
+        raise DeepEMDError(
+            f"weights {tuple(wu.shape)}, {tuple(wv.shape)} do not match cost "
+            f"{tuple(cost.shape)}: need wu (B,m) and wv (B,n)"
+        )
     if m == 0 or n == 0:
         raise DeepEMDError(f"cost {tuple(cost.shape)} has an empty side: every set needs a node")
     for name, t in (("cost", cost), ("wu", wu), ("wv", wv)):
@@ -113,7 +117,8 @@ def check_problem(cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor,
             totals = totals.float().cpu().numpy()
         empty = np.flatnonzero(totals <= 0)
         if len(empty):
-            raise DeepEMDError(f"{name} is all zero in problem {int(empty[0])}: that side has "
-                               "no mass to transport",
-                               fix="give at least one node a positive weight (cross_reference_"
-                                   "weights adds 1e-3 to every node for this reason)")
+            raise DeepEMDError(
+                f"{name} is all zero in problem {int(empty[0])}: that side has no mass to transport",
+                fix="give at least one node a positive weight (cross_reference_"
+                "weights adds 1e-3 to every node for this reason)",
+            )

@@ -39,6 +39,7 @@ A problem that reaches the pivot cap (a guard against cycling on degenerate prob
 reached in the tests), or that the refinement cannot certify, is re-solved by POT's network
 simplex; ``ExactSolution.pivots`` says which (-1).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -72,9 +73,9 @@ NON_FINITE = -2
 IMPRECISE = -3
 #: A solution is accepted when its certified distance error (see :func:`_solve_one`) is at
 #: most this fraction of ``sum |c_ij| x_ij``: an eighth of float32's epsilon.
-PRECISION_RTOL = 2.0 ** -26
+PRECISION_RTOL = 2.0**-26
 #: A refinement caps the costs at this factor times the largest cost the flow uses.
-CAP_FACTOR = 2.0 ** 20
+CAP_FACTOR = 2.0**20
 #: Refinements tried before POT's network simplex finishes a problem.
 MAX_REFINES = 8
 #: Bits of a float64 with the exponent all ones, i.e. inf or NaN.
@@ -146,6 +147,7 @@ def _abs_max_typed(c, word):
     is a vectorised integer reduction over the bit patterns, and NaN and inf (exponent all
     ones) show up in it."""
     if c.dtype == types.float32:
+
         def abs_max_32(c, word):
             raw = c.view(np.int32)
             top = 0
@@ -158,6 +160,7 @@ def _abs_max_typed(c, word):
             if exponent == 0:
                 return math.ldexp(float(mantissa), -149)
             return math.ldexp(float(mantissa | 0x800000), exponent - 150)
+
         return abs_max_32
 
     def abs_max_64(c, word):
@@ -170,6 +173,7 @@ def _abs_max_typed(c, word):
             return -1.0
         word[0] = top
         return word.view(np.float64)[0]
+
     return abs_max_64
 
 
@@ -192,7 +196,7 @@ def _integer_costs(c, ci, bits: int, word) -> float:
     if cmax == 0.0:
         ci[:, :] = 0
         return 0.0
-    scale = 2.0 ** bits / cmax
+    scale = 2.0**bits / cmax
     if scale < np.inf:
         for i in range(m):
             for j in range(n):
@@ -200,7 +204,7 @@ def _integer_costs(c, ci, bits: int, word) -> float:
     else:  # max |c| below ~1e-292: 2**bits / max|c| overflows, divide instead
         for i in range(m):
             for j in range(n):
-                ci[i, j] = np.int64(np.floor(c[i, j] / cmax * 2.0 ** bits))
+                ci[i, j] = np.int64(np.floor(c[i, j] / cmax * 2.0**bits))
     return cmax
 
 
@@ -241,8 +245,7 @@ def _order_by_decreasing(key, order, m: int) -> None:
 
 
 @njit(cache=True)
-def _greedy_start(ci, a, b, bits, shift, row_order, regret, rb, parent, tflow, closed, desc,
-                  pot) -> int:
+def _greedy_start(ci, a, b, bits, shift, row_order, regret, rb, parent, tflow, closed, desc, pot) -> int:
     """Row-minimum start, rows by decreasing regret (the Vogel idea at a fraction of Vogel's
     cost): each row ships to its cheapest open columns until it is empty. ``shift`` is all
     zero on entry (every column open); a closed column gets ``-(4 << bits)``.
@@ -319,8 +322,7 @@ def _holds(desc, node: int, q: int) -> bool:
 
 
 @njit(cache=True)
-def _rehang(parent, tflow, desc, path, cut: int, new_parent: int, theta: float, moved,
-            old_up, new_up) -> None:
+def _rehang(parent, tflow, desc, path, cut: int, new_parent: int, theta: float, moved, old_up, new_up) -> None:
     """Remove the cell joining ``path[cut]`` to its parent and hang the cut-off subtree from
     ``path[0]`` under ``new_parent`` (the entering cell, flow ``theta``).
 
@@ -363,9 +365,31 @@ def _shift_subtree(pot, moved, m: int, d: int) -> None:
 
 
 @njit(cache=True)
-def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb, parent,
-               tflow, closed, desc, pot, up_row, up_col, moved, word, offset, bits, max_pivots
-               ) -> tuple:
+def _solve_one(
+    c,
+    ci,
+    a,
+    b,
+    x,
+    alpha_out,
+    beta_out,
+    shift,
+    row_order,
+    regret,
+    rb,
+    parent,
+    tflow,
+    closed,
+    desc,
+    pot,
+    up_row,
+    up_col,
+    moved,
+    word,
+    offset,
+    bits,
+    max_pivots,
+) -> tuple:
     """Solve one problem in place: flow (into ``x``), centred duals; returns
     ``(distance, pivot count, certified error)``, the count :data:`CAPPED` on the pivot cap,
     :data:`NON_FINITE` (distance NaN) for NaN or inf costs and :data:`IMPRECISE` when the
@@ -384,8 +408,7 @@ def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb
     for j in range(n):
         shift[j] = 0
     _reduce(ci, offset, shift)
-    root = _greedy_start(ci, a, b, bits, shift, row_order, regret, rb, parent, tflow, closed,
-                         desc, pot)
+    root = _greedy_start(ci, a, b, bits, shift, row_order, regret, rb, parent, tflow, closed, desc, pot)
     alpha = pot[:m]
     beta = pot[m:]
     pivots = CAPPED
@@ -434,33 +457,31 @@ def _solve_one(c, ci, a, b, x, alpha_out, beta_out, shift, row_order, regret, rb
             tflow[up_col[t]] += -theta if t % 2 == 0 else theta
         # The entering cell's reduced cost becomes 0: the re-hung subtree's duals shift by it.
         if on_col:
-            _rehang(parent, tflow, desc, up_col, cut, ei, theta, moved, up_col[cut + 1:lc],
-                    up_row[:lr])
+            _rehang(parent, tflow, desc, up_col, cut, ei, theta, moved, up_col[cut + 1 : lc], up_row[:lr])
             _shift_subtree(pot, moved, m, -best)
         else:
-            _rehang(parent, tflow, desc, up_row, cut, col, theta, moved, up_row[cut + 1:lr],
-                    up_col[:lc])
+            _rehang(parent, tflow, desc, up_row, cut, col, theta, moved, up_row[cut + 1 : lr], up_col[:lc])
             _shift_subtree(pot, moved, m, best)
     for i in range(m):  # here rather than np.zeros: a 5 MB memset is a pass of its own
         for j in range(n):
             x[i, j] = 0.0
     distance = 0.0
     error = 0.0  # (c - g).x, the certificate
-    size = 0.0   # |c|.x
+    size = 0.0  # |c|.x
     for v in range(m + n):
         if v != root:
             i, j = (v, parent[v] - m) if v < m else (parent[v], v - m)
             f = tflow[v]
             x[i, j] = f
             distance += f * c[i, j]
-            grid = np.float64(ci[i, j] + offset[i] + offset[m + j]) * 2.0 ** -bits * cmax
+            grid = np.float64(ci[i, j] + offset[i] + offset[m + j]) * 2.0**-bits * cmax
             error += f * (c[i, j] - grid)
             size += f * abs(c[i, j])
     if pivots != CAPPED and error > PRECISION_RTOL * size:
         pivots = IMPRECISE
     for v in range(m + n):  # duals of the real costs
         pot[v] += offset[v]
-    _centred_duals(alpha, beta, 2.0 ** -bits, cmax, a, b, alpha_out, beta_out)
+    _centred_duals(alpha, beta, 2.0**-bits, cmax, a, b, alpha_out, beta_out)
     return distance, pivots, error
 
 
@@ -515,8 +536,30 @@ def _solve_range(c, a, b, x, alpha, beta, distance, pivots, error, max_pivots, s
     offset = np.empty(nodes, np.int64)
     for k in range(start, stop):
         distance[k], pivots[k], error[k] = _solve_one(
-            c[k], ci, a[k], b[k], x[k], alpha[k], beta[k], shift, row_order, regret, rb, parent,
-            tflow, closed, desc, pot, up_row, up_col, moved, word, offset, bits, max_pivots)
+            c[k],
+            ci,
+            a[k],
+            b[k],
+            x[k],
+            alpha[k],
+            beta[k],
+            shift,
+            row_order,
+            regret,
+            rb,
+            parent,
+            tflow,
+            closed,
+            desc,
+            pot,
+            up_row,
+            up_col,
+            moved,
+            word,
+            offset,
+            bits,
+            max_pivots,
+        )
 
 
 def _solve_threaded(args: tuple, bsz: int, threads: int) -> None:
@@ -543,7 +586,7 @@ def _solve_threaded(args: tuple, bsz: int, threads: int) -> None:
                 lo, hi = ranges.get_nowait()
             except queue.Empty:
                 return
-            _solve_range(*args, lo, hi)
+            _solve_range(*args, lo, hi)  # type: ignore[call-arg]  # a numba dispatcher
 
     run_on_threads(work, threads)
 
@@ -554,15 +597,14 @@ KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 class ExactSolution(NamedTuple):
     distance: np.ndarray  # (B,) optimal cost sum_ij cost_ij flow_ij
-    flow: np.ndarray      # (B, m, n) optimal flow, in the costs' dtype (float32 or float64)
-    alpha: np.ndarray     # (B, m) optimal row duals, centred: a . alpha == b . beta
-    beta: np.ndarray      # (B, n) optimal column duals
-    pivots: np.ndarray    # (B,) simplex pivots per problem (all solves of a refined one); -1
+    flow: np.ndarray  # (B, m, n) optimal flow, in the costs' dtype (float32 or float64)
+    alpha: np.ndarray  # (B, m) optimal row duals, centred: a . alpha == b . beta
+    beta: np.ndarray  # (B, n) optimal column duals
+    pivots: np.ndarray  # (B,) simplex pivots per problem (all solves of a refined one); -1
     #                       where POT finished the problem
 
 
-def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | None = None
-                ) -> ExactSolution:
+def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | None = None) -> ExactSolution:
     """Optimal distance, flow and centred duals of every problem, float64, on ``threads``
     threads (default ``torch.get_num_threads()``, the count the rest of the EMD head runs on).
 
@@ -571,8 +613,7 @@ def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | N
     float32 costs are read as they are (the kernel is compiled for both), and the flow comes
     back in the costs' dtype: no float64 copy of a (B, m, n) block on the way in or out.
     """
-    cost = np.ascontiguousarray(cost, dtype=cost.dtype if cost.dtype in KERNEL_DTYPES
-                                else np.float64)
+    cost = np.ascontiguousarray(cost, dtype=cost.dtype if cost.dtype in KERNEL_DTYPES else np.float64)
     a = np.ascontiguousarray(a, dtype=np.float64)
     b = np.ascontiguousarray(b, dtype=np.float64)
     b = b * (a.sum(-1) / b.sum(-1))[:, None]
@@ -592,18 +633,20 @@ def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | N
         _solve_range(*args, 0, bsz)
     bad = np.flatnonzero(pivots == NON_FINITE)
     if len(bad):
-        raise DeepEMDError(f"cost contains NaN or inf values (problem {bad[0]} of {bsz})",
-                           fix="check the network output (diverged training, bad input image)")
+        raise DeepEMDError(
+            f"cost contains NaN or inf values (problem {bad[0]} of {bsz})",
+            fix="check the network output (diverged training, bad input image)",
+        )
     for k in np.flatnonzero(pivots == IMPRECISE):
-        pivots[k] = _refine(cost[k], a[k], b[k], flow[k], max_pivots, (distance, flow, alpha, beta),
-                            int(k))
+        pivots[k] = _refine(cost[k], a[k], b[k], flow[k], max_pivots, (distance, flow, alpha, beta), int(k))
     for k in np.flatnonzero(pivots == CAPPED):
         distance[k], flow[k], alpha[k], beta[k] = _fallback(cost[k], a[k], b[k])
     return ExactSolution(distance, flow, alpha, beta, pivots)
 
 
-def _refine(cost: np.ndarray, a: np.ndarray, b: np.ndarray, flow: np.ndarray, max_pivots: int,
-            out: tuple, k: int) -> int:
+def _refine(
+    cost: np.ndarray, a: np.ndarray, b: np.ndarray, flow: np.ndarray, max_pivots: int, out: tuple, k: int
+) -> int:
     """Re-solve a problem whose grid was too coarse (:data:`IMPRECISE`) with its costs capped at
     ``K`` = :data:`CAP_FACTOR` x the largest cost its flow uses, which puts the grid step under
     those costs. Capping only lowers costs, so a flow ``x`` optimal for the capped costs
@@ -622,8 +665,7 @@ def _refine(cost: np.ndarray, a: np.ndarray, b: np.ndarray, flow: np.ndarray, ma
         result = [np.empty((1,) + x.shape[1:], x.dtype) for x in out]
         pivots, error = np.empty(1, np.int64), np.empty(1)
         dist, x1, alpha, beta = result
-        _solve_range(capped, a[None], b[None], x1, alpha, beta, dist, pivots, error, max_pivots,
-                     0, 1)
+        _solve_range(capped, a[None], b[None], x1, alpha, beta, dist, pivots, error, max_pivots, 0, 1)
         if pivots[0] == CAPPED:
             break
         total += max(int(pivots[0]), 0)
@@ -634,8 +676,7 @@ def _refine(cost: np.ndarray, a: np.ndarray, b: np.ndarray, flow: np.ndarray, ma
                 dst[k] = src[0]
             out[0][k] = float((x * cost).sum())
             return total
-        cap = cap * CAP_FACTOR if spill > error[0] else \
-            CAP_FACTOR * float(np.abs(cost[x > 0]).max(initial=0.0))
+        cap = cap * CAP_FACTOR if spill > error[0] else CAP_FACTOR * float(np.abs(cost[x > 0]).max(initial=0.0))
     return CAPPED
 
 

@@ -3,6 +3,7 @@
 Everything here is plain, batched torch (any device), so gradients reach the features through
 both the cost (Eq. 2) and the cross-reference weights (Eq. 11-12).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ WEIGHT_EPS = 1e-3
 NORM_EPS = 1e-8
 #: Margin (a power of two) inside a dtype's range for norms whose squares and products are
 #: computed as they are: ``sqrt(tiny) * 2**20 <= norm <= sqrt(max) * 2**-10``.
-RANGE_MARGIN_LOW, RANGE_MARGIN_HIGH = 2.0 ** 20, 2.0 ** -10
+RANGE_MARGIN_LOW, RANGE_MARGIN_HIGH = 2.0**20, 2.0**-10
 
 
 def working_dtype(t: torch.Tensor) -> torch.dtype:
@@ -46,8 +47,7 @@ def node_scales(x: torch.Tensor, dims=(-1,)) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(top), (-exponent).clamp(max=limit))
 
 
-def safe_norms(x: torch.Tensor, norms: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def safe_norms(x: torch.Tensor, norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x', norms)``: every node's norm (zero nodes 1, so that dot products over norms give
     cosine 0 for them) and the features those norms belong to: ``x`` itself when every nonzero
     norm is inside :func:`norm_range` (one reduction, the usual case), else ``x`` times
@@ -108,8 +108,7 @@ def centred(x: torch.Tensor) -> torch.Tensor:
     largest value) becomes exactly zero, i.e. cosine 0, rather than a direction of noise."""
     out = x - x.mean(dim=-1, keepdim=True)
     noise = x.shape[-1] * torch.finfo(x.dtype).eps * x.detach().abs().amax(dim=-1, keepdim=True)
-    return torch.where(out.detach().abs().amax(dim=-1, keepdim=True) <= noise,
-                       torch.zeros_like(out), out)
+    return torch.where(out.detach().abs().amax(dim=-1, keepdim=True) <= noise, torch.zeros_like(out), out)
 
 
 def node_norms(x: torch.Tensor) -> torch.Tensor:
@@ -167,8 +166,7 @@ def cross_reference_weights(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Ten
     su = torch.einsum("bmd,bd->bm", u, v.mean(dim=1))
     sv = torch.einsum("bnd,bd->bn", v, u.mean(dim=1))
     if _finite(su) and _finite(sv):
-        return (_normalise(torch.relu(su) + WEIGHT_EPS, total),
-                _normalise(torch.relu(sv) + WEIGHT_EPS, total))
+        return (_normalise(torch.relu(su) + WEIGHT_EPS, total), _normalise(torch.relu(sv) + WEIGHT_EPS, total))
     # Dot products overflowed (float32 norms ~1e19 and up): the same weights from features
     # scaled by a power of two per set.
     ku, kv = node_scales(u, (-2, -1)), node_scales(v, (-2, -1))
@@ -182,8 +180,7 @@ def _finite(t: torch.Tensor) -> bool:
     """A sum read with numpy on the CPU (see deepemd.emd.checks for why not torch)."""
     t = t.detach()
     with np.errstate(over="ignore", invalid="ignore"):
-        return bool(np.isfinite(t.numpy().sum())) if t.device.type == "cpu" \
-            else bool(torch.isfinite(t.sum()))
+        return bool(np.isfinite(t.numpy().sum())) if t.device.type == "cpu" else bool(torch.isfinite(t.sum()))
 
 
 def _scaled_eps(ku: torch.Tensor, kv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -201,8 +198,9 @@ def _plus_eps(dots: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return torch.where(eps <= 1, r + eps, r / eps + 1)
 
 
-def pair_cross_weights(a: torch.Tensor, b: torch.Tensor, dots: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_cross_weights(
+    a: torch.Tensor, b: torch.Tensor, dots: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cross_reference_weights` of every pair of ``a (p,m,d)``, ``b (q,n,d)`` ->
     ``(p*q, m), (p*q, n)`` in row-major pair order, from two matmuls against the set means.
 
@@ -214,8 +212,10 @@ def pair_cross_weights(a: torch.Tensor, b: torch.Tensor, dots: torch.Tensor | No
     total = equal_mass(m, n)
     if dots is not None:
         su, sv = torch.relu(dots.mean(dim=2)), torch.relu(dots.mean(dim=1))
-        return (_normalise(su + WEIGHT_EPS, total).reshape(p * q, m),
-                _normalise(sv + WEIGHT_EPS, total).reshape(p * q, n))
+        return (
+            _normalise(su + WEIGHT_EPS, total).reshape(p * q, m),
+            _normalise(sv + WEIGHT_EPS, total).reshape(p * q, n),
+        )
     # From the set means; scaled by a power of two per set so that huge or tiny features
     # neither overflow nor lose the epsilon's share.
     ka, kb = node_scales(a, (-2, -1)), node_scales(b, (-2, -1))
@@ -223,8 +223,10 @@ def pair_cross_weights(a: torch.Tensor, b: torch.Tensor, dots: torch.Tensor | No
     su = (a.reshape(p * m, d) @ b.mean(dim=1).T).reshape(p, m, q).transpose(1, 2)
     sv = (b.reshape(q * n, d) @ a.mean(dim=1).T).reshape(q, n, p).permute(2, 0, 1)
     eps = _scaled_eps(ka.reshape(p, 1, 1), kb.reshape(1, q, 1), a.dtype)
-    return (_normalise(_plus_eps(su, eps), total).reshape(p * q, m),
-            _normalise(_plus_eps(sv, eps), total).reshape(p * q, n))
+    return (
+        _normalise(_plus_eps(su, eps), total).reshape(p * q, m),
+        _normalise(_plus_eps(sv, eps), total).reshape(p * q, n),
+    )
 
 
 def pair_uniform_weights(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,8 +236,10 @@ def pair_uniform_weights(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor
 
 def _uniform(pairs: int, m: int, n: int, dtype: torch.dtype, device: torch.device):
     total = equal_mass(m, n)
-    return (torch.full((pairs, m), total / m, dtype=dtype, device=device),
-            torch.full((pairs, n), total / n, dtype=dtype, device=device))
+    return (
+        torch.full((pairs, m), total / m, dtype=dtype, device=device),
+        torch.full((pairs, n), total / n, dtype=dtype, device=device),
+    )
 
 
 def uniform_weights(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ Dual gauge: duals are defined up to ``(alpha + t, beta - t)``. We return the cen
 are first rescaled to their mean total (what :func:`deepemd.emd.solve` does), so the gradient
 is unique (up to degeneracy) and deterministic even for unbalanced perturbations.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,9 @@ import torch
 from deepemd.emd.exact import solve_batch
 
 
-def exact_numpy(cost: np.ndarray, a: np.ndarray, b: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def exact_numpy(
+    cost: np.ndarray, a: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """float32 or float64 arrays in, ``(distance, flow, alpha, beta)`` out, duals centred
     (the flow in the costs' dtype, the rest float64)."""
     solution = solve_batch(cost, a, b)
@@ -41,8 +43,7 @@ class ExactEMD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor):
-        dist, flow, alpha, beta = exact_numpy(_host_array(cost), _host_array(wu),
-                                              _host_array(wv))
+        dist, flow, alpha, beta = exact_numpy(_host_array(cost), _host_array(wu), _host_array(wv))
         flow_t = _tensor_like(flow, cost)
         ctx.save_for_backward(flow_t, _tensor_like(alpha, cost), _tensor_like(beta, cost))
         ctx.mark_non_differentiable(flow_t)

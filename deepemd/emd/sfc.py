@@ -8,6 +8,7 @@ support through the differentiable EMD layer. The backbone stays frozen; only th
 Initialisation is the per-class mean of the support sets (node by node), which is what the
 authors do; the SGD settings (momentum 0.9, dampening 0.9, lr 0.1) are theirs too.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,8 +44,15 @@ class SFC(nn.Module):
     default; a caller with a faster batched equivalent (deepemd.fewshot) passes its own.
     """
 
-    def __init__(self, prototypes: torch.Tensor, weights: str = "cross", solver: str = "exact",
-                 temperature: float = 12.5, center: bool = False, scorer: Scorer = pairwise_similarity):
+    def __init__(
+        self,
+        prototypes: torch.Tensor,
+        weights: str = "cross",
+        solver: str = "exact",
+        temperature: float = 12.5,
+        center: bool = False,
+        scorer: Scorer = pairwise_similarity,
+    ):
         super().__init__()
         if prototypes.dim() != 3:
             raise DeepEMDError(f"SFC prototypes must be (classes, nodes, channels), got {tuple(prototypes.shape)}")
@@ -66,11 +74,22 @@ class SFC(nn.Module):
         return cls(protos, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scorer(x, self.prototypes, weights=self.weights, solver=self.solver,
-                           temperature=self.temperature, center=self.center)
+        return self.scorer(
+            x,
+            self.prototypes,
+            weights=self.weights,
+            solver=self.solver,
+            temperature=self.temperature,
+            center=self.center,
+        )
 
-    def fit(self, support: torch.Tensor, labels: torch.Tensor, fit: SFCFit = SFCFit(),
-            generator: torch.Generator | None = None) -> list[float]:
+    def fit(
+        self,
+        support: torch.Tensor,
+        labels: torch.Tensor,
+        fit: SFCFit = SFCFit(),
+        generator: torch.Generator | None = None,
+    ) -> list[float]:
         """Algorithm 1, lines 2-7: SGD on cross-entropy over support mini-batches.
 
         Mini-batches walk through random permutations of the support (so every set is seen
@@ -98,12 +117,18 @@ def minibatches(n: int, fit: SFCFit, generator: torch.Generator | None = None) -
     for _ in range(fit.steps):
         if order.numel() < fit.batch_size:
             order = torch.cat([order, torch.randperm(n, generator=generator)])
-        idx, order = order[: fit.batch_size], order[fit.batch_size:]
+        idx, order = order[: fit.batch_size], order[fit.batch_size :]
         yield idx
 
 
-def fit_sfc(support: torch.Tensor, labels: torch.Tensor, num_classes: int, fit: SFCFit = SFCFit(),
-            generator: torch.Generator | None = None, **kw) -> SFC:
+def fit_sfc(
+    support: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    fit: SFCFit = SFCFit(),
+    generator: torch.Generator | None = None,
+    **kw,
+) -> SFC:
     """Initialise an :class:`SFC` from the support mean and fit it to the support (k-shot)."""
     layer = SFC.from_support(support, labels, num_classes, **kw)
     layer.fit(support, labels, fit, generator)

@@ -4,13 +4,15 @@ Iterations run without autograd; the gradient is the envelope-theorem gradient o
 objective at convergence (``d/dc = plan``, ``d/dmass = potentials``), so memory does not grow
 with the iteration count. As ``eps -> 0`` the result tends to the exact EMD.
 """
+
 from __future__ import annotations
 
 import torch
 
 
-def solve_sinkhorn(cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor, eps: float = 1e-2,
-                   n_iter: int = 2000, tol: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_sinkhorn(
+    cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor, eps: float = 1e-2, n_iter: int = 2000, tol: float = 1e-7
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``eps`` is absolute, in cost units (cosine costs live in [0, 2]); stops when the column
     marginals are within ``tol`` (relative, L1) or after ``n_iter`` iterations."""
     total = wu.sum(dim=-1, keepdim=True)

@@ -9,6 +9,7 @@ ctypes, which releases the GIL) calls back into Python on each pool thread, and 
 enters the ``nogil`` kernel. Without an OpenMP torch (or in a forked child, where libgomp's
 pool is not usable), a ``ThreadPoolExecutor`` plus the calling thread do the same work.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -78,6 +79,5 @@ def _thread_pool(threads: int) -> ThreadPoolExecutor:
     worker) inherits the parent's pool object but not its threads, so it gets its own."""
     global _POOL
     if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < threads:
-        _POOL = (os.getpid(), threads,
-                 ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deepemd-exact"))
+        _POOL = (os.getpid(), threads, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deepemd-exact"))
     return _POOL[2]

@@ -10,6 +10,7 @@ below it. So, with :math:`P_e` the mass of ``p`` on the leaves below edge ``e``,
 the gaps between neighbours and :math:`P_e - Q_e` is a difference of CDFs. This costs
 ``O(K x depth)`` per pair instead of a ``K x K`` linear program.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,10 +24,13 @@ def _check_rho(rho: float) -> float:
     try:
         rho = float(rho)
     except (TypeError, ValueError):
-        raise DeepEMDError(f"rho must be a number, got {rho!r}", fix="use rho = 1 (exact EMD) or rho > 1 (relaxed)") from None
+        raise DeepEMDError(
+            f"rho must be a number, got {rho!r}", fix="use rho = 1 (exact EMD) or rho > 1 (relaxed)"
+        ) from None
     if not rho > 0 or rho == float("inf"):
-        raise DeepEMDError(f"rho must be a finite number > 0, got {rho}",
-                           fix="use rho = 1 (exact EMD) or rho > 1 (relaxed, e.g. 2)")
+        raise DeepEMDError(
+            f"rho must be a finite number > 0, got {rho}", fix="use rho = 1 (exact EMD) or rho > 1 (relaxed, e.g. 2)"
+        )
     return rho
 
 
@@ -35,18 +39,24 @@ def as_distribution(target: torch.Tensor, num_classes: int, like: torch.Tensor) 
     (an out-of-range label is an error), float rows are returned as they are."""
     if target.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
         if target.shape != like.shape[:-1]:
-            raise DeepEMDError(f"integer labels of shape {tuple(target.shape)} do not match predictions "
-                               f"{tuple(like.shape)}", fix="give one label per row of predictions")
+            raise DeepEMDError(
+                f"integer labels of shape {tuple(target.shape)} do not match predictions {tuple(like.shape)}",
+                fix="give one label per row of predictions",
+            )
         if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-            raise DeepEMDError(f"unknown class index in labels (range {int(target.min())}..{int(target.max())}, "
-                               f"the hierarchy has {num_classes} classes)",
-                               fix="labels must index tree.leaves (0 .. K-1)")
+            raise DeepEMDError(
+                f"unknown class index in labels (range {int(target.min())}..{int(target.max())}, "
+                f"the hierarchy has {num_classes} classes)",
+                fix="labels must index tree.leaves (0 .. K-1)",
+            )
         return F.one_hot(target.long(), num_classes).to(like.dtype)
     if not target.is_floating_point():
         raise DeepEMDError(f"targets must be integer labels or float distributions, got {target.dtype}")
     if target.shape != like.shape:
-        raise DeepEMDError(f"target distributions of shape {tuple(target.shape)} do not match predictions "
-                           f"{tuple(like.shape)}", fix="give (B, K) rows over tree.leaves")
+        raise DeepEMDError(
+            f"target distributions of shape {tuple(target.shape)} do not match predictions {tuple(like.shape)}",
+            fix="give (B, K) rows over tree.leaves",
+        )
     return target.to(like.dtype)
 
 
@@ -105,10 +115,14 @@ def tree_emd(p: torch.Tensor, q: torch.Tensor, tree: LabelTree, rho: float = 1.0
     """
     rho = _check_rho(rho)
     if not p.is_floating_point():
-        raise DeepEMDError(f"predictions must be floating point, got {p.dtype}", fix="pass probabilities, e.g. softmax(logits)")
+        raise DeepEMDError(
+            f"predictions must be floating point, got {p.dtype}", fix="pass probabilities, e.g. softmax(logits)"
+        )
     if p.dim() not in (1, 2) or p.shape[-1] != tree.num_classes:
-        raise DeepEMDError(f"predictions of shape {tuple(p.shape)} do not fit a hierarchy of {tree.num_classes} classes",
-                           fix="give (B, K) or (K,) rows over tree.leaves")
+        raise DeepEMDError(
+            f"predictions of shape {tuple(p.shape)} do not fit a hierarchy of {tree.num_classes} classes",
+            fix="give (B, K) or (K,) rows over tree.leaves",
+        )
     q = as_distribution(q, tree.num_classes, p)
     m = edge_mass_difference(p, q, tree)
     w = tree._chain_spacing(m.device, m.dtype) if tree.is_chain else tree._pairs(m.device, m.dtype)[2]

@@ -14,6 +14,7 @@ EMD gradient :math:`\sum_{e \ni leaf} w_e\,\mathrm{sign}(m_e)` keeps the same si
 ``p`` is to the target, which makes gradient descent overshoot and oscillate near the optimum
 (``benchmarks/label_emd.py`` measures this on a synthetic fit).
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,24 +58,42 @@ class TreeEMDLoss(nn.Module):
     1.0
     """
 
-    def __init__(self, tree: LabelTree, rho: float = 1.0, from_logits: bool = True, ce_weight: float = 0.0,
-                 emd_weight: float = 1.0, reduction: str = "mean"):
+    def __init__(
+        self,
+        tree: LabelTree,
+        rho: float = 1.0,
+        from_logits: bool = True,
+        ce_weight: float = 0.0,
+        emd_weight: float = 1.0,
+        reduction: str = "mean",
+    ):
         super().__init__()
         if not isinstance(tree, LabelTree):
-            raise DeepEMDError(f"TreeEMDLoss needs a LabelTree, got {type(tree).__name__}",
-                               fix="build one with LabelTree.from_parents / from_folders / from_csv or chain(K)")
+            raise DeepEMDError(
+                f"TreeEMDLoss needs a LabelTree, got {type(tree).__name__}",
+                fix="build one with LabelTree.from_parents / from_folders / from_csv or chain(K)",
+            )
         self.tree, self.rho = tree, _check_rho(rho)
         self.from_logits = bool(from_logits)
         self.ce_weight, self.emd_weight = float(ce_weight), float(emd_weight)
         if self.ce_weight < 0 or self.emd_weight < 0 or self.ce_weight + self.emd_weight == 0:
-            raise DeepEMDError(f"loss weights must be >= 0 and not both 0 (ce_weight={ce_weight}, emd_weight={emd_weight})")
+            raise DeepEMDError(
+                f"loss weights must be >= 0 and not both 0 (ce_weight={ce_weight}, emd_weight={emd_weight})"
+            )
         if reduction not in ("mean", "none"):
             raise DeepEMDError(f"unknown reduction '{reduction}'", fix="use mean or none")
         self.reduction = reduction
 
     @classmethod
-    def from_name(cls, name: str, tree: LabelTree, rho: float | None = None, ce_weight: float | None = None,
-                  from_logits: bool = True, reduction: str = "mean") -> TreeEMDLoss:
+    def from_name(
+        cls,
+        name: str,
+        tree: LabelTree,
+        rho: float | None = None,
+        ce_weight: float | None = None,
+        from_logits: bool = True,
+        reduction: str = "mean",
+    ) -> TreeEMDLoss:
         """The loss ``name`` of :data:`LOSS_NAMES`; ``rho`` / ``ce_weight`` override its defaults."""
         if name not in LOSS_NAMES:
             raise DeepEMDError(f"unknown label loss '{name}'", fix=f"choose one of: {', '.join(LOSS_NAMES)}")
@@ -85,8 +104,10 @@ class TreeEMDLoss(nn.Module):
 
     def forward(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if inputs.dim() != 2 or inputs.shape[1] != self.tree.num_classes:
-            raise DeepEMDError(f"the loss expects (B, {self.tree.num_classes}) scores, got {tuple(inputs.shape)}",
-                               fix="the classifier needs one output per class of the hierarchy")
+            raise DeepEMDError(
+                f"the loss expects (B, {self.tree.num_classes}) scores, got {tuple(inputs.shape)}",
+                fix="the classifier needs one output per class of the hierarchy",
+            )
         if self.from_logits:
             log_p = F.log_softmax(inputs, dim=1)
         else:
@@ -104,8 +125,15 @@ class TreeEMDLoss(nn.Module):
         return f"{self.tree!r}, rho={self.rho}, ce_weight={self.ce_weight}, emd_weight={self.emd_weight}"
 
 
-def build_label_loss(name: str, hierarchy: str | None, classes, data_root=None, rho: float | None = None,
-                     ce_weight: float | None = None, reduction: str = "mean") -> TreeEMDLoss | None:
+def build_label_loss(
+    name: str,
+    hierarchy: str | None,
+    classes,
+    data_root=None,
+    rho: float | None = None,
+    ce_weight: float | None = None,
+    reduction: str = "mean",
+) -> TreeEMDLoss | None:
     """The training commands' ``--loss NAME --hierarchy SPEC`` for the label order ``classes``:
     ``None`` for plain cross-entropy without a hierarchy (the caller's own CE), else a
     :class:`TreeEMDLoss` over ``load_hierarchy(SPEC, classes, data_root)``."""
@@ -116,6 +144,9 @@ def build_label_loss(name: str, hierarchy: str | None, classes, data_root=None, 
     if not hierarchy:
         if name == "ce":
             return None
-        raise DeepEMDError(f"loss '{name}' needs a label hierarchy", fix="give --hierarchy chain, names, folders or a CSV file")
-    return TreeEMDLoss.from_name(name, load_hierarchy(hierarchy, list(classes), data_root), rho, ce_weight,
-                                 reduction=reduction)
+        raise DeepEMDError(
+            f"loss '{name}' needs a label hierarchy", fix="give --hierarchy chain, names, folders or a CSV file"
+        )
+    return TreeEMDLoss.from_name(
+        name, load_hierarchy(hierarchy, list(classes), data_root), rho, ce_weight, reduction=reduction
+    )

@@ -7,6 +7,7 @@
   version's ``meta`` and ``train`` files.
 - :func:`load_hierarchy`: ``--hierarchy folders | names | chain | FILE`` for a list of classes.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,8 +22,9 @@ from deepemd.labels.tree import IMPLICIT_ROOT, LabelTree, chain
 CUB_LEVELS = ("order", "family", "genus")
 
 
-def level_table(path: str | Path, levels: Sequence[str], class_column: str = "class",
-                classes: Sequence[str] | None = None) -> LabelTree:
+def level_table(
+    path: str | Path, levels: Sequence[str], class_column: str = "class", classes: Sequence[str] | None = None
+) -> LabelTree:
     """Tree from a CSV with a header naming ``class_column`` and the ``levels`` (coarse to fine).
 
     Each row puts its class under ``level_1 / level_2 / ...``; inner nodes are named by their
@@ -31,14 +33,19 @@ def level_table(path: str | Path, levels: Sequence[str], class_column: str = "cl
     """
     path = Path(path)
     if not path.is_file():
-        raise DeepEMDError("hierarchy table not found", path, f"give a CSV with columns {class_column},{','.join(levels)}")
+        raise DeepEMDError(
+            "hierarchy table not found", path, f"give a CSV with columns {class_column},{','.join(levels)}"
+        )
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in (class_column, *levels) if c not in header]
         if missing:
-            raise DeepEMDError(f"hierarchy table lacks the column(s) {', '.join(missing)} (header: {','.join(header)})",
-                               path, f"start the file with the header {class_column},{','.join(levels)}")
+            raise DeepEMDError(
+                f"hierarchy table lacks the column(s) {', '.join(missing)} (header: {','.join(header)})",
+                path,
+                f"start the file with the header {class_column},{','.join(levels)}",
+            )
         parents: dict[str, str] = {}
         for line, row in enumerate(reader, 2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
@@ -52,8 +59,11 @@ def level_table(path: str | Path, levels: Sequence[str], class_column: str = "cl
                     parents[child] = node
                     node = child
             if cls in parents and parents[cls] != node:
-                raise DeepEMDError(f"line {line}: class '{cls}' is listed twice with different ancestors", path,
-                                   "give each class one row")
+                raise DeepEMDError(
+                    f"line {line}: class '{cls}' is listed twice with different ancestors",
+                    path,
+                    "give each class one row",
+                )
             parents[cls] = node
     return LabelTree.from_parents(parents, None, classes, source=path)
 
@@ -72,8 +82,15 @@ class _PlainUnpickler(pickle.Unpickler):
     """Reads the CIFAR ``meta`` / ``train`` pickles without running code they might name:
     only numpy arrays and plain containers may be rebuilt."""
 
-    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                         ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "bytes")})
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("builtins", "bytes"),
+        }
+    )
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
@@ -83,14 +100,18 @@ class _PlainUnpickler(pickle.Unpickler):
 
 def _read_pickle(path: Path) -> dict:
     if not path.is_file():
-        raise DeepEMDError("CIFAR-100 file not found", path,
-                           "give the 'cifar-100-python' folder (it holds meta, train, test)")
+        raise DeepEMDError(
+            "CIFAR-100 file not found", path, "give the 'cifar-100-python' folder (it holds meta, train, test)"
+        )
     try:
         with open(path, "rb") as fh:
             obj = _PlainUnpickler(fh, encoding="latin1").load()
     except Exception as exc:  # noqa: BLE001 -- a foreign or truncated pickle raises many types
-        raise DeepEMDError(f"not a CIFAR-100 python pickle ({type(exc).__name__}: {exc})", path,
-                           "use the files of the python version (cifar-100-python.tar.gz)") from None
+        raise DeepEMDError(
+            f"not a CIFAR-100 python pickle ({type(exc).__name__}: {exc})",
+            path,
+            "use the files of the python version (cifar-100-python.tar.gz)",
+        ) from None
     if not isinstance(obj, dict):
         raise DeepEMDError("not a CIFAR-100 python pickle (no dict inside)", path)
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -111,16 +132,22 @@ def cifar100_hierarchy(root: str | Path, classes: Sequence[str] | None = None) -
         fine_names, coarse_names = list(meta["fine_label_names"]), list(meta["coarse_label_names"])
         fine, coarse = list(train["fine_labels"]), list(train["coarse_labels"])
     except KeyError as exc:
-        raise DeepEMDError(f"CIFAR-100 file lacks the key {exc}", root,
-                           "meta needs fine_label_names / coarse_label_names, train fine_labels / coarse_labels") from None
+        raise DeepEMDError(
+            f"CIFAR-100 file lacks the key {exc}",
+            root,
+            "meta needs fine_label_names / coarse_label_names, train fine_labels / coarse_labels",
+        ) from None
     if len(fine) != len(coarse):
         raise DeepEMDError("train has different numbers of fine and coarse labels", root / "train")
     parents: dict[str, str] = {}
     for f, c in zip(fine, coarse):
         name, sup = fine_names[int(f)], coarse_names[int(c)]
         if parents.setdefault(name, sup) != sup:
-            raise DeepEMDError(f"class '{name}' appears under two superclasses ('{parents[name]}', '{sup}')",
-                               root / "train", "use the original CIFAR-100 files")
+            raise DeepEMDError(
+                f"class '{name}' appears under two superclasses ('{parents[name]}', '{sup}')",
+                root / "train",
+                "use the original CIFAR-100 files",
+            )
     if set(parents.values()) & set(parents):
         raise DeepEMDError("a superclass has the name of a class", root / "meta")
     for sup in set(parents.values()):

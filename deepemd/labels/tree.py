@@ -9,6 +9,7 @@ Construction validates the input once and raises one :class:`~deepemd.errors.Dee
 problem: a cycle, several roots, an unknown class, a class that is an inner node, a negative or
 non-finite edge length.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,11 +31,17 @@ def _check_length(name: str, value: float | str, where: str | Path | None) -> fl
     try:
         w = float(value)
     except (TypeError, ValueError):
-        raise DeepEMDError(f"edge length of '{name}' is not a number: {value!r}", where,
-                           "give a non-negative number (or leave it empty for 1)") from None
+        raise DeepEMDError(
+            f"edge length of '{name}' is not a number: {value!r}",
+            where,
+            "give a non-negative number (or leave it empty for 1)",
+        ) from None
     if not math.isfinite(w) or w < 0:
-        raise DeepEMDError(f"negative or non-finite edge length {value!r} above '{name}'", where,
-                           "edge lengths must be finite and >= 0")
+        raise DeepEMDError(
+            f"negative or non-finite edge length {value!r} above '{name}'",
+            where,
+            "edge lengths must be finite and >= 0",
+        )
     return w
 
 
@@ -53,8 +60,14 @@ class LabelTree:
     [[0.0, 4.0, 4.0], [4.0, 0.0, 2.0], [4.0, 2.0, 0.0]]
     """
 
-    def __init__(self, nodes: Sequence[str], parent: Sequence[int], length: Sequence[float] | np.ndarray,
-                 leaves: Sequence[int], chain_spacing: Sequence[float] | np.ndarray | None = None):
+    def __init__(
+        self,
+        nodes: Sequence[str],
+        parent: Sequence[int],
+        length: Sequence[float] | np.ndarray,
+        leaves: Sequence[int],
+        chain_spacing: Sequence[float] | np.ndarray | None = None,
+    ):
         # Internal: the public constructors validate; here nodes[i]'s parent is parent[i] (-1: root).
         self._nodes = tuple(nodes)
         self._parent = np.asarray(parent, dtype=np.int64)
@@ -85,8 +98,13 @@ class LabelTree:
 
     # ----------------------------------------------------------------- constructors
     @classmethod
-    def from_parents(cls, parents: Mapping[str, str], lengths: Mapping[str, float] | None = None,
-                     classes: Sequence[str] | None = None, source: str | Path | None = None) -> LabelTree:
+    def from_parents(
+        cls,
+        parents: Mapping[str, str],
+        lengths: Mapping[str, float] | None = None,
+        classes: Sequence[str] | None = None,
+        source: str | Path | None = None,
+    ) -> LabelTree:
         """Tree from ``{child: parent}``; ``lengths={child: w}`` sets the edge above ``child``
         (default 1). Leaves are the classes, sorted by name unless ``classes`` gives them (then
         only those leaves are kept, in that order: see :meth:`restrict`). ``source`` names the
@@ -96,25 +114,31 @@ class LabelTree:
         parents = {str(c): str(p) for c, p in parents.items()}
         for child, par in parents.items():
             if child == par:
-                raise DeepEMDError(f"cycle in the hierarchy: '{child}' is its own parent", source,
-                                   "every node needs a parent higher up; the root has none")
+                raise DeepEMDError(
+                    f"cycle in the hierarchy: '{child}' is its own parent",
+                    source,
+                    "every node needs a parent higher up; the root has none",
+                )
         names = list(dict.fromkeys([*parents.keys(), *parents.values()]))
         roots = [n for n in names if n not in parents]
         _check_acyclic(parents, source)
         if len(roots) != 1:  # acyclic and finite, so at least one root exists
             shown = ", ".join(repr(r) for r in roots[:5]) + (" ..." if len(roots) > 5 else "")
-            raise DeepEMDError(f"the hierarchy has {len(roots)} roots ({shown})", source,
-                               "give the top-level nodes one common parent")
+            raise DeepEMDError(
+                f"the hierarchy has {len(roots)} roots ({shown})", source, "give the top-level nodes one common parent"
+            )
         index = {n: i for i, n in enumerate(names)}
         length = [1.0] * len(names)
         for name, w in (lengths or {}).items():
             name = str(name)
             if name not in index:
-                raise DeepEMDError(f"edge length given for unknown class '{name}'", source,
-                                   "name a node of the hierarchy")
+                raise DeepEMDError(
+                    f"edge length given for unknown class '{name}'", source, "name a node of the hierarchy"
+                )
             if name == roots[0]:
-                raise DeepEMDError(f"edge length given for the root '{name}', which has no edge above it", source,
-                                   "drop that length")
+                raise DeepEMDError(
+                    f"edge length given for the root '{name}', which has no edge above it", source, "drop that length"
+                )
             length[index[name]] = _check_length(name, w, source)
         parent = [index[parents[n]] if n in parents else -1 for n in names]
         length[index[roots[0]]] = 0.0
@@ -140,12 +164,18 @@ class LabelTree:
         for line, row in enumerate(rows, 1):
             cells = [c.strip() for c in row]
             if len(cells) < 2 or len(cells) > 3 or not cells[0]:
-                raise DeepEMDError(f"row {line} is {row!r}, not 'class,parent[,edge_length]'", path,
-                                   "one edge per row: child name, parent name, optional length")
+                raise DeepEMDError(
+                    f"row {line} is {row!r}, not 'class,parent[,edge_length]'",
+                    path,
+                    "one edge per row: child name, parent name, optional length",
+                )
             child, par = cells[0], cells[1] or IMPLICIT_ROOT
             if child in parents and parents[child] != par:
-                raise DeepEMDError(f"'{child}' has two parents ('{parents[child]}' and '{par}')", path,
-                                   "a tree gives every node one parent")
+                raise DeepEMDError(
+                    f"'{child}' has two parents ('{parents[child]}' and '{par}')",
+                    path,
+                    "a tree gives every node one parent",
+                )
             parents[child] = par
             if len(cells) == 3 and cells[2]:
                 lengths[child] = _check_length(child, cells[2], path)
@@ -167,8 +197,11 @@ class LabelTree:
             subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
             images = [p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES]
             if images and subdirs:
-                raise DeepEMDError("folder holds both images and class folders", folder,
-                                   "move the images into a sub-folder of their own: classes must be leaves")
+                raise DeepEMDError(
+                    "folder holds both images and class folders",
+                    folder,
+                    "move the images into a sub-folder of their own: classes must be leaves",
+                )
             if not images and not subdirs:
                 continue
             parents[rel.as_posix()] = rel.parent.as_posix()  # the root itself is "."
@@ -182,8 +215,9 @@ class LabelTree:
                     node = parents[node]
         parents = {c: p for c, p in parents.items() if c in keep}
         if not parents:
-            raise DeepEMDError("no class folders with images below the root", root,
-                               "lay out the images as <root>/<a>/<b>/<image>")
+            raise DeepEMDError(
+                "no class folders with images below the root", root, "lay out the images as <root>/<a>/<b>/<image>"
+            )
         return cls.from_parents(parents, None, classes, source=root)
 
     # ----------------------------------------------------------------- queries
@@ -204,8 +238,10 @@ class LabelTree:
     def index(self, name: str) -> int:
         """Position of class ``name`` in :attr:`leaves`."""
         if name not in self._index:
-            raise DeepEMDError(f"unknown class '{name}': not a leaf of the hierarchy",
-                               fix="check the class name, or add it to the hierarchy")
+            raise DeepEMDError(
+                f"unknown class '{name}': not a leaf of the hierarchy",
+                fix="check the class name, or add it to the hierarchy",
+            )
         return self._index[name]
 
     def restrict(self, classes: Iterable[str], source: str | Path | None = None) -> LabelTree:
@@ -221,11 +257,17 @@ class LabelTree:
         node_index = {n: i for i, n in enumerate(self._nodes)}
         for c in classes:
             if c not in node_index:
-                raise DeepEMDError(f"class '{c}' is missing from the hierarchy", source,
-                                   "add a row '<class>,<parent>' for it (or fix the name)")
+                raise DeepEMDError(
+                    f"class '{c}' is missing from the hierarchy",
+                    source,
+                    "add a row '<class>,<parent>' for it (or fix the name)",
+                )
             if c not in self._index:
-                raise DeepEMDError(f"class '{c}' is an inner node of the hierarchy, not a leaf", source,
-                                   "classes must be leaves: give the class its own leaf, or rename the inner node")
+                raise DeepEMDError(
+                    f"class '{c}' is an inner node of the hierarchy, not a leaf",
+                    source,
+                    "classes must be leaves: give the class its own leaf, or rename the inner node",
+                )
         keep = np.zeros(len(self._nodes), dtype=bool)
         for c in classes:
             v = node_index[c]
@@ -241,8 +283,11 @@ class LabelTree:
         if self._chain is not None:
             pos = np.sort([self._index[c] for c in classes])
             if [self.leaves[i] for i in pos] != classes:
-                raise DeepEMDError("classes of a chain must keep the chain's order", source,
-                                   f"give them in the order {', '.join(self.leaves)}")
+                raise DeepEMDError(
+                    "classes of a chain must keep the chain's order",
+                    source,
+                    f"give them in the order {', '.join(self.leaves)}",
+                )
             cum = np.concatenate([[0.0], np.cumsum(self._chain)])
             spacing = np.diff(cum[pos])
         return LabelTree(nodes, parent, length, [int(new_index[node_index[c]]) for c in classes], spacing)
@@ -261,7 +306,9 @@ class LabelTree:
             inc[remap[e], k] = 1
         return inc, torch.as_tensor(self._edge_length[used], dtype=dtype)
 
-    def distance_matrix(self, dtype: torch.dtype = torch.float64, device: str | torch.device | None = None) -> torch.Tensor:
+    def distance_matrix(
+        self, dtype: torch.dtype = torch.float64, device: str | torch.device | None = None
+    ) -> torch.Tensor:
         """``(K, K)`` path lengths between classes: ``d(a, b) = depth(a) + depth(b) - 2 depth(lca)``
         with ``depth`` the weighted depth; ``depth(lca(a, b)) = sum_e w_e B[e, a] B[e, b]``."""
         if self._chain is not None:
@@ -278,8 +325,11 @@ class LabelTree:
         """(edge of pair, leaf of pair, edge lengths) on ``device``, cached per device and dtype."""
         key = (str(device), dtype)
         if key not in self._cache:
-            self._cache[key] = (self._pair_edge.to(device), self._pair_leaf.to(device),
-                                torch.as_tensor(self._edge_length, dtype=dtype, device=device))
+            self._cache[key] = (
+                self._pair_edge.to(device),
+                self._pair_leaf.to(device),
+                torch.as_tensor(self._edge_length, dtype=dtype, device=device),
+            )
         return self._cache[key]
 
     def _chain_spacing(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -305,9 +355,12 @@ def _check_acyclic(parents: Mapping[str, str], source: str | Path | None) -> Non
         node = start
         while node in parents and node not in done:
             if node in seen:
-                loop = path[path.index(node):] + [node]
-                raise DeepEMDError(f"cycle in the hierarchy: {' -> '.join(loop)}", source,
-                                   "every node needs a parent higher up; the root has none")
+                loop = path[path.index(node) :] + [node]
+                raise DeepEMDError(
+                    f"cycle in the hierarchy: {' -> '.join(loop)}",
+                    source,
+                    "every node needs a parent higher up; the root has none",
+                )
             seen.add(node)
             path.append(node)
             node = parents[node]
@@ -330,8 +383,9 @@ def chain(K: int, spacing: float | Sequence[float] = 1.0, names: Sequence[str] |
     if gaps.ndim == 0:
         gaps = np.full(K - 1, float(gaps))
     if gaps.shape != (K - 1,):
-        raise DeepEMDError(f"a chain of {K} classes has {K - 1} gaps, got {gaps.size} spacings",
-                           fix="give one number or K-1 numbers")
+        raise DeepEMDError(
+            f"a chain of {K} classes has {K - 1} gaps, got {gaps.size} spacings", fix="give one number or K-1 numbers"
+        )
     for i, g in enumerate(gaps):
         _check_length(f"gap {i}", g, None)
     names = [str(i) for i in range(K)] if names is None else [str(n) for n in names]

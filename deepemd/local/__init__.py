@@ -6,6 +6,7 @@ returns ``(B, m, d)`` and has ``num_nodes`` (m at the backbone's input size; for
 part scales with the map size of the images actually given). ``global_features`` is the
 average-pooled vector used for the FAISS shortlist.
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn

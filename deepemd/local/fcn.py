@@ -4,6 +4,7 @@ With ``pyramid=(3, 2, 1)`` the map is also average-pooled (``adaptive_avg_pool2d
 and 1x1 and those cells join the raw ones: N = 9 + 4 + 1 + h*w (paper 4.4; the authors put the
 pooled levels first, then the raw cells, and so do we).
 """
+
 from __future__ import annotations
 
 import torch

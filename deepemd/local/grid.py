@@ -2,6 +2,7 @@
 by ``ratio`` around its centre (clipped to the image), resized to the backbone's input size and
 embedded as one node. Levels (3, 2) give 9 + 4 = 13 nodes; the authors use ratio 2 at test.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ def grid_boxes(height: int, width: int, levels: tuple[int, ...], ratio: float) -
 
 
 class Grid(nn.Module):
-    def __init__(self, backbone: nn.Module, levels: tuple[int, ...] = (3,), ratio: float = 1.0,
-                 patch_size: int | None = None):
+    def __init__(
+        self, backbone: nn.Module, levels: tuple[int, ...] = (3,), ratio: float = 1.0, patch_size: int | None = None
+    ):
         super().__init__()
         if not levels or any(int(s) < 1 for s in levels) or ratio < 1.0:
             raise ValueError(f"grid needs levels >= 1 and ratio >= 1, got levels={levels}, ratio={ratio}")

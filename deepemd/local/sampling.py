@@ -7,6 +7,7 @@ uniform in ``scale``, log aspect ratio uniform in ``log(ratio)``; like torchvisi
 are tried per crop and a crop that never fits falls back to the central crop with the aspect
 ratio clamped to ``ratio``.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,15 @@ from deepemd.local.crops import embed_crops
 _TRIES = 10
 
 
-def sample_boxes(b: int, m: int, height: int, width: int, scale: tuple[float, float],
-                 ratio: tuple[float, float], generator: torch.Generator) -> Tensor:
+def sample_boxes(
+    b: int,
+    m: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+) -> Tensor:
     """``(b, m, 4)`` boxes ``(x0, y0, x1, y1)`` in pixels."""
     area = height * width
     shape = (b, m, _TRIES)
@@ -50,8 +58,15 @@ def sample_boxes(b: int, m: int, height: int, width: int, scale: tuple[float, fl
 
 
 class Sampling(nn.Module):
-    def __init__(self, backbone: nn.Module, num_patches: int = 25, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), patch_size: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_patches: int = 25,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        patch_size: int | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         if num_patches < 1 or not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
             raise ValueError(f"bad sampling settings: num_patches={num_patches}, scale={scale}, ratio={ratio}")
