@@ -109,8 +109,9 @@ def evaluate_arrays(
 def plan_job(
     model: Embedder, cfg: EvalConfig, n_images: int, methods: list[tuple[str, str, str]], device: torch.device
 ) -> JobClock:
-    """The whole job's ETA before it starts: one timed forward of two images (after one warm-up)
-    and one timed full rerank of a synthetic query per method, scaled to the run's size."""
+    """The whole job's ETA before it starts: one timed forward of two images and one timed full
+    rerank of a synthetic query per method (each after one warm-up, which on a fresh install also
+    compiles the EMD kernel), scaled to the run's size."""
     clock = JobClock()
     size = model.info.image_size
     x = torch.rand(2, 3, size, size, device=device)
@@ -130,6 +131,7 @@ def plan_job(
         sets = torch.relu(torch.randn(depth + 1, model.num_nodes(kind), model.dim, generator=gen)).half()
         shortlist = Shortlist(np.arange(1, depth + 1)[None], np.linspace(1.0, 0.0, depth)[None])
         reranker = Reranker(sets, k=depth, weights=weights, solver=cfg.solver, center=cfg.center, prune=False)
+        reranker.rerank(sets, shortlist)  # warm-up: the first solve of a fresh install compiles the kernel
         start = time.perf_counter()
         reranker.rerank(sets, shortlist)
         clock.plan(f"rerank: {label}", n_images, time.perf_counter() - start)

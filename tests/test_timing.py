@@ -63,3 +63,30 @@ def test_planning_the_run_leaves_its_random_patches_alone():
     clock = plan_job(model, cfg, 10, [parse_method("sampling", "cross")], torch.device("cpu"))
     assert torch.equal(model.extractors["sampling"].generator.get_state(), before)
     assert set(clock.plans) == {"features", "rerank: +DeepEMD-Sampling"} and clock.remaining() > 0
+
+
+def test_the_plan_does_not_count_the_first_solve(monkeypatch):
+    """On a fresh install the first solve compiles the kernel (seconds); the ETA must not scale
+    that by the number of images (the demo once warned of a 2-hour run that took 23 s)."""
+    import time
+
+    import torch
+
+    from deepemd.retrieval import evaluate
+    from deepemd.retrieval.build import local_specs, make_embedder
+    from deepemd.retrieval.config import EvalConfig
+
+    real = evaluate.Reranker.rerank
+    calls = []
+
+    def first_call_slow(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)  # what a compile costs
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate.Reranker, "rerank", first_call_slow)
+    cfg = EvalConfig(data_root="x", image_size=32, methods=("fcn",), rerank_k=5)
+    model = make_embedder(cfg, local_specs(cfg, ["fcn"]))
+    clock = evaluate.plan_job(model, cfg, 1000, [evaluate.parse_method("fcn", "cross")], torch.device("cpu"))
+    assert clock.plans["rerank: +DeepEMD-FCN"].remaining() < 1000 * 0.5  # not 1,000 x the 1 s compile
