@@ -22,7 +22,8 @@ import torch  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from deepemd.emd import cost_matrix, cross_reference_weights, solve, uniform_weights  # noqa: E402
+from deepemd.emd import cost_matrix, solve  # noqa: E402
+from deepemd.emd.api import WEIGHTS  # noqa: E402
 from deepemd.io import atomic_path  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def set_flows(
     score ``sum_ij (1 - c_ij) x_ij`` over the transported mass (paper Eq. 3)."""
     u, v = torch.as_tensor(u).float(), torch.as_tensor(v).float()
     cost = cost_matrix(u, v, center=center)
-    wu, wv = (cross_reference_weights if weights == "cross" else uniform_weights)(u, v)
+    wu, wv = WEIGHTS[weights](u, v)
     dist, flow = solve(cost, wu, wv, solver=solver)
     total = 0.5 * (wu.sum(1) + wv.sum(1))
     score = (total - dist) / total

@@ -25,6 +25,7 @@ from deepemd.eval import write_results
 from deepemd.eval.retrieval import ShortlistKNN, depth_note, retrieval_metrics
 from deepemd.eval.shortlist import Shortlist
 from deepemd.io import atomic_path
+from deepemd.local import KINDS
 from deepemd.retrieval import index as faiss_index
 from deepemd.retrieval.build import (
     dataset_images,
@@ -39,18 +40,17 @@ from deepemd.timing import JobClock, format_seconds, stage
 
 #: A run its own estimate puts over this many seconds gets a warning naming cheaper options.
 LONG_RUN_SECONDS = 600.0
-METHOD_NAMES = {"fcn": "FCN", "grid": "Grid", "sampling": "Sampling"}
 
 
 def parse_method(method: str, default_weights: str) -> tuple[str, str, str]:
     """``"fcn"`` or ``"fcn:uniform"`` -> (kind, node weights, row label)."""
     kind, _, weights = method.partition(":")
     weights = weights or default_weights
-    if kind not in METHOD_NAMES:
+    if kind not in KINDS:
         raise DeepEMDError(
-            f"unknown method '{method}'", fix="methods are fcn, grid, sampling (optionally ':uniform' or ':cross')"
+            f"unknown method '{method}'", fix=f"methods are {', '.join(KINDS)} (optionally ':uniform' or ':cross')"
         )
-    label = f"+DeepEMD-{METHOD_NAMES[kind]}" + ("" if weights == default_weights else f" ({weights})")
+    label = f"+DeepEMD-{KINDS.info(kind)['label']}" + ("" if weights == default_weights else f" ({weights})")
     return kind, weights, label
 
 
