@@ -23,7 +23,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from deepemd.emd import cost_matrix, solve  # noqa: E402
-from deepemd.emd.api import WEIGHTS  # noqa: E402
+from deepemd.emd.api import node_weights  # noqa: E402
 from deepemd.io import atomic_path  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def set_flows(
     score ``sum_ij (1 - c_ij) x_ij`` over the transported mass (paper Eq. 3)."""
     u, v = torch.as_tensor(u).float(), torch.as_tensor(v).float()
     cost = cost_matrix(u, v, center=center)
-    wu, wv = WEIGHTS[weights](u, v)
+    wu, wv = node_weights(weights, u, v)
     dist, flow = solve(cost, wu, wv, solver=solver)
     total = 0.5 * (wu.sum(1) + wv.sum(1))
     score = (total - dist) / total

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from deepemd.eval.flows import cell_boxes, draw_flow, flow_figure, save_figure
+from deepemd.errors import DeepEMDError
+from deepemd.eval.flows import cell_boxes, draw_flow, flow_figure, save_figure, set_flows
 
 
 def test_cell_boxes_cover_each_level_row_major():
@@ -33,3 +35,9 @@ def test_lines_follow_the_flow(tmp_path):
         draw_flow(ax, img, img, boxes, boxes[:2], flow)
     path = save_figure(flow_figure(img, img, boxes, boxes, flow), tmp_path / "f.png")
     assert path.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".*tmp"))
+
+
+def test_set_flows_refuses_an_unknown_weights_name_with_one_error():
+    u = torch.rand(1, 3, 4)
+    with pytest.raises(DeepEMDError, match="unknown weights 'crosss'"):
+        set_flows(u, u, weights="crosss")

@@ -85,7 +85,9 @@ def solve(
     return run(cost, wu, wv, **opts)
 
 
-def _weights(weights: Weights, u: torch.Tensor, v: torch.Tensor):
+def node_weights(weights: Weights, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The node weights ``(wu, wv)`` of ``u``, ``v`` named by ``weights`` (see :data:`WEIGHTS`),
+    or ``weights`` itself when it is already a pair; an unknown name is one DeepEMDError."""
     if isinstance(weights, tuple):
         return weights
     if weights not in WEIGHTS:
@@ -119,7 +121,7 @@ def similarity(
     """
     u, v = check_features(u, v)
     cost = cost_matrix(u, v, center=center)
-    wu, wv = _weights(weights, u, v)
+    wu, wv = node_weights(weights, u, v)
     dist, _ = solve(cost, wu, wv, solver=solver, **opts)
     return _score(dist, wu, wv, temperature)
 
