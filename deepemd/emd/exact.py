@@ -82,10 +82,12 @@ MAX_REFINES = 8
 EXPONENT_ALL_ONES = 0x7FF0000000000000
 #: The same for float32.
 EXPONENT_ALL_ONES_32 = 0x7F800000
-#: Smaller batches run on the calling thread.
-PARALLEL_MIN_BATCH = 16
-#: Fewest problems per range handed to a thread (about 0.3 ms of work at 25x25).
-MIN_RANGE = 32
+#: Batches of fewer cells (16 problems at 25x25, 3 at 63x63) run on the calling thread.
+PARALLEL_MIN_CELLS = 16 * 25 * 25
+#: Fewest cells (``m * n`` summed over its problems) in a range handed to a thread: about
+#: 0.3 ms of work, i.e. 32 problems at 25x25 but 5 at 63x63 (a 100-problem rerank row of
+#: 63x63 problems in ranges of 32 left one thread idle for a third of the solve).
+MIN_RANGE_CELLS = 32 * 25 * 25
 
 
 @njit(cache=True)
@@ -562,19 +564,21 @@ def _solve_range(c, a, b, x, alpha, beta, distance, pivots, error, max_pivots, s
         )
 
 
-def _solve_threaded(args: tuple, bsz: int, threads: int) -> None:
+def _solve_threaded(args: tuple, bsz: int, threads: int, cells: int) -> None:
     """Ranges of the batch taken from one queue by ``threads - 1`` pool threads and the calling
     thread itself: a thread that the OS delays (the machine may be shared) does not hold the
     batch back, and the caller works instead of waiting for a hand-off. Ranges hold at least
-    :data:`MIN_RANGE` problems, so a small batch (a rerank's 100) is two or three ranges, not
-    a dozen hand-offs.
+    :data:`MIN_RANGE_CELLS` cells of work, so a small batch of small problems is two or three
+    ranges, not a dozen hand-offs, while a batch of large ones is split finely enough that no
+    thread waits long for the last range.
 
     The threads are torch's own OpenMP pool where there is one (:mod:`deepemd.emd.threads`),
     around a ``nogil`` kernel, rather than numba's ``parallel=True``: numba's OpenMP layer loads
     a second libgomp whose spinning workers fought torch's pool for the cores (the matmuls next
     to a solve ran ~10x slower on 2 cores), and numba's disk cache handles its dynamically
     generated kernels poorly."""
-    n_ranges = max(threads, min(bsz // MIN_RANGE, 8 * threads))
+    per_range = max(1, MIN_RANGE_CELLS // cells)
+    n_ranges = max(threads, min(bsz // per_range, 8 * threads))
     bounds = [k * bsz // n_ranges for k in range(n_ranges + 1)]
     ranges: queue.SimpleQueue = queue.SimpleQueue()
     for lo, hi in itertools.pairwise(bounds):
@@ -627,8 +631,8 @@ def solve_batch(cost: np.ndarray, a: np.ndarray, b: np.ndarray, threads: int | N
     max_pivots = MAX_PIVOTS_PER_CELL * m * n + MIN_PIVOT_CAP
     threads = torch.get_num_threads() if threads is None else threads
     args = (cost, a, b, flow, alpha, beta, distance, pivots, error, max_pivots)
-    if bsz >= PARALLEL_MIN_BATCH and threads > 1:
-        _solve_threaded(args, bsz, threads)
+    if bsz > 1 and bsz * m * n >= PARALLEL_MIN_CELLS and threads > 1:
+        _solve_threaded(args, bsz, threads, m * n)
     else:  # handing work to threads costs more than a few small problems
         _solve_range(*args, 0, bsz)
     bad = np.flatnonzero(pivots == NON_FINITE)
