@@ -18,6 +18,7 @@ from typing import Sequence
 
 from deepemd.errors import DeepEMDError
 from deepemd.io import USER_ERRNOS, os_error
+from deepemd.memory import keep_freed_memory
 
 ENTRY_POINT_GROUP = "deepemd.commands"
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    keep_freed_memory()  # batch after batch of the same large tensors: no page-fault churn
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

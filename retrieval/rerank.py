@@ -115,7 +115,9 @@ class _Sets:
         if self.array is not None:
             norms, means = self._array_stats()
             rows = torch.from_numpy(ids)
-            return self.array[rows], norms[rows], means[rows]
+            # index_select gathers on torch's threads; ``array[rows]`` copies on one (5.6 vs
+            # 3.8 ms for 100 sets of 63 x 1280 float16)
+            return self.array.index_select(0, rows), norms[rows], means[rows]
         sets = torch.as_tensor(np.asarray(self.fetch(ids)))
         return (sets, *node_stats(sets, self.center))
 
