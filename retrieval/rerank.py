@@ -11,9 +11,10 @@ bound (``deepemd.emd.bounds``) then caps every candidate's score, and the LP is 
 candidates whose cap can still reach the row's k-th best exact score. Pruned candidates score
 strictly below every returned one, so the top k and its scores are those of the full rerank.
 
-Where the time goes (EfficientNet features, 63 nodes x 1280-d, top-100, idle machine): the
-node dots, one float32 matmul per row (~26 ms; torch converts the float16 rows first, ~4 ms),
-then the solves (~16 ms for all 100, fewer after pruning). Tried and dropped: dots over the
+Where the time goes (EfficientNet features, 63 nodes x 1280-d, top-100, 2 threads, measured
+one piece at a time): the gather of the 100 float16 sets (~3 ms), their float32 conversion
+(~3 ms), the node dots, one float32 matmul per row (~11 ms), then the solves (~30 ms for all
+100 on the slower VM of that run, about 16 ms on a faster one; fewer after pruning). Tried and dropped: dots over the
 query's non-zero channels only (ReLU features are 88% zeros, a query touches ~40% of the
 channels) -- the column gather cost more than the multiply-adds it saved (43 vs 26 ms).
 """
@@ -115,8 +116,9 @@ class _Sets:
         if self.array is not None:
             norms, means = self._array_stats()
             rows = torch.from_numpy(ids)
-            # index_select gathers on torch's threads; ``array[rows]`` copies on one (5.6 vs
-            # 3.8 ms for 100 sets of 63 x 1280 float16)
+            # index_select gathers on torch's threads; ``array[rows]`` copies on one (2.6-3.0
+            # vs 4.2-4.8 ms for 100 node-major sets of 63 x 1280 float16; a channel-major store
+            # is slower both ways: 8.4-9.7 ms, which is why eval stores node-major rows)
             return self.array.index_select(0, rows), norms[rows], means[rows]
         sets = torch.as_tensor(np.asarray(self.fetch(ids)))
         return (sets, *node_stats(sets, self.center))

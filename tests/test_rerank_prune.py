@@ -75,6 +75,13 @@ def test_bounds_are_valid_on_real_features_and_tight_when_one_side_is_a_point(re
     torch.testing.assert_close(relaxed_bound(one, wu, w1), d1)
 
 
+def test_eval_keeps_sets_node_major_for_the_rerank_gather(real_sets):
+    # the FCN map's sets are channel-major views of the conv output; stored as they come, every
+    # shortlist gather and float conversion walks 1280-element strides (2-3x slower)
+    _, sets = real_sets
+    assert sets.dtype == np.float16 and sets.flags.c_contiguous
+
+
 def test_shortlist_checks_its_rules_once():
     ok = Shortlist(np.array([[3, 1, -1]]), np.array([[0.9, 0.5, 7.0]]))
     assert ok.scores[0, 2] == -np.inf and ok.ids.dtype == np.int64 and ok.width == 3
