@@ -299,6 +299,27 @@ def ab_section(args) -> None:
     )
 
 
+def dtype_section(args) -> None:
+    """The whole eval in float32 and with ``--inference-dtype bfloat16``, alternated
+    ``--compare-inference-dtypes`` times: the best wall time of each and every metric side by
+    side (bfloat16 changes the features, so its accuracy is part of the answer)."""
+    out = tempfile.mkdtemp(prefix="pipeline-dtype-")
+    options = eval_options(args, out)
+    walls: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    rows: dict[str, list[dict]] = {}
+    for _ in range(args.compare_inference_dtypes):
+        for dtype in walls:
+            wall, _, rows[dtype] = run_current({**options, "inference_dtype": dtype})
+            walls[dtype].append(wall)
+            print(f"round: {dtype} {wall:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+    f32, b16 = min(walls["float32"]), min(walls["bfloat16"])
+    print(f"\n## Whole eval, float32 vs bfloat16 inference (best of {args.compare_inference_dtypes} alternated runs)")
+    print(f"float32 {f32:.1f} s, bfloat16 {b16:.1f} s: speed-up {f32 / b16:.2f}x\n")
+    print("| method | P@1 float32 | P@1 bfloat16 | MAP@R float32 | MAP@R bfloat16 |\n|---|---|---|---|---|")
+    for a, b in zip(rows["float32"], rows["bfloat16"]):
+        print(f"| {a['method']} | {a['P@1']:.2f} | {b['P@1']:.2f} | {a['MAP@R']:.2f} | {b['MAP@R']:.2f} |")
+
+
 def fcn224_section(args) -> None:
     """FCN + pyramid at 224 px (63 x 1280), top-100: ours (k = 100 and pruned k = 10) vs floor."""
     from deepemd.eval.shortlist import Shortlist
@@ -409,6 +430,13 @@ def main() -> None:
         default=0,
         help="only alternate whole evals of --baseline-commit and today's code this many times",
     )
+    ap.add_argument(
+        "--compare-inference-dtypes",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only alternate whole evals in float32 and bfloat16 (--inference-dtype) this many times",
+    )
     ap.add_argument("--fcn224", action="store_true", help="FCN + pyramid at 224 px top-100 rerank section")
     ap.add_argument("--fcn224-images", type=int, default=300)
     ap.add_argument("--fewshot", action="store_true", help="fewshot test section")
@@ -428,6 +456,8 @@ def main() -> None:
     print(f"uptime: {subprocess.run(['uptime'], check=False, capture_output=True, text=True).stdout.strip()}")
     if args.ab_rounds:
         ab_section(args)
+    elif args.compare_inference_dtypes:
+        dtype_section(args)
     elif not args.no_eval:
         retrieval_section(args)
     if args.fcn224:

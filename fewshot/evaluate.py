@@ -43,6 +43,7 @@ FEATURE_OPTIONS = (
     "grid_levels",
     "grid_ratio",
     "num_patches",
+    "inference_dtype",
 )
 
 
@@ -138,6 +139,7 @@ def run_test(cfg: EvalConfig, progress: bool = True) -> pd.DataFrame:
             device=device,
             seed=cfg.seed,
             progress=progress,
+            inference_dtype=cfg.inference_dtype,
         ),
     )
     extract_seconds = time.perf_counter() - start

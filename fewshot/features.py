@@ -24,6 +24,7 @@ from tqdm import tqdm
 from deepemd import local
 from deepemd.backbones import evaluating
 from deepemd.data import ImageDataset
+from deepemd.device import inference_autocast
 from deepemd.io import load_checkpoint, save_checkpoint
 
 
@@ -61,8 +62,10 @@ def extract(
     device: torch.device | str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    inference_dtype: str = "float32",
 ) -> FeatureCache:
-    """Features of every image of ``dataset`` (eval mode, no gradients, in dataset order).
+    """Features of every image of ``dataset`` (eval mode, no gradients, in dataset order; the
+    backbone under :func:`deepemd.device.inference_autocast` of ``inference_dtype``).
 
     For ``kind == "fcn"`` the local set comes from the same backbone pass
     (``from_feature_map``); grid and sampling need their own pass over the crops.
@@ -72,10 +75,10 @@ def extract(
     local_is_cells = True  # plain FCN: the local set IS the cells; keep one copy in memory
     if hasattr(extractor, "reseed"):  # sampling: the same crops for the same seed
         extractor.reseed(seed)
-    with evaluating(backbone, extractor):
+    with evaluating(backbone, extractor), inference_autocast(device, inference_dtype):
         for images, targets in tqdm(loader, desc="features", disable=not progress, leave=False):
             images = images.to(device)
-            fmap = backbone(images)
+            fmap = backbone(images).float()
             globals_.append(local.global_features(fmap).float().cpu())
             cells.append(cells_of(fmap).float().cpu())
             sets = (extractor.from_feature_map(fmap) if kind == "fcn" else extractor(images)).float().cpu()

@@ -58,7 +58,7 @@ def make_embedder(cfg: EvalConfig | IndexConfig | SearchConfig, specs: tuple[Loc
         net, info = build_backbone(
             cfg.backbone, cfg.weights, cfg.embed_dim, cfg.image_size, cfg.seed, widths=tuple(cfg.backbone_widths)
         )
-    model = Embedder(net, info, specs)
+    model = Embedder(net, info, specs, inference_dtype=cfg.inference_dtype)
     model.recipe = recipe(cfg)
     return model
 

@@ -8,6 +8,7 @@ and local settings that produced them, so a mismatch is caught at load time, not
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from torch import nn
 
 from deepemd import backbones, local
 from deepemd.build import local_kwargs
+from deepemd.device import inference_autocast
 from deepemd.errors import DeepEMDError
 from deepemd.io import load_checkpoint, load_state_dict_checked
 from deepemd.local.crops import forward_chunks
@@ -110,12 +112,20 @@ def weights_hash(net: nn.Module) -> str:
 class Embedder(nn.Module):
     """Backbone + local extractors. ``forward(images) -> (global (B,C) L2-normalised, {kind: (B,m,C)})``.
 
-    FCN sets reuse the one feature map; grid/sampling run the backbone on their crops.
+    FCN sets reuse the one feature map; grid/sampling run the backbone on their crops. In eval
+    mode the backbone runs under :func:`deepemd.device.inference_autocast` of ``inference_dtype``
+    (``--inference-dtype``); training forwards always run in float32.
     """
 
-    def __init__(self, backbone: nn.Module, info: ModelInfo, specs: tuple[LocalSpec, ...] = ()):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        info: ModelInfo,
+        specs: tuple[LocalSpec, ...] = (),
+        inference_dtype: str = "float32",
+    ):
         super().__init__()
-        self.backbone, self.info = backbone, info
+        self.backbone, self.info, self.inference_dtype = backbone, info, inference_dtype
         self.specs = {spec.kind: spec for spec in specs}
         self.extractors = nn.ModuleDict({s.kind: local.create(s.kind, backbone, **s.kwargs()) for s in specs})
 
@@ -127,6 +137,13 @@ class Embedder(nn.Module):
         return int(self.extractors[kind].num_nodes)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        precision = (
+            contextlib.nullcontext() if self.training else inference_autocast(images.device, self.inference_dtype)
+        )
+        with precision:
+            return self._features(images)
+
+    def _features(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with stage("backbone: image maps"):
             fmap = forward_chunks(self.backbone, images)
         glob = F.normalize(local.global_features(fmap), dim=1)
@@ -150,6 +167,8 @@ class Embedder(nn.Module):
             "image_size": self.info.image_size,
             "weights": weights_hash(self.backbone),
         }
+        if self.inference_dtype != "float32":  # float32 galleries keep the fingerprint they had
+            fp["inference_dtype"] = self.inference_dtype
         if kind is not None:
             fp["local"] = self.specs[kind].describe()
         return fp

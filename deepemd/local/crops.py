@@ -26,12 +26,13 @@ CHUNK_PIXELS = 64 * 96 * 96
 
 def forward_chunks(backbone: nn.Module, x: Tensor, pixels: int = CHUNK_PIXELS) -> Tensor:
     """``backbone(x)`` computed over pieces of the batch of at most ``pixels`` input pixels each
-    (at least one image), each in channels-last layout; the same maps as one call."""
+    (at least one image), each in channels-last layout; the same maps as one call, in ``x``'s
+    dtype (under a bfloat16 autocast, pooling and pyramids then still run in float32)."""
     step = max(1, pixels // (x.shape[-1] * x.shape[-2]))
     x = x.contiguous(memory_format=torch.channels_last)
     if len(x) <= step:
-        return backbone(x)
-    return torch.cat([backbone(x[i : i + step]) for i in range(0, len(x), step)])
+        return backbone(x).to(x.dtype)
+    return torch.cat([backbone(x[i : i + step]).to(x.dtype) for i in range(0, len(x), step)])
 
 
 def crop_and_resize(images: Tensor, boxes: Tensor, size: int) -> Tensor:
