@@ -79,8 +79,8 @@ def extract(
         for images, targets in tqdm(loader, desc="features", disable=not progress, leave=False):
             images = images.to(device)
             fmap = backbone(images).float()
-            globals_.append(local.global_features(fmap).float().cpu())
-            cells.append(cells_of(fmap).float().cpu())
+            globals_.append(local.global_features(fmap).cpu())
+            cells.append(cells_of(fmap).cpu())
             sets = (extractor.from_feature_map(fmap) if kind == "fcn" else extractor(images)).float().cpu()
             local_is_cells = local_is_cells and sets.shape == cells[-1].shape and torch.equal(sets, cells[-1])
             locals_.append(sets)
