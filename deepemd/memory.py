@@ -7,8 +7,9 @@ cost block) then faults every page in again each time, and the kernel zeroes eac
 that was 17-45% of all CPU time as system time in ``retrieval eval`` (issue 15). With mmap
 switched off (``M_MMAP_MAX = 0``: every block comes from the heap) and the heap's top trimmed
 only above 1 GiB, freed blocks are reused as they are: from its second batch on, a conv
-forward takes no page faults at all (``tests/test_memory.py``; one lone aligned block freed and
-asked for again still misses, since memalign asks for a little more than the hole). Measured by
+forward usually takes no page faults at all (``tests/test_memory.py``); an aligned block freed
+and asked for again can still miss its old hole, since memalign asks for a little more than the
+hole, so a batch now and then faults one block in. Measured by
 ``benchmarks/pipeline_speed.py`` on the demo set, whole ``retrieval eval`` with its three
 methods, same machine, one after the other: system time 457 s -> 8 s, wall 1,171 s -> 958 s
 (``--return-freed-memory`` leaves malloc at its defaults). Raising only the mmap threshold to
