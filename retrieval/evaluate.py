@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +92,13 @@ def evaluate_arrays(
     distance: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Rows ``method, P@1, RP, MAP@R, queries/s``: raw first, then each +DeepEMD method; with a
-    class ``distance`` (a label hierarchy's) also the severity of each query's first wrong result."""
+    class ``distance`` (a label hierarchy's) also the severity of each query's first wrong result.
+    ``settings.pyramid`` is the FCN sets' feature pyramid (the other kinds have none)."""
     rows = [{"method": "raw", **retrieval_metrics(glob, labels, distance=distance)}]
     for kind, weights, label in methods:
         knn = rerank_knn(
             sets[kind],
-            RerankSettings(settings.depth, weights, settings.solver, settings.alpha, settings.center),
+            replace(settings, weights=weights, pyramid=settings.pyramid if kind == "fcn" else ()),
             progress,
             clock,
             f"rerank: {label}",
@@ -194,7 +195,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     loader = make_loader(images, model, cfg.batch_size, cfg.workers)
     glob, sets, labels = embed_loader(model, loader, device, progress=progress, clock=clock)
     embed_seconds = time.perf_counter() - start
-    settings = RerankSettings(cfg.rerank_k, cfg.node_weights, cfg.solver, cfg.alpha, cfg.center)
+    settings = RerankSettings(cfg.rerank_k, cfg.node_weights, cfg.solver, cfg.alpha, cfg.center, tuple(cfg.pyramid))
     rows = evaluate_arrays(glob, labels, sets, methods, settings, clock, progress, class_distances(cfg, images))
     notes = [
         f"{len(images)} images in {len(np.unique(labels))} classes ({cfg.layout} layout, split "

@@ -11,12 +11,14 @@ bound (``deepemd.emd.bounds``) then caps every candidate's score, and the LP is 
 candidates whose cap can still reach the row's k-th best exact score. Pruned candidates score
 strictly below every returned one, so the top k and its scores are those of the full rerank.
 
-Where the time goes (EfficientNet features, 63 nodes x 1280-d, top-100, 2 threads, measured
-one piece at a time): the gather of the 100 float16 sets (~3 ms), their float32 conversion
-(~3 ms), the node dots, one float32 matmul per row (~11 ms), then the solves (~30 ms for all
-100 on the slower VM of that run, about 16 ms on a faster one; fewer after pruning). Tried and dropped: dots over the
-query's non-zero channels only (ReLU features are 88% zeros, a query touches ~40% of the
-channels) -- the column gather cost more than the multiply-adds it saved (43 vs 26 ms).
+Where the time goes (EfficientNet FCN + pyramid sets, 63 nodes x 1280-d, top-100, 2 threads):
+the node dots (:mod:`~deepemd.retrieval.candidates`: over the map cells only and their
+nonzeros when the store allows; ~18 ms as one dense float32 matmul over the gathered sets),
+costs and weights (~2.5 ms), the bounds (~1 ms) and the solves (17-29 ms for all 100,
+depending on the VM; about a third of them after pruning at k = 10).
+``benchmarks/pipeline_speed.py --fcn224`` prints the row's speed beside those floors. Tried and
+dropped: dots over the query's non-zero channels only (a query touches ~40% of the channels)
+-- the column gather cost more than the multiply-adds it saved (43 vs 26 ms).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -34,23 +35,19 @@ from tqdm.auto import tqdm
 from deepemd.emd import solve
 from deepemd.emd.bounds import relaxed_bound, score_upper_bound
 from deepemd.emd.features import (
-    NORM_EPS,
+    cross_weights_from_dots,
     pair_costs,
-    pair_cross_weights,
-    pair_dots,
-    pair_uniform_weights,
+    uniform_weights_from_dots,
 )
 from deepemd.errors import DeepEMDError
 from deepemd.eval.shortlist import Shortlist
+from deepemd.retrieval.candidates import CandidateSets, FetchSets, SetStore, node_stats
 from deepemd.timing import JobClock, stage
 
-#: ``fetch(ids (k,) int64) -> (k, n, d)`` local sets of those database ids.
-FetchSets = Callable[[np.ndarray], np.ndarray]
-#: Where candidate sets come from: an ``(N, n, d)`` array or tensor (row = id), an object with
-#: ``get(ids)`` (a :class:`~deepemd.retrieval.store.LocalFeatureStore`), or a fetch function.
-SetStore = Any
 #: A score cap below the k-th exact score by more than this prunes (float64 bounds vs LP).
 PRUNE_TOLERANCE = 1e-9
+#: Node weights of a pair from its raw node dots (the rerank always has them).
+WEIGHTS_FROM_DOTS = {"cross": cross_weights_from_dots, "uniform": uniform_weights_from_dots}
 
 
 @dataclass(frozen=True)
@@ -62,6 +59,8 @@ class RerankSettings:
     solver: str = "exact"
     alpha: float = 0.0
     center: bool = False
+    #: The FCN feature pyramid the sets carry (``()`` for other sets); see ``Reranker``.
+    pyramid: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.depth < 1:
@@ -87,59 +86,6 @@ class RerankStats:
         return 1.0 - self.solved / self.candidates if self.candidates else 0.0
 
 
-class _Sets:
-    """Candidate sets by id, with their node norms (and channel means, for centring) cached
-    once per row of an in-memory array."""
-
-    def __init__(self, store: SetStore, center: bool):
-        self.center = center
-        self.array: torch.Tensor | None = None
-        self.fetch: FetchSets | None = None
-        if isinstance(store, (np.ndarray, torch.Tensor)):
-            self.array = torch.as_tensor(store)
-            if self.array.ndim != 3:
-                raise DeepEMDError(f"the set store must be (items, nodes, channels), got {tuple(self.array.shape)}")
-            self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
-        elif hasattr(store, "get"):
-            self.fetch = store.get
-        elif callable(store):
-            self.fetch = store
-        else:
-            raise DeepEMDError(
-                f"cannot read local sets from a {type(store).__name__}",
-                fix="give an (N, n, d) array, a LocalFeatureStore or a fetch(ids) function",
-            )
-
-    def get(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(sets (k,n,d) in the store's dtype, norms (k,n), means (k,n))``; norms are those
-        the cost uses (centred nodes when centring)."""
-        if self.array is not None:
-            norms, means = self._array_stats()
-            rows = torch.from_numpy(ids)
-            # index_select gathers on torch's threads; ``array[rows]`` copies on one (2.6-3.0
-            # vs 4.2-4.8 ms for 100 node-major sets of 63 x 1280 float16; a channel-major store
-            # is slower both ways: 8.4-9.7 ms, which is why eval stores node-major rows)
-            return self.array.index_select(0, rows), norms[rows], means[rows]
-        sets = torch.as_tensor(np.asarray(self.fetch(ids)))
-        return (sets, *node_stats(sets, self.center))
-
-    def _array_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._stats is None:
-            parts = [node_stats(self.array[s : s + 256], self.center) for s in range(0, len(self.array), 256)]
-            self._stats = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-        return self._stats
-
-
-def node_stats(sets: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Norms ``(k, n)`` of each node (centred over channels when ``center``), floored as the
-    EMD head floors them, and each node's channel mean, float32."""
-    x = sets.float()
-    means = x.mean(dim=-1)
-    if center:
-        x = x - means[..., None]
-    return torch.linalg.vector_norm(x, dim=-1).clamp_min(NORM_EPS), means
-
-
 class Reranker:
     """Exact DeepEMD rerank of shortlists against a store of local sets.
 
@@ -147,7 +93,11 @@ class Reranker:
     those sets are (checked against a store's fingerprint when it has one). ``k``: results
     returned per query; ``depth``: entries of each shortlist rescored (default all of them);
     ``prune``: skip the LPs that cannot reach the top k (exact solver only; the result is the
-    same). ``stats`` counts the LPs solved.
+    same). ``pyramid``: the feature pyramid of FCN sets (e.g. ``(3, 2, 1)``): their pooled
+    nodes' dots then come from the map cells' (checked against the store's first sets).
+    ``sparse``: take the node dots from a CSR copy of an in-memory store
+    (:mod:`~deepemd.retrieval.sparse_sets`; ``None``: when the store is mostly zeros and the
+    shortlists are long enough to pay for the copy). ``stats`` counts the LPs solved.
     """
 
     def __init__(
@@ -160,7 +110,9 @@ class Reranker:
         solver: str = "exact",
         center: bool = False,
         alpha: float = 0.0,
+        pyramid: tuple[int, ...] = (),
         prune: bool = True,
+        sparse: bool | None = None,
         progress: bool = False,
         clock: JobClock | None = None,
         clock_stage: str = "rerank",
@@ -174,10 +126,10 @@ class Reranker:
                 fix=f"rerank with local={kind!r} or open the store built for {local}",
             )
         self.local = local or kind
-        self.settings = RerankSettings(depth or 1 << 30, weights, solver, alpha, center)
-        self.k, self.prune, self.progress = int(k), bool(prune), progress
+        self.settings = RerankSettings(depth or 1 << 30, weights, solver, alpha, center, tuple(pyramid))
+        self.k, self.prune, self.sparse, self.progress = int(k), bool(prune), sparse, progress
         self.clock, self.clock_stage = clock, clock_stage
-        self.sets = _Sets(store, center)
+        self.sets = CandidateSets(store, center, pyramid)
         self.stats = RerankStats()
 
     @classmethod
@@ -190,6 +142,7 @@ class Reranker:
             solver=settings.solver,
             center=settings.center,
             alpha=settings.alpha,
+            pyramid=settings.pyramid,
             **kw,
         )
 
@@ -213,6 +166,7 @@ class Reranker:
         out_ids = np.full((shortlist.queries, width), -1, dtype=np.int64)
         out_scores = np.full((shortlist.queries, width), -np.inf, dtype=np.float32)
         query = query_sets if callable(query_sets) else (lambda i: query_sets[i])
+        self.sets.index_for(shortlist.queries * min(self.settings.depth, shortlist.width), self.sparse)
         bar = tqdm(range(shortlist.queries), desc="DeepEMD rerank", disable=not self.progress, leave=False)
         for i in bar:
             start = time.perf_counter()
@@ -250,10 +204,11 @@ class Reranker:
         out = np.full(len(cand_ids), np.nan)
         if len(cand_ids) == 0 or need == 0:
             return out
-        with stage("rerank: read sets"):
-            sets, norms, means = self.sets.get(cand_ids.astype(np.int64))
+        with stage("rerank: node dots"):
+            query = self.sets.expand(query[None])[0]
+            dots, norms, means = self.sets.dots(query, cand_ids.astype(np.int64))
         with stage("rerank: costs + weights"):
-            cost, wu, wv = self._problem(query, sets, norms, means)
+            cost, wu, wv = self._problem(query, dots, norms, means)
         alpha = self.settings.alpha
         glob = torch.from_numpy(global_scores.astype(np.float64))
         todo = torch.arange(len(cand_ids))
@@ -271,20 +226,12 @@ class Reranker:
         self._solve(cost, wu, wv, glob, todo, out)
         return out
 
-    def _problem(self, query: torch.Tensor, sets: torch.Tensor, norms: torch.Tensor, means: torch.Tensor):
-        """Costs (float64) and weights of the query against every candidate set."""
-        q = query.float()
-        k, n, d = sets.shape
-        if q.ndim != 2 or q.shape[1] != d:
-            raise DeepEMDError(f"query set {tuple(q.shape)} and candidate sets {tuple(sets.shape)} differ in channels")
-        dots = pair_dots(q[None], sets.float())  # (k, m, n): one matmul for the whole row
-        q_norms, q_means = node_stats(q[None], self.settings.center)
-        if self.settings.weights == "cross":
-            wu, wv = pair_cross_weights(q[None], sets, dots=dots)  # shapes only: weights from the dots
-        else:
-            wu, wv = pair_uniform_weights(q[None], sets)
+    def _problem(self, query: torch.Tensor, dots: torch.Tensor, norms: torch.Tensor, means: torch.Tensor):
+        """Costs (float64) and weights from the query's raw node dots with every candidate."""
+        wu, wv = WEIGHTS_FROM_DOTS[self.settings.weights](dots)
+        q_norms, q_means = node_stats(query[None], self.settings.center)
         if self.settings.center:  # (u - mu) . (v - mv) = u . v - d mu mv
-            dots = dots - d * q_means[0][None, :, None] * means[:, None, :]
+            dots = dots - query.shape[1] * q_means[0][None, :, None] * means[:, None, :]
         cost = pair_costs(dots, q_norms, norms)
         return cost.double(), wu.double(), wv.double()
 
@@ -307,7 +254,9 @@ def rescore(
     """Scores ``(K,)`` of one query set ``(m, d)`` against ``K`` candidate sets ``(K, n, d)``
     (every candidate solved, in the candidates' order; no global scores: no fusion)."""
     if global_scores is None:
-        settings = RerankSettings(settings.depth, settings.weights, settings.solver, 0.0, settings.center)
+        settings = RerankSettings(
+            settings.depth, settings.weights, settings.solver, 0.0, settings.center, settings.pyramid
+        )
     reranker = Reranker.from_settings(candidate_sets, settings, k=len(candidate_sets), prune=False)
     glob = np.zeros(len(candidate_sets)) if global_scores is None else np.asarray(global_scores, np.float64)
     with torch.no_grad():

@@ -137,3 +137,47 @@ def test_reranker_keeps_the_query_first_padding_last_and_checks_the_store_kind(r
     from_array = Reranker(sets, k=3).rerank(sets, shortlist)
     assert np.array_equal(from_store.ids, from_array.ids)
     np.testing.assert_allclose(from_store.scores, from_array.scores, atol=1e-6)
+
+
+def shortlist_of(glob: np.ndarray, depth: int) -> Shortlist:
+    sims = glob @ glob.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :depth]
+    return Shortlist(order, np.take_along_axis(sims, order, 1))
+
+
+def scores_by_id(out: Shortlist) -> list[dict[int, float]]:
+    return [dict(zip(ids.tolist(), scores.tolist())) for ids, scores in zip(out.ids, out.scores)]
+
+
+def test_sparse_and_pyramid_dots_give_the_plain_dense_scores(real_sets):
+    glob, sets = real_sets
+    shortlist = shortlist_of(glob, 30)
+    plain = Reranker(sets, k=30, prune=False, sparse=False)
+    expected = scores_by_id(plain.rerank(sets, shortlist))
+    assert plain.sets.sparse is None
+    for sparse, pyramid, tol in ((True, (), 1e-6), (False, (3, 2, 1), 3e-5), (True, (3, 2, 1), 3e-5)):
+        reranker = Reranker(sets, k=30, prune=False, sparse=sparse, pyramid=pyramid)
+        got = scores_by_id(reranker.rerank(sets, shortlist))
+        assert (reranker.sets.sparse is not None) == sparse
+        gaps = [abs(row[i] - ref[i]) for row, ref in zip(got, expected) for i in ref]
+        # the pyramid path recomputes the pooled nodes from the float16 cells in float32: the
+        # scores move by the float16 rounding of the stored pooled nodes, no more
+        assert max(gaps) < tol, (sparse, pyramid, max(gaps))
+        assert 0 < max(gaps) or not pyramid  # the pyramid path really recomputed those nodes
+    # the default decides by itself: 40 queries x 30 entries pay for indexing 40 sets
+    auto = Reranker(sets, k=5, pyramid=(3, 2, 1))
+    auto.rerank(sets, shortlist)
+    assert auto.sets.sparse is not None
+    one_query = Reranker(sets, k=5)
+    one_query.rerank(sets[:1], Shortlist(shortlist.ids[:1], shortlist.scores[:1]))
+    assert one_query.sets.sparse is None
+
+
+def test_a_pyramid_the_sets_do_not_carry_is_one_clear_error(real_sets):
+    _, sets = real_sets
+    with pytest.raises(DeepEMDError, match="not an FCN set with the feature pyramid"):
+        Reranker(sets, pyramid=(2, 1))  # 23 - 5 = 18 cells: no square map
+    shuffled = sets[:, ::-1].copy()  # 23 nodes still, but the pooled ones are not first
+    with pytest.raises(DeepEMDError, match=r"first 14 nodes are not the feature pyramid \(3, 2, 1\)"):
+        Reranker(shuffled, pyramid=(3, 2, 1))

@@ -198,6 +198,16 @@ def _plus_eps(dots: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return torch.where(eps <= 1, r + eps, r / eps + 1)
 
 
+def cross_weights_from_dots(dots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-reference weights ``(B, m), (B, n)`` of set pairs whose raw (uncentred) node dot
+    products ``dots (B, m, n)`` are known: ``u_i . mean_j v_j = mean_j (u_i . v_j)``, so the
+    weights are the row and column means of that block, with no pass over the features."""
+    m, n = dots.shape[-2:]
+    total = equal_mass(m, n)
+    su, sv = torch.relu(dots.mean(dim=2)), torch.relu(dots.mean(dim=1))
+    return _normalise(su + WEIGHT_EPS, total), _normalise(sv + WEIGHT_EPS, total)
+
+
 def pair_cross_weights(
     a: torch.Tensor, b: torch.Tensor, dots: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,11 +221,7 @@ def pair_cross_weights(
     q, n = b.shape[:2]
     total = equal_mass(m, n)
     if dots is not None:
-        su, sv = torch.relu(dots.mean(dim=2)), torch.relu(dots.mean(dim=1))
-        return (
-            _normalise(su + WEIGHT_EPS, total).reshape(p * q, m),
-            _normalise(sv + WEIGHT_EPS, total).reshape(p * q, n),
-        )
+        return cross_weights_from_dots(dots.reshape(p * q, m, n))
     # From the set means; scaled by a power of two per set so that huge or tiny features
     # neither overflow nor lose the epsilon's share.
     ka, kb = node_scales(a, (-2, -1)), node_scales(b, (-2, -1))
@@ -227,6 +233,12 @@ def pair_cross_weights(
         _normalise(_plus_eps(su, eps), total).reshape(p * q, m),
         _normalise(_plus_eps(sv, eps), total).reshape(p * q, n),
     )
+
+
+def uniform_weights_from_dots(dots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`uniform_weights` of the set pairs of a node dot block ``(B, m, n)`` (its shape is
+    all they need; the twin of :func:`cross_weights_from_dots`)."""
+    return _uniform(dots.shape[0], dots.shape[1], dots.shape[2], dots.dtype, dots.device)
 
 
 def pair_uniform_weights(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,161 @@
+"""The rerank's view of a store of local sets: node dots of a query against candidates by id.
+
+A store is an in-memory ``(N, n, d)`` array or tensor (row = id), an object with ``get(ids)``
+(a :class:`~deepemd.retrieval.store.LocalFeatureStore`) or a ``fetch(ids)`` function. Two facts
+about CNN sets make the dots cheaper than one dense matmul over the gathered candidates:
+
+* they are mostly zeros (ReLU), so an in-memory store can keep a CSR copy
+  (:class:`~deepemd.retrieval.sparse_sets.SparseSets`) and multiply only the nonzeros;
+* an FCN set with a feature pyramid carries ``sum s^2`` nodes that are averages of its map
+  cells (:func:`~deepemd.local.fcn.pyramid_pooling`), so their dots are the cells' dots
+  averaged: the product runs over the cells only (49 of 63 nodes at 224 px) and the pooled
+  columns cost a ``(49, 14)`` matmul. Those nodes are then recomputed in float32 from the stored
+  cells on both sides (query and candidates, norms included), not read back from float16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepemd.emd.features import NORM_EPS, pair_dots
+from deepemd.errors import DeepEMDError
+from deepemd.local.fcn import pyramid_pooling
+from deepemd.retrieval.sparse_sets import SparseSets, worth_indexing
+
+#: ``fetch(ids (k,) int64) -> (k, n, d)`` local sets of those database ids.
+FetchSets = Callable[[np.ndarray], np.ndarray]
+#: An ``(N, n, d)`` array or tensor, an object with ``get(ids)``, or a :data:`FetchSets`.
+SetStore = Any
+#: Stored pyramid nodes (float16) may differ from the cells' float32 averages by this much,
+#: relative to the set's largest entry, before the store is said not to hold that pyramid.
+PYRAMID_TOLERANCE = 4e-3
+#: Sets whose pyramid nodes are checked against their cells when a store is opened.
+PYRAMID_CHECKED_SETS = 8
+
+
+def node_stats(sets: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norms ``(k, n)`` of each node (centred over channels when ``center``), floored as the
+    EMD head floors them, and each node's channel mean, float32."""
+    x = sets.float()
+    means = x.mean(dim=-1)
+    if center:
+        x = x - means[..., None]
+    return torch.linalg.vector_norm(x, dim=-1).clamp_min(NORM_EPS), means
+
+
+class CandidateSets:
+    """Candidate sets by id: their node dots with a query, node norms and channel means (cached
+    once for an in-memory store). ``pyramid``: the FCN feature pyramid the sets carry (checked
+    on the first sets of an in-memory store), ``()`` for any other sets."""
+
+    def __init__(self, store: SetStore, center: bool, pyramid: tuple[int, ...] = ()):
+        self.center = center
+        self.array: torch.Tensor | None = None
+        self.fetch: FetchSets | None = None
+        self.sparse: SparseSets | None = None
+        self.pyramid = tuple(pyramid)
+        self._pooling: torch.Tensor | None = None
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        if isinstance(store, (np.ndarray, torch.Tensor)):
+            self.array = torch.as_tensor(store)
+            if self.array.ndim != 3:
+                raise DeepEMDError(f"the set store must be (items, nodes, channels), got {tuple(self.array.shape)}")
+            if self.pyramid and len(self.array):
+                self._check_pyramid(self.array[:PYRAMID_CHECKED_SETS].float())
+        elif hasattr(store, "get"):
+            self.fetch = store.get
+        elif callable(store):
+            self.fetch = store
+        else:
+            raise DeepEMDError(
+                f"cannot read local sets from a {type(store).__name__}",
+                fix="give an (N, n, d) array, a LocalFeatureStore or a fetch(ids) function",
+            )
+
+    def pooling(self, num_nodes: int) -> torch.Tensor | None:
+        """The pyramid's ``(p, cells)`` averaging weights for sets of ``num_nodes`` (None: no pyramid)."""
+        if not self.pyramid:
+            return None
+        if self._pooling is None or self._pooling.shape[0] + self._pooling.shape[1] != num_nodes:
+            self._pooling = pyramid_pooling(self.pyramid, num_nodes)
+        return self._pooling
+
+    def expand(self, sets: torch.Tensor) -> torch.Tensor:
+        """Float32 sets ``(k, n, d)`` with their pyramid nodes recomputed from their cells."""
+        sets = sets.float()
+        pooling = self.pooling(sets.shape[1])
+        if pooling is None:
+            return sets
+        cells = sets[:, pooling.shape[0] :]
+        return torch.cat([pooling @ cells, cells], dim=1)
+
+    def index_for(self, entries: int, sparse: bool | None) -> None:
+        """Build the CSR copy of an in-memory store when ``sparse`` says so, or (``None``) when
+        scoring ``entries`` shortlist entries pays for it (:func:`worth_indexing`)."""
+        if self.array is None or self.sparse is not None or sparse is False:
+            return
+        cells = self._cells(self.array)
+        if sparse or worth_indexing(cells, entries):
+            self.sparse = SparseSets(cells)
+
+    def dots(self, query: torch.Tensor, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dots (k,m,n) float32, norms (k,n), means (k,n))`` of the float32 ``query (m, d)``
+        (pyramid nodes already :meth:`expand`-ed) against the sets ``ids``; norms are those the
+        cost uses (centred nodes when centring)."""
+        if self.array is None:
+            sets = self.expand(torch.as_tensor(np.asarray(self.fetch(ids))))
+            self._check_channels(query, sets.shape[-1])
+            return (pair_dots(query[None], sets), *node_stats(sets, self.center))
+        self._check_channels(query, self.array.shape[-1])
+        norms, means = self._array_stats()
+        rows = torch.from_numpy(ids)
+        if self.sparse is not None:
+            cell_dots = self.sparse.dots(query, ids)
+        else:
+            # index_select gathers on torch's threads; ``array[rows]`` copies on one (2.6-3.0
+            # vs 4.2-4.8 ms for 100 node-major sets of 63 x 1280 float16; a channel-major store
+            # is slower both ways: 8.4-9.7 ms, which is why eval stores node-major rows)
+            cell_dots = pair_dots(query[None], self._cells(self.array).index_select(0, rows).float())
+        return self._with_pooled_columns(cell_dots, self.array.shape[1]), norms[rows], means[rows]
+
+    def _cells(self, sets: torch.Tensor) -> torch.Tensor:
+        pooling = self.pooling(sets.shape[1])
+        return sets if pooling is None else sets[:, pooling.shape[0] :]
+
+    def _with_pooled_columns(self, cell_dots: torch.Tensor, num_nodes: int) -> torch.Tensor:
+        """``(k, m, cells)`` dots with the candidates' cells -> ``(k, m, n)`` with all their nodes."""
+        pooling = self.pooling(num_nodes)
+        if pooling is None:
+            return cell_dots
+        return torch.cat([cell_dots @ pooling.T, cell_dots], dim=2)
+
+    def _array_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stats is None:
+            parts = [
+                node_stats(self.expand(self.array[s : s + 256]), self.center) for s in range(0, len(self.array), 256)
+            ]
+            self._stats = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        return self._stats
+
+    def _check_pyramid(self, sets: torch.Tensor) -> None:
+        expanded = self.expand(sets)
+        gap = (expanded - sets).abs().amax(dim=(1, 2))
+        scale = sets.abs().amax(dim=(1, 2)).clamp_min(NORM_EPS)
+        if bool((gap > PYRAMID_TOLERANCE * scale).any()):
+            raise DeepEMDError(
+                f"the sets' first {self.pooling(sets.shape[1]).shape[0]} nodes are not the feature "
+                f"pyramid {self.pyramid} of their map cells",
+                fix="give the pyramid the FCN sets were extracted with (none for Grid or Sampling sets)",
+            )
+
+    @staticmethod
+    def _check_channels(query: torch.Tensor, channels: int) -> None:
+        if query.ndim != 2 or query.shape[1] != channels:
+            raise DeepEMDError(f"query set {tuple(query.shape)} and candidate sets of {channels} channels differ")
+
+
+__all__ = ["CandidateSets", "FetchSets", "SetStore", "node_stats"]
