@@ -6,6 +6,11 @@ cross-reference weights, batched exact solver) with the same rerank done by a Py
 brief asks about: top-100 shortlist, 25-node sets, 640-d features (ResNet-12, 5x5 map).
 
     python benchmarks/rerank_speed.py [--queries 20] [--k 100] [--nodes 25] [--dim 640] [--threads 2]
+    python benchmarks/rerank_speed.py --density-sweep [--nodes 49] [--dim 1280]
+
+``--density-sweep`` times the rerank's node dots alone (``CandidateSets.dots``, one query
+against 100 stored sets) dense and over the store's CSR copy, at ReLU features of several
+densities: where the sparse product stops paying (``deepemd.retrieval.sparse_sets.MAX_DENSITY``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,40 @@ def opencv_rescore(query: torch.Tensor, cands: torch.Tensor) -> np.ndarray:
     return out
 
 
+def density_sweep(args) -> None:
+    """Dense vs CSR node dots per query at several densities, interleaved, best of 3 rounds."""
+    from deepemd.retrieval.candidates import CandidateSets
+
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = np.random.default_rng(args.seed).choice(1000, args.k, replace=False).astype(np.int64)
+    rows = []
+    for shift in (1.4, 1.0, 0.8, 0.6, 0.5, 0.3):
+        sets = torch.relu(torch.randn(1000, args.nodes, args.dim, generator=gen) - shift).half()
+        dense, sparse = CandidateSets(sets, False), CandidateSets(sets, False)
+        sparse.index_for(0, True)
+        query = sets[0].float()
+        best = {"dense": np.inf, "sparse": np.inf}
+        for _ in range(3):
+            for name, candidates in (("dense", dense), ("sparse", sparse)):
+                candidates.dots(query, ids)
+                start = time.perf_counter()
+                for _ in range(args.queries):
+                    candidates.dots(query, ids)
+                best[name] = min(best[name], (time.perf_counter() - start) / args.queries)
+        rows.append(
+            {
+                "nonzero share": float((sets != 0).float().mean()),
+                "dense ms": 1e3 * best["dense"],
+                "CSR ms": 1e3 * best["sparse"],
+                "dense / CSR": best["dense"] / best["sparse"],
+            }
+        )
+    import pandas as pd
+
+    print(f"node dots, one query against {args.k} sets of {args.nodes} x {args.dim}, {args.threads} threads")
+    print(to_markdown(pd.DataFrame(rows)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--queries", type=int, default=20)
@@ -43,8 +82,12 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=640)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--density-sweep", action="store_true", help="dense vs CSR node dots by feature density")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.density_sweep:
+        density_sweep(args)
+        return
     gen = torch.Generator().manual_seed(args.seed)
     # post-ReLU-like features (non-negative, sparse), as a CNN's local features are
     queries = torch.relu(torch.randn(args.queries, args.nodes, args.dim, generator=gen))

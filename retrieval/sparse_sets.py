@@ -1,11 +1,12 @@
 """A compressed-sparse-row copy of a set store, for the rerank's node dot products.
 
-CNN local features come out of a ReLU: EfficientNet-Lite0's FCN cells of the demo set are 92%
-zeros, its pyramid nodes 74%. The rerank's dots of one query against a shortlist are a dense
-``(m, d) @ (d, K*n)`` matmul over the gathered candidates (float16 gather, float32 copy,
-matmul: ~18 ms for 100 sets of 63 x 1280 on 2 cores); over a CSR copy of the store the same
-dots are a sparse-dense product (torch's MKL ``csrmm``) plus a gather of only the nonzeros:
-~7 ms (``benchmarks/pipeline_speed.py --fcn224`` prints the whole row's speed beside its floor).
+CNN local features come out of a ReLU: EfficientNet-Lite0's FCN map cells of the demo images
+are 92% zeros at 224 px (84% at 96 px); its Grid and Sampling nodes, averages over whole crops,
+about 69%. The rerank's dots of one query against a shortlist are a dense ``(m, d) @ (d, K*n)``
+matmul over the gathered candidates; over a CSR copy of the store they are a sparse-dense
+product (torch's MKL ``csrmm``) after a gather of only the nonzeros. One query against 100 sets
+of 49 x 1280, 2 threads (``benchmarks/rerank_speed.py --density-sweep``): 3.3x faster at 8%
+nonzeros, 1.6x at 16%, even at 27%, slower above.
 
 The copy costs one pass over the store (~0.55 ms per 63 x 1280 set), which pays back after
 about five shortlist entries per stored set: :func:`worth_indexing` is that rule.
@@ -14,12 +15,13 @@ about five shortlist entries per stored set: :func:`worth_indexing` is that rule
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-#: Above this share of nonzeros a dense matmul is as fast as the sparse product (measured: at
-#: 26% nonzero the sparse product over 100 pyramid sets takes as long as the dense one).
+#: Above this share of nonzeros the dense matmul is as fast (``--density-sweep``: even at ~27%).
 MAX_DENSITY = 0.25
 #: Shortlist entries scored per stored set beyond which the index's one pass pays back.
 PAYBACK_ENTRIES_PER_SET = 5
@@ -39,6 +41,14 @@ def worth_indexing(sets: torch.Tensor, entries: int) -> bool:
     return entries >= PAYBACK_ENTRIES_PER_SET * len(sets) and density(sets) <= MAX_DENSITY
 
 
+@contextmanager
+def _quiet_beta() -> Iterator[None]:
+    """torch warns that sparse CSR is beta on every CSR tensor it makes; this is a known use."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        yield
+
+
 class SparseSets:
     """``sets (N, n, d)`` (any float dtype) as one CSR matrix of ``N*n`` rows, float32 values.
 
@@ -55,7 +65,8 @@ class SparseSets:
         self.items, self.nodes, self.channels = sets.shape
         crows, cols, values, offset = [torch.zeros(1, dtype=torch.int64)], [], [], 0
         for start in range(0, self.items, BUILD_CHUNK):
-            part = sets[start : start + BUILD_CHUNK].reshape(-1, self.channels).float().to_sparse_csr()
+            with _quiet_beta():
+                part = sets[start : start + BUILD_CHUNK].reshape(-1, self.channels).float().to_sparse_csr()
             crows.append(part.crow_indices()[1:] + offset)
             offset += part.values().numel()
             cols.append(part.col_indices())
@@ -79,13 +90,13 @@ class SparseSets:
         pieces = list(zip(starts.tolist(), ends.tolist()))
         cols = np.concatenate([self.cols[a:b] for a, b in pieces]) if pieces else self.cols[:0]
         values = np.concatenate([self.values[a:b] for a, b in pieces]) if pieces else self.values[:0]
-        with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
-            warnings.simplefilter("ignore", UserWarning)
+        with _quiet_beta():
             matrix = torch.sparse_csr_tensor(
                 torch.from_numpy(crow.astype(self.cols.dtype)),
                 torch.from_numpy(cols),
                 torch.from_numpy(values),
                 size=(len(ids) * n, self.channels),
+                check_invariants=False,  # row pointers and columns come from a valid CSR, cut whole
             )
         product = matrix @ query.float().T.contiguous()  # (K*n, m)
         return product.reshape(len(ids), n, -1).transpose(1, 2)
