@@ -99,7 +99,7 @@ class SparseSets:
                 check_invariants=False,  # row pointers and columns come from a valid CSR, cut whole
             )
         product = matrix @ query.float().T.contiguous()  # (K*n, m)
-        return product.reshape(len(ids), n, -1).transpose(1, 2)
+        return product.reshape(len(ids), n, query.shape[0]).transpose(1, 2)
 
 
 __all__ = ["SparseSets", "density", "worth_indexing"]
