@@ -24,7 +24,8 @@ from deepemd.retrieval.rerank import Reranker
 
 @pytest.fixture(scope="module")
 def real_sets():
-    """FCN + pyramid sets (23 nodes x 1280-d, float16 as eval keeps them) of 40 demo images."""
+    """Global vectors, FCN + pyramid sets (23 nodes x 1280-d, float16 as eval keeps them) and
+    labels of 40 demo images."""
     from deepemd.build import read_images
     from deepemd.retrieval.build import local_specs, make_embedder, make_loader
     from deepemd.retrieval.config import EvalConfig
@@ -33,8 +34,8 @@ def real_sets():
     cfg = EvalConfig(data_root="demo", max_classes=8, per_class=5, image_size=96, methods=("fcn",))
     images = read_images(cfg, cfg.split, cfg.seed)
     model = make_embedder(cfg, local_specs(cfg, ["fcn"]))
-    glob, sets, _ = embed_loader(model, make_loader(images, model, 20, 0), torch.device("cpu"), progress=False)
-    return glob, sets["fcn"]
+    glob, sets, labels = embed_loader(model, make_loader(images, model, 20, 0), torch.device("cpu"), progress=False)
+    return glob, sets["fcn"], labels
 
 
 def random_problems(seed: int, b: int = 40, m: int = 7, n: int = 9, d: int = 16):
@@ -60,7 +61,7 @@ def test_bounds_never_exceed_the_exact_optimum_on_random_problems(seed, weights)
 
 
 def test_bounds_are_valid_on_real_features_and_tight_when_one_side_is_a_point(real_sets):
-    _, sets = real_sets
+    _, sets, _ = real_sets
     u = torch.from_numpy(sets[:20]).double()
     v = torch.from_numpy(sets[20:]).double()
     cost = cost_matrix(u, v)
@@ -78,7 +79,7 @@ def test_bounds_are_valid_on_real_features_and_tight_when_one_side_is_a_point(re
 def test_eval_keeps_sets_node_major_for_the_rerank_gather(real_sets):
     # the FCN map's sets are channel-major views of the conv output; stored as they come, every
     # shortlist gather and float conversion walks 1280-element strides (2-3x slower)
-    _, sets = real_sets
+    _, sets, _ = real_sets
     assert sets.dtype == np.float16 and sets.flags.c_contiguous
 
 
@@ -96,7 +97,7 @@ def test_shortlist_checks_its_rules_once():
 
 
 def test_pruned_rerank_equals_the_full_rerank_on_real_features(real_sets):
-    glob, sets = real_sets
+    glob, sets, _ = real_sets
     sims = glob @ glob.T
     np.fill_diagonal(sims, -np.inf)
     order = np.argsort(-sims, axis=1, kind="stable")[:, :30]
@@ -118,7 +119,7 @@ def test_pruned_rerank_equals_the_full_rerank_on_real_features(real_sets):
 
 
 def test_reranker_keeps_the_query_first_padding_last_and_checks_the_store_kind(real_sets):
-    _, sets = real_sets
+    _, sets, _ = real_sets
     shortlist = Shortlist(np.array([[0, 5, 9, 2, -1]]), np.array([[1.0, 0.9, 0.8, 0.7, 0.0]]))
     out = Reranker(sets, k=5, depth=3).rerank(sets, shortlist, skip_ids=np.array([0]))
     assert out.ids[0, 0] == 0 and out.scores[0, 0] == np.inf
@@ -151,7 +152,7 @@ def scores_by_id(out: Shortlist) -> list[dict[int, float]]:
 
 
 def test_sparse_and_pyramid_dots_give_the_plain_dense_scores(real_sets):
-    glob, sets = real_sets
+    glob, sets, _ = real_sets
     shortlist = shortlist_of(glob, 30)
     plain = Reranker(sets, k=30, prune=False, sparse=False)
     expected = scores_by_id(plain.rerank(sets, shortlist))
@@ -175,9 +176,28 @@ def test_sparse_and_pyramid_dots_give_the_plain_dense_scores(real_sets):
 
 
 def test_a_pyramid_the_sets_do_not_carry_is_one_clear_error(real_sets):
-    _, sets = real_sets
+    _, sets, _ = real_sets
     with pytest.raises(DeepEMDError, match="not an FCN set with the feature pyramid"):
         Reranker(sets, pyramid=(2, 1))  # 23 - 5 = 18 cells: no square map
     shuffled = sets[:, ::-1].copy()  # 23 nodes still, but the pooled ones are not first
     with pytest.raises(DeepEMDError, match=r"first 14 nodes are not the feature pyramid \(3, 2, 1\)"):
         Reranker(shuffled, pyramid=(3, 2, 1))
+
+
+def test_eval_gives_the_pyramid_to_fcn_sets_only(real_sets):
+    from deepemd.retrieval.evaluate import evaluate_arrays
+    from deepemd.retrieval.rerank import RerankSettings
+
+    glob, sets, labels = real_sets
+    grid = np.maximum(np.random.default_rng(0).normal(size=(len(sets), 13, sets.shape[2])), 0).astype(np.float16)
+    methods = [("fcn", "cross", "+DeepEMD-FCN"), ("grid", "cross", "+DeepEMD-Grid")]
+    sets_by_kind = {"fcn": sets, "grid": grid}
+    # 13 Grid nodes are no (3, 2, 1) pyramid: handed the FCN pyramid, the Grid rerank would raise
+    with_pyramid = evaluate_arrays(
+        glob, labels, sets_by_kind, methods, RerankSettings(30, pyramid=(3, 2, 1)), progress=False
+    )
+    plain = evaluate_arrays(glob, labels, sets_by_kind, methods, RerankSettings(30), progress=False)
+    for a, b in zip(with_pyramid, plain):
+        assert a["method"] == b["method"]
+        for metric in ("P@1", "RP", "MAP@R"):
+            assert a[metric] == pytest.approx(b[metric], abs=1e-9), (a["method"], metric)
