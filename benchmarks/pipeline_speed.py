@@ -1,22 +1,12 @@
 """The whole `retrieval eval` (and `fewshot test`) against its floor, stage by stage, in one run.
 
-Runs the job's own code path (``deepemd.retrieval.evaluate.run_eval``) on a folder and reads
-the per-stage times it records (``deepemd.timing``), then measures in the same process the
-floor of each part:
-
-- features, per local kind: the bare backbone (``torch.no_grad``, default memory layout) over
-  random tensors of the same shapes -- the images at the input size for FCN, the crops at the
-  patch size for Grid and Sampling -- at its best batch size among 8, 16, 32 and 64;
-- rerank, per method: the plain route on the same shortlists -- float32 features, one torch
-  matmul for the node dots (``pair_dots``), costs, weights and the exact solve of every entry;
-- the whole floor: the two summed (FAISS and the metrics are a few ms).
-
-``--baseline-commit SHA`` also runs the same eval with the code of that commit (``git archive``
-into a temporary folder, installed there with ``pip install --no-deps --target``, run in a
-subprocess) so the speed-up is measured on the same folder in the same run. ``--fewshot`` adds
-``fewshot test`` (5-way 1-shot, every default method) against the EMD work alone on the same
-episodes. ``--fcn224`` adds the FCN + pyramid (63 nodes x 1280-d at 224 px) top-100 rerank in
-queries/s beside its floor and the share of LPs the pruned rerank skips at k = 10.
+The sections are ``deepemd bench pipeline`` (:mod:`deepemd.retrieval.bench`: the eval beside the
+bare backbone and the plain matmul + solve; ``--fcn224``; ``--compare-inference-dtypes``) and
+``deepemd bench episodes`` (:mod:`deepemd.fewshot.bench`, here ``--fewshot``). This script adds
+what needs the repository: ``--baseline-commit SHA`` runs the same eval with the code of that
+commit (``git archive`` into a temporary folder, installed there with ``pip install --no-deps
+--target``, run in a subprocess) so the speed-up is measured on the same folder in the same
+run, and ``--ab-rounds N`` alternates the two N times.
 
     python benchmarks/pipeline_speed.py [--data-root demo|DIR] [--max-classes 20 --per-class 20]
         [--image-size 96] [--baseline-commit 62ea9f4] [--fewshot] [--fcn224]
@@ -30,23 +20,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from deepemd import backbones
-from deepemd.emd import solve
-from deepemd.emd.features import (
-    node_norms,
-    pair_costs,
-    pair_cross_weights,
-    pair_dots,
-    pair_uniform_weights,
-)
+from deepemd.fewshot.bench import episodes_section
 from deepemd.memory import keep_freed_memory
-from deepemd.timing import recording
+from deepemd.retrieval import bench
 
 REPO = Path(__file__).resolve().parents[1]
 #: The options both today's and older EvalConfigs take, so one dict runs either code.
@@ -79,44 +59,6 @@ result = run_eval(cfg, progress=False)
 print(json.dumps({{"seconds": time.perf_counter() - start,
                   "rows": [{{k: v for k, v in r.items()}} for r in result["rows"]]}}))
 """
-
-
-def eval_options(args, out: str) -> dict:
-    root = args.data_root
-    if root == "demo":
-        from deepemd.data import demo_root
-
-        root = str(demo_root())
-    return {
-        "layout": "folder",
-        "data_root": root,
-        "split": args.split,
-        "max_classes": args.max_classes,
-        "per_class": args.per_class,
-        "image_size": args.image_size,
-        "patch_size": args.patch_size,
-        "methods": list(args.methods),
-        "rerank_k": args.rerank_k,
-        "flow_queries": 0,
-        "out": out,
-        "backbone": args.backbone,
-        "weights": "imagenet",
-        "seed": 0,
-        "batch_size": 32,
-    }
-
-
-def run_current(options: dict) -> tuple[float, dict, list[dict]]:
-    """Today's eval in this process: wall seconds, per-stage seconds, result rows."""
-    from deepemd.retrieval.config import EvalConfig
-    from deepemd.retrieval.evaluate import run_eval
-
-    cfg = EvalConfig(**{**options, "methods": tuple(options["methods"])})
-    with recording() as timer:
-        start = time.perf_counter()
-        result = run_eval(cfg, progress=False)
-        wall = time.perf_counter() - start
-    return wall, dict(timer.seconds), result["rows"]
 
 
 def run_baseline(sha: str, options: dict, threads: int) -> tuple[float, list[dict]]:
@@ -156,142 +98,16 @@ def run_baseline(sha: str, options: dict, threads: int) -> tuple[float, list[dic
     return result["seconds"], result["rows"]
 
 
-@torch.no_grad()
-def backbone_floor(name: str, size: int, count: int, batches=(8, 16, 32, 64)) -> tuple[float, int]:
-    """Seconds for the plain backbone over ``count`` random ``size`` px inputs at its best batch
-    size (one timed batch per size after a warm-up), and that batch size."""
-    net = backbones.create(name, pretrained=False, input_size=size).eval()
-    best_rate, best_bs = 0.0, batches[0]
-    for bs in batches:
-        x = torch.randn(bs, 3, size, size)
-        net(x)
-        start = time.perf_counter()
-        net(x)
-        rate = bs / (time.perf_counter() - start)
-        if rate > best_rate:
-            best_rate, best_bs = rate, bs
-    return count / best_rate, best_bs
-
-
-def rerank_floor(glob: np.ndarray, sets: np.ndarray, depth: int, weights: str, queries: int) -> tuple[float, float]:
-    """Per query: seconds of the plain cost matmul (+ costs, weights) and of the exact solve of
-    every one of its ``depth`` shortlist entries, float32 features already gathered (the
-    gather of the shortlist's sets is not timed: the floor is the arithmetic alone), on
-    ``queries`` queries."""
-    sims = glob @ glob.T
-    np.fill_diagonal(sims, -np.inf)
-    depth = min(depth, len(glob) - 1)
-    picks = np.linspace(0, len(glob) - 1, min(queries, len(glob))).astype(int)
-    full = torch.from_numpy(sets).float()
-    norms = node_norms(full)
-    matmul = solving = 0.0
-    warm = False
-    for q in np.r_[picks[:1], picks]:  # the first query warms up (allocations, kernel load), untimed
-        ids = torch.from_numpy(np.argsort(-sims[q])[:depth].copy())
-        cand, cand_norms = full[ids], norms[ids]
-        start = time.perf_counter()
-        dots = pair_dots(full[q : q + 1], cand)
-        cost = pair_costs(dots, norms[q : q + 1], cand_norms)
-        if weights == "cross":
-            wu, wv = pair_cross_weights(full[q : q + 1], cand, dots=dots)
-        else:
-            wu, wv = pair_uniform_weights(full[q : q + 1], cand)
-        mid = time.perf_counter()
-        solve(cost, wu, wv)
-        if warm:
-            matmul += mid - start
-            solving += time.perf_counter() - mid
-        warm = True
-    return matmul / len(picks), solving / len(picks)
-
-
-def crops_per_image(model, kind: str) -> int:
-    return model.num_nodes(kind)
-
-
-def retrieval_section(args) -> None:
-    out = tempfile.mkdtemp(prefix="pipeline-eval-")
-    options = eval_options(args, out)
-    wall, stages, rows = run_current(options)
-    from deepemd.retrieval.build import dataset_images, local_specs, make_embedder
-    from deepemd.retrieval.config import EvalConfig
-
-    cfg = EvalConfig(**{**options, "methods": tuple(options["methods"])})
-    n = len(dataset_images(cfg))
-    model = make_embedder(cfg, local_specs(cfg, [m.split(":")[0] for m in args.methods]))
-    size = model.info.image_size
-    patch = args.patch_size or size
-    print(
-        f"## retrieval eval: {n} images, {size} px, crops {patch} px, methods {' '.join(args.methods)}, "
-        f"rerank depth {args.rerank_k}; torch threads {torch.get_num_threads()}; load {os.getloadavg()[0]:.1f}"
-    )
-    floors = {"fcn": backbone_floor(args.backbone, size, n)}
-    for kind in ("grid", "sampling"):
-        if any(m.split(":")[0] == kind for m in args.methods):
-            floors[kind] = backbone_floor(args.backbone, patch, n * crops_per_image(model, kind))
-    print("\n| features | ours s | floor s (best batch) | ours / floor | images/s |\n|---|---|---|---|---|")
-    decode = stages.get("decode + transform", 0.0)
-    ours_kind = {"fcn": stages.get("backbone: image maps", 0.0) + stages.get("fcn: pyramid", 0.0)}
-    for kind in ("grid", "sampling"):
-        if kind in floors:
-            ours_kind[kind] = stages.get(f"crops: {kind}", 0.0) + stages.get(f"backbone: {kind} crops", 0.0)
-    for kind, (floor, bs) in floors.items():
-        print(
-            f"| {kind} | {ours_kind[kind]:.1f} | {floor:.1f} (batch {bs}) | {ours_kind[kind] / floor:.2f} | "
-            f"{n / ours_kind[kind]:.1f} |"
-        )
-    feat_ours, feat_floor = sum(ours_kind.values()) + decode, sum(f for f, _ in floors.values())
-    print(
-        f"| all + decode/transform {decode:.1f} s | {feat_ours:.1f} | {feat_floor:.1f} | "
-        f"{feat_ours / feat_floor:.2f} | {n / feat_ours:.1f} |"
-    )
-    # the rerank floor on the same sets (re-extracted: run_eval keeps them inside)
-    from deepemd.retrieval.build import make_loader
-    from deepemd.retrieval.model import embed_loader
-
-    images = dataset_images(cfg)
-    glob, sets, _ = embed_loader(model, make_loader(images, model, 32, 0), torch.device("cpu"), progress=False)
-    print(
-        "\n| rerank | ours queries/s | floor: matmul ms + solve ms per query | floor queries/s | "
-        "ours / floor (time) |\n|---|---|---|---|---|"
-    )
-    rerank_floor_total = 0.0
-    for row, method in zip(rows[1:], args.methods):
-        kind, _, weights = method.partition(":")
-        mm, sv = rerank_floor(glob, sets[kind], args.rerank_k, weights or "cross", args.rerank_queries)
-        rerank_floor_total += n * (mm + sv)
-        qps = row["queries/s"]
-        print(
-            f"| {row['method']} ({sets[kind].shape[1]} nodes) | {qps:.1f} | {1e3 * mm:.1f} + {1e3 * sv:.1f} | "
-            f"{1 / (mm + sv):.1f} | {(1 / qps) / (mm + sv):.2f} |"
-        )
-    print("\n| stage (ours, whole run) | seconds |\n|---|---|")
-    for name, secs in stages.items():
-        print(f"| {name} | {secs:.2f} |")
-    whole_floor = feat_floor + rerank_floor_total
-    print(
-        f"\nwhole eval: ours {wall:.1f} s, floor {whole_floor:.1f} s (features {feat_floor:.1f} + rerank "
-        f"{rerank_floor_total:.1f}): ours / floor = {wall / whole_floor:.2f}"
-    )
-    if args.baseline_commit:
-        base, base_rows = run_baseline(args.baseline_commit, {**options, "out": out + "-base"}, torch.get_num_threads())
-        print(f"baseline {args.baseline_commit}: {base:.1f} s on the same folder: speed-up {base / wall:.2f}x")
-        print("| method | ours P@1 / MAP@R | baseline P@1 / MAP@R |\n|---|---|---|")
-        for a, b in zip(rows, base_rows):
-            print(f"| {a['method']} | {a['P@1']:.2f} / {a['MAP@R']:.2f} | {b['P@1']:.2f} / {b['MAP@R']:.2f} |")
-    print(f"load average after: {os.getloadavg()}")
-
-
 def ab_section(args) -> None:
     """The whole eval, today's code and ``--baseline-commit``'s, alternated ``--ab-rounds`` times
     on the same folder (on a shared machine the load drifts between runs: alternating and
     keeping each side's fastest run compares them under the same conditions)."""
     out = tempfile.mkdtemp(prefix="pipeline-ab-")
-    options = eval_options(args, out)
+    options = bench.eval_options(args, out)
     ours, base = [], []
     for _ in range(args.ab_rounds):
         base.append(run_baseline(args.baseline_commit, {**options, "out": out + "-base"}, torch.get_num_threads())[0])
-        ours.append(run_current(options)[0])
+        ours.append(bench.run_current(options)[0])
         print(f"round: baseline {base[-1]:.1f} s, ours {ours[-1]:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
     print(
         f"whole eval, best of {args.ab_rounds} alternated runs: baseline {args.baseline_commit} {min(base):.1f} s, "
@@ -299,140 +115,9 @@ def ab_section(args) -> None:
     )
 
 
-def dtype_section(args) -> None:
-    """The whole eval in float32 and with ``--inference-dtype bfloat16``, alternated
-    ``--compare-inference-dtypes`` times: the best wall time of each and every metric side by
-    side (bfloat16 changes the features, so its accuracy is part of the answer)."""
-    out = tempfile.mkdtemp(prefix="pipeline-dtype-")
-    options = eval_options(args, out)
-    walls: dict[str, list[float]] = {"float32": [], "bfloat16": []}
-    rows: dict[str, list[dict]] = {}
-    for _ in range(args.compare_inference_dtypes):
-        for dtype in walls:
-            wall, _, rows[dtype] = run_current({**options, "inference_dtype": dtype})
-            walls[dtype].append(wall)
-            print(f"round: {dtype} {wall:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
-    f32, b16 = min(walls["float32"]), min(walls["bfloat16"])
-    print(f"\n## Whole eval, float32 vs bfloat16 inference (best of {args.compare_inference_dtypes} alternated runs)")
-    print(f"float32 {f32:.1f} s, bfloat16 {b16:.1f} s: speed-up {f32 / b16:.2f}x\n")
-    print("| method | P@1 float32 | P@1 bfloat16 | MAP@R float32 | MAP@R bfloat16 |\n|---|---|---|---|---|")
-    for a, b in zip(rows["float32"], rows["bfloat16"]):
-        print(f"| {a['method']} | {a['P@1']:.2f} | {b['P@1']:.2f} | {a['MAP@R']:.2f} | {b['MAP@R']:.2f} |")
-
-
-def fcn224_section(args) -> None:
-    """FCN + pyramid at 224 px (63 x 1280), top-100: ours (k = 100 and pruned k = 10) vs floor."""
-    from deepemd.eval.shortlist import Shortlist
-    from deepemd.retrieval.build import (
-        dataset_images,
-        local_specs,
-        make_embedder,
-        make_loader,
-    )
-    from deepemd.retrieval.config import EvalConfig
-    from deepemd.retrieval.model import embed_loader
-    from deepemd.retrieval.rerank import Reranker
-
-    options = eval_options(args, tempfile.mkdtemp())
-    cfg = EvalConfig(**{**options, "methods": ("fcn",), "image_size": 224, "max_classes": None, "per_class": None})
-    images = dataset_images(cfg)
-    images = images.subset(np.linspace(0, len(images) - 1, min(len(images), args.fcn224_images)).astype(int))
-    model = make_embedder(cfg, local_specs(cfg, ["fcn"]))
-    glob, sets, _ = embed_loader(model, make_loader(images, model, 32, 0), torch.device("cpu"), progress=False)
-    sets = sets["fcn"]
-    sims = glob @ glob.T
-    np.fill_diagonal(sims, -np.inf)
-    depth = min(100, len(glob) - 1)
-    queries = np.linspace(0, len(glob) - 1, min(args.rerank_queries, len(glob))).astype(int)
-    order = np.argsort(-sims[queries], axis=1, kind="stable")[:, :depth]
-    shortlist = Shortlist(order, np.take_along_axis(sims[queries], order, 1))
-    query_sets = sets[queries]
-    result = {}
-    pyramid = tuple(cfg.pyramid)  # as the eval reranks its FCN sets
-    Reranker(sets, k=10, pyramid=pyramid).rerank(query_sets[:2], Shortlist(order[:2], shortlist.scores[:2]))  # warm-up
-    parts = {}
-    for k in (depth, 10):
-        reranker = Reranker(sets, k=k, pyramid=pyramid)
-        with recording() as timer:
-            start = time.perf_counter()
-            reranker.rerank(query_sets, shortlist)
-            result[k] = (len(queries) / (time.perf_counter() - start), reranker.stats.skipped_fraction)
-        parts[k] = ", ".join(
-            f"{name.split(': ')[1]} {1e3 * timer.get(name) / len(queries):.1f}"
-            for name in ("rerank: node dots", "rerank: costs + weights", "rerank: bounds", "rerank: solve")
-        )
-    mm, sv = rerank_floor(glob, sets, depth, "cross", len(queries))
-    print(
-        f"\n## FCN + pyramid at 224 px: {sets.shape[1]} nodes x {sets.shape[2]}-d, top-{depth}, "
-        f"{len(queries)} queries over {len(glob)} images; load {os.getloadavg()[0]:.1f}"
-    )
-    print("| rerank | queries/s | LPs skipped | ms per query |\n|---|---|---|---|")
-    print(f"| ours, full top-{depth} order | {result[depth][0]:.1f} | {100 * result[depth][1]:.0f}% | {parts[depth]} |")
-    print(f"| ours, exact top-10 (pruned) | {result[10][0]:.1f} | {100 * result[10][1]:.0f}% | {parts[10]} |")
-    print(
-        f"| floor: dense torch matmul + solve of all {depth} | {1 / (mm + sv):.1f} | 0% | "
-        f"matmul {1e3 * mm:.1f}, solve {1e3 * sv:.1f} |"
-    )
-
-
-def fewshot_section(args) -> None:
-    """`fewshot test` (5-way 1-shot, every default method) vs the EMD scoring alone on the same
-    episodes (``pairwise_similarity`` of each episode's queries against its supports)."""
-    from deepemd.emd import pairwise_similarity
-    from deepemd.fewshot import build
-    from deepemd.fewshot.config import EvalConfig as FewShotEval
-    from deepemd.fewshot.episodes import episode_indices
-    from deepemd.fewshot.evaluate import feature_key, run_test
-    from deepemd.fewshot.features import cached
-
-    out = tempfile.mkdtemp(prefix="pipeline-fewshot-")
-    cfg = FewShotEval(
-        data_root=args.data_root,
-        way=5,
-        shot=1,
-        query=15,
-        episodes=args.fewshot_episodes,
-        image_size=args.fewshot_image_size,
-        out=out,
-        feature_cache=str(Path(out) / "cache"),
-        flow_picture=False,
-    )
-    run_test(cfg, progress=False)  # features into the cache, kernels compiled
-    start = time.perf_counter()
-    frame = run_test(cfg, progress=False)
-    wall = time.perf_counter() - start
-    cache = cached(cfg.feature_cache, feature_key(cfg, build.read_split(cfg, cfg.split)), lambda: None)
-    local = torch.as_tensor(cache.local).float()
-    n_support = cfg.way * cfg.shot
-    emd = 0.0
-    for idx in episode_indices(cache.labels, cfg.way, cfg.shot, cfg.query, cfg.num_episodes(), cfg.seed):
-        idx = torch.as_tensor(np.asarray(idx))
-        start = time.perf_counter()
-        pairwise_similarity(local[idx[n_support:]], local[idx[:n_support]], weights=cfg.node_weights, center=cfg.center)
-        emd += time.perf_counter() - start
-    floor = emd / cfg.num_episodes()
-    print(
-        f"\n## fewshot test: 5-way 1-shot, {cfg.num_episodes()} episodes (features cached), "
-        f"{wall:.2f} s in all; EMD work alone {floor:.4f} s / episode; load {os.getloadavg()[0]:.1f}"
-    )
-    print("| method | s / episode | ratio to the EMD work alone |\n|---|---|---|")
-    for _, row in frame.iterrows():
-        per = row["seconds"] / cfg.num_episodes()
-        print(f"| {row['method']} | {per:.4f} | {per / floor:.2f} |")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-root", default="demo", help="demo (bundled Omniglot) or a <root>/<class>/<image> folder")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--max-classes", type=int, default=None)
-    ap.add_argument("--per-class", type=int, default=None)
-    ap.add_argument("--image-size", type=int, default=None)
-    ap.add_argument("--patch-size", type=int, default=96)
-    ap.add_argument("--methods", nargs="+", default=["fcn", "grid", "sampling"])
-    ap.add_argument("--rerank-k", type=int, default=100)
-    ap.add_argument("--rerank-queries", type=int, default=40, help="queries the rerank floors are timed on")
-    ap.add_argument("--backbone", default="efficientnet_lite0")
+    bench.add_arguments(ap)
     ap.add_argument("--baseline-commit", default=None, help="also run this commit's eval on the same folder")
     ap.add_argument(
         "--ab-rounds",
@@ -440,20 +125,9 @@ def main() -> None:
         default=0,
         help="only alternate whole evals of --baseline-commit and today's code this many times",
     )
-    ap.add_argument(
-        "--compare-inference-dtypes",
-        type=int,
-        default=0,
-        metavar="ROUNDS",
-        help="only alternate whole evals in float32 and bfloat16 (--inference-dtype) this many times",
-    )
-    ap.add_argument("--fcn224", action="store_true", help="FCN + pyramid at 224 px top-100 rerank section")
-    ap.add_argument("--fcn224-images", type=int, default=300)
-    ap.add_argument("--fewshot", action="store_true", help="fewshot test section")
+    ap.add_argument("--fewshot", action="store_true", help="fewshot test section (deepemd bench episodes)")
     ap.add_argument("--fewshot-episodes", type=int, default=50)
     ap.add_argument("--fewshot-image-size", type=int, default=None)
-    ap.add_argument("--no-eval", action="store_true", help="skip the retrieval eval section")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--return-freed-memory",
         action="store_true",
@@ -463,17 +137,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not args.return_freed_memory:
         keep_freed_memory()
-    print(f"uptime: {subprocess.run(['uptime'], check=False, capture_output=True, text=True).stdout.strip()}")
     if args.ab_rounds:
         ab_section(args)
-    elif args.compare_inference_dtypes:
-        dtype_section(args)
-    elif not args.no_eval:
-        retrieval_section(args)
-    if args.fcn224:
-        fcn224_section(args)
+        args.no_eval = True
+    elif args.baseline_commit and not args.compare_inference_dtypes and not args.no_eval:
+        wall, options, rows = bench.eval_section(args)
+        out = options["out"]
+        base, base_rows = run_baseline(args.baseline_commit, {**options, "out": out + "-base"}, torch.get_num_threads())
+        print(f"baseline {args.baseline_commit}: {base:.1f} s on the same folder: speed-up {base / wall:.2f}x")
+        print("| method | ours P@1 / MAP@R | baseline P@1 / MAP@R |\n|---|---|---|")
+        for a, b in zip(rows, base_rows):
+            print(f"| {a['method']} | {a['P@1']:.2f} / {a['MAP@R']:.2f} | {b['P@1']:.2f} / {b['MAP@R']:.2f} |")
+        args.no_eval = True
+    bench.run(args)
     if args.fewshot:
-        fewshot_section(args)
+        episodes_section(args.data_root, args.fewshot_episodes, args.fewshot_image_size)
 
 
 if __name__ == "__main__":
