@@ -137,19 +137,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not args.return_freed_memory:
         keep_freed_memory()
+    bench.print_uptime()
     if args.ab_rounds:
         ab_section(args)
-        args.no_eval = True
-    elif args.baseline_commit and not args.compare_inference_dtypes and not args.no_eval:
+    elif args.compare_inference_dtypes:
+        bench.dtype_section(args)
+    elif not args.no_eval:
         wall, options, rows = bench.eval_section(args)
-        out = options["out"]
-        base, base_rows = run_baseline(args.baseline_commit, {**options, "out": out + "-base"}, torch.get_num_threads())
-        print(f"baseline {args.baseline_commit}: {base:.1f} s on the same folder: speed-up {base / wall:.2f}x")
-        print("| method | ours P@1 / MAP@R | baseline P@1 / MAP@R |\n|---|---|---|")
-        for a, b in zip(rows, base_rows):
-            print(f"| {a['method']} | {a['P@1']:.2f} / {a['MAP@R']:.2f} | {b['P@1']:.2f} / {b['MAP@R']:.2f} |")
-        args.no_eval = True
-    bench.run(args)
+        if args.baseline_commit:
+            base, base_rows = run_baseline(
+                args.baseline_commit, {**options, "out": options["out"] + "-base"}, torch.get_num_threads()
+            )
+            print(f"baseline {args.baseline_commit}: {base:.1f} s on the same folder: speed-up {base / wall:.2f}x")
+            print("| method | ours P@1 / MAP@R | baseline P@1 / MAP@R |\n|---|---|---|")
+            for a, b in zip(rows, base_rows):
+                print(f"| {a['method']} | {a['P@1']:.2f} / {a['MAP@R']:.2f} | {b['P@1']:.2f} / {b['MAP@R']:.2f} |")
+    if args.fcn224:
+        bench.fcn224_section(args)
     if args.fewshot:
         episodes_section(args.data_root, args.fewshot_episodes, args.fewshot_image_size)
 

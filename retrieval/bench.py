@@ -71,7 +71,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """The sections ``args`` asks for, printed as markdown tables; returns the exit status."""
     torch.set_num_threads(args.threads)
-    print(f"uptime: {subprocess.run(['uptime'], check=False, capture_output=True, text=True).stdout.strip()}")
+    print_uptime()
     if args.compare_inference_dtypes:
         dtype_section(args)
     elif not args.no_eval:
@@ -79,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
     if args.fcn224:
         fcn224_section(args)
     return 0
+
+
+def print_uptime() -> None:
+    """The machine's load with the tables: on a shared machine it says how far to trust them."""
+    print(f"uptime: {subprocess.run(['uptime'], check=False, capture_output=True, text=True).stdout.strip()}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -323,4 +328,14 @@ def fcn224_section(args) -> None:
     )
 
 
-__all__ = ["add_arguments", "eval_section", "eval_options", "register", "run", "run_current"]
+__all__ = [
+    "add_arguments",
+    "dtype_section",
+    "eval_options",
+    "eval_section",
+    "fcn224_section",
+    "print_uptime",
+    "register",
+    "run",
+    "run_current",
+]
