@@ -7,6 +7,11 @@ brief asks about: top-100 shortlist, 25-node sets, 640-d features (ResNet-12, 5x
 
     python benchmarks/rerank_speed.py [--queries 20] [--k 100] [--nodes 25] [--dim 640] [--threads 2]
     python benchmarks/rerank_speed.py --density-sweep [--nodes 49] [--dim 1280]
+    python benchmarks/rerank_speed.py --solve-batches
+
+``--solve-batches`` times the exact solve of a real rerank row's 63 x 63 problems (EfficientNet
+FCN + pyramid sets of demo images at 224 px) in batches of the sizes a pruned rerank solves,
+per LP against the whole row of 100 in one batch: small batches should cost no more per LP.
 
 ``--density-sweep`` times the rerank's node dots alone (``CandidateSets.dots``, one query
 against 100 stored sets) dense and over the store's CSR copy, at ReLU features of several
@@ -38,6 +43,39 @@ def opencv_rescore(query: torch.Tensor, cands: torch.Tensor) -> np.ndarray:
         emd, _, _ = cv2.EMD(wu[i][:, None], wv[i][:, None], cv2.DIST_USER, cost[i])
         out[i] = 1.0 - emd  # cv2 returns cost / total flow: the flow-weighted mean cosine is 1 - that
     return out
+
+
+def solve_batches(args) -> None:
+    """Per-LP time of the exact solve by batch size, best of 7 interleaved rounds."""
+    from deepemd.emd import solve
+    from deepemd.retrieval.build import dataset_images, local_specs, make_embedder, make_loader
+    from deepemd.retrieval.config import EvalConfig
+    from deepemd.retrieval.model import embed_loader
+    from deepemd.retrieval.rerank import Reranker
+
+    cfg = EvalConfig(data_root="demo", methods=("fcn",), image_size=224)
+    images = dataset_images(cfg)
+    images = images.subset(np.linspace(0, len(images) - 1, 101).astype(int))
+    model = make_embedder(cfg, local_specs(cfg, ["fcn"]))
+    _, sets, _ = embed_loader(model, make_loader(images, model, 32, 0), torch.device("cpu"), progress=False)
+    sets = sets["fcn"]
+    reranker = Reranker(sets, k=100, pyramid=tuple(cfg.pyramid), prune=False)
+    query = reranker.sets.expand(torch.from_numpy(sets[:1]))[0]
+    cost, wu, wv = reranker._problem(query, *reranker.sets.dots(query, np.arange(1, 101)))
+    sizes = (10, 15, 19, 25, 34, 100)
+    best = dict.fromkeys(sizes, np.inf)
+    for _ in range(7):
+        for size in sizes:
+            start = time.perf_counter()
+            for lo in range(0, 100 - size + 1, size):
+                solve(cost[lo : lo + size], wu[lo : lo + size], wv[lo : lo + size])
+            lps = (100 // size) * size
+            best[size] = min(best[size], (time.perf_counter() - start) / lps)
+    import pandas as pd
+
+    rows = [{"batch": s, "us / LP": 1e6 * best[s], "x the batch of 100": best[s] / best[100]} for s in sizes]
+    print(f"exact solve of 63 x 63 rerank problems by batch size, {args.threads} threads")
+    print(to_markdown(pd.DataFrame(rows)))
 
 
 def density_sweep(args) -> None:
@@ -82,9 +120,13 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=640)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--solve-batches", action="store_true", help="per-LP solve time by batch size")
     ap.add_argument("--density-sweep", action="store_true", help="dense vs CSR node dots by feature density")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.solve_batches:
+        solve_batches(args)
+        return
     if args.density_sweep:
         density_sweep(args)
         return

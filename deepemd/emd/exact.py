@@ -570,7 +570,9 @@ def _solve_threaded(args: tuple, bsz: int, threads: int, cells: int) -> None:
     batch back, and the caller works instead of waiting for a hand-off. Ranges hold at least
     :data:`MIN_RANGE_CELLS` cells of work, so a small batch of small problems is two or three
     ranges, not a dozen hand-offs, while a batch of large ones is split finely enough that no
-    thread waits long for the last range.
+    thread waits long for the last range. The range count is a multiple of the thread count:
+    15 problems of 63x63 (a pruned rerank's first solve) made 3 ranges of 5, and one thread
+    solved 10 while the other idled after 5 (``benchmarks/rerank_speed.py --solve-batches``).
 
     The threads are torch's own OpenMP pool where there is one (:mod:`deepemd.emd.threads`),
     around a ``nogil`` kernel, rather than numba's ``parallel=True``: numba's OpenMP layer loads
@@ -579,6 +581,7 @@ def _solve_threaded(args: tuple, bsz: int, threads: int, cells: int) -> None:
     generated kernels poorly."""
     per_range = max(1, MIN_RANGE_CELLS // cells)
     n_ranges = max(threads, min(bsz // per_range, 8 * threads))
+    n_ranges = min(bsz, threads * math.ceil(n_ranges / threads))
     bounds = [k * bsz // n_ranges for k in range(n_ranges + 1)]
     ranges: queue.SimpleQueue = queue.SimpleQueue()
     for lo, hi in itertools.pairwise(bounds):
