@@ -50,7 +50,8 @@ def node_stats(sets: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Te
 class CandidateSets:
     """Candidate sets by id: their node dots with a query, node norms and channel means (cached
     once for an in-memory store). ``pyramid``: the FCN feature pyramid the sets carry (checked
-    on the first sets of an in-memory store), ``()`` for any other sets."""
+    on the store's first sets: an array's when it is opened, a fetched store's first fetch),
+    ``()`` for any other sets."""
 
     def __init__(self, store: SetStore, center: bool, pyramid: tuple[int, ...] = ()):
         self.center = center
@@ -60,12 +61,12 @@ class CandidateSets:
         self.pyramid = tuple(pyramid)
         self._pooling: torch.Tensor | None = None
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pyramid_checked = not self.pyramid
         if isinstance(store, (np.ndarray, torch.Tensor)):
             self.array = torch.as_tensor(store)
             if self.array.ndim != 3:
                 raise DeepEMDError(f"the set store must be (items, nodes, channels), got {tuple(self.array.shape)}")
-            if self.pyramid and len(self.array):
-                self._check_pyramid(self.array[:PYRAMID_CHECKED_SETS].float())
+            self._check_pyramid(self.array)
         elif hasattr(store, "get"):
             self.fetch = store.get
         elif callable(store):
@@ -107,7 +108,9 @@ class CandidateSets:
         (pyramid nodes already :meth:`expand`-ed) against the sets ``ids``; norms are those the
         cost uses (centred nodes when centring)."""
         if self.array is None:
-            sets = self.expand(torch.as_tensor(np.asarray(self.fetch(ids))))
+            fetched = torch.as_tensor(np.asarray(self.fetch(ids)))
+            self._check_pyramid(fetched)
+            sets = self.expand(fetched)
             self._check_channels(query, sets.shape[-1])
             return (pair_dots(query[None], sets), *node_stats(sets, self.center))
         self._check_channels(query, self.array.shape[-1])
@@ -142,6 +145,11 @@ class CandidateSets:
         return self._stats
 
     def _check_pyramid(self, sets: torch.Tensor) -> None:
+        """Once per store, on its first sets: the stored pyramid nodes are their cells' averages."""
+        if self._pyramid_checked or len(sets) == 0:
+            return
+        self._pyramid_checked = True
+        sets = sets[:PYRAMID_CHECKED_SETS].float()
         expanded = self.expand(sets)
         gap = (expanded - sets).abs().amax(dim=(1, 2))
         scale = sets.abs().amax(dim=(1, 2)).clamp_min(NORM_EPS)

@@ -182,6 +182,12 @@ def test_a_pyramid_the_sets_do_not_carry_is_one_clear_error(real_sets):
     shuffled = sets[:, ::-1].copy()  # 23 nodes still, but the pooled ones are not first
     with pytest.raises(DeepEMDError, match=r"first 14 nodes are not the feature pyramid \(3, 2, 1\)"):
         Reranker(shuffled, pyramid=(3, 2, 1))
+    shortlist = Shortlist(np.array([[1, 2]]), np.array([[0.9, 0.8]]))
+    fetched = Reranker(lambda ids: shuffled[ids], k=2, pyramid=(3, 2, 1))  # a store read by id: its first read
+    with pytest.raises(DeepEMDError, match="not the feature pyramid"):
+        fetched.rerank(sets[:1], shortlist)
+    right = Reranker(lambda ids: sets[ids], k=2, pyramid=(3, 2, 1)).rerank(sets[:1], shortlist)
+    assert sorted(right.ids[0].tolist()) == [1, 2]
 
 
 def test_eval_gives_the_pyramid_to_fcn_sets_only(real_sets):
