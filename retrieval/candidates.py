@@ -108,22 +108,24 @@ class CandidateSets:
         (pyramid nodes already :meth:`expand`-ed) against the sets ``ids``; norms are those the
         cost uses (centred nodes when centring)."""
         if self.array is None:
-            fetched = torch.as_tensor(np.asarray(self.fetch(ids)))
-            self._check_pyramid(fetched)
-            sets = self.expand(fetched)
-            self._check_channels(query, sets.shape[-1])
-            return (pair_dots(query[None], sets), *node_stats(sets, self.center))
-        self._check_channels(query, self.array.shape[-1])
-        norms, means = self._array_stats()
-        rows = torch.from_numpy(ids)
+            sets = torch.as_tensor(np.asarray(self.fetch(ids)))
+            self._check_pyramid(sets)
+            norms, means = node_stats(self.expand(sets), self.center)
+        else:
+            sets = self.array
+            norms, means = (stat[torch.from_numpy(ids)] for stat in self._array_stats())
+        self._check_channels(query, sets.shape[-1])
         if self.sparse is not None:
             cell_dots = self.sparse.dots(query, ids)
         else:
             # index_select gathers on torch's threads; ``array[rows]`` copies on one (2.6-3.0
             # vs 4.2-4.8 ms for 100 node-major sets of 63 x 1280 float16; a channel-major store
             # is slower both ways: 8.4-9.7 ms, which is why eval stores node-major rows)
-            cell_dots = pair_dots(query[None], self._cells(self.array).index_select(0, rows).float())
-        return self._with_pooled_columns(cell_dots, self.array.shape[1]), norms[rows], means[rows]
+            cells = self._cells(sets)
+            if self.array is not None:
+                cells = cells.index_select(0, torch.from_numpy(ids))
+            cell_dots = pair_dots(query[None], cells.float())
+        return self._with_pooled_columns(cell_dots, sets.shape[1]), norms, means
 
     def _cells(self, sets: torch.Tensor) -> torch.Tensor:
         pooling = self.pooling(sets.shape[1])

@@ -37,7 +37,6 @@ from deepemd.retrieval.build import (
 from deepemd.retrieval.config import EvalConfig
 from deepemd.retrieval.model import Embedder, embed_loader
 from deepemd.retrieval.rerank import Reranker, RerankSettings
-from deepemd.retrieval.sparse_sets import MAX_DENSITY, density
 from deepemd.timing import JobClock, format_seconds, stage
 
 #: A run its own estimate puts over this many seconds gets a warning naming cheaper options.
@@ -142,8 +141,9 @@ def plan_job(
             center=cfg.center,
             pyramid=pyramid,
             prune=False,
-            sparse=density(sets) <= MAX_DENSITY,  # leave-one-out pays for the copy; one query would not
         )
+        # the CSR copy as the run decides it: leave-one-out scores depth entries for every image
+        reranker.sets.index_for(n_images * depth, None)
         reranker.rerank(sets, shortlist)  # warm-up: the first solve of a fresh install compiles the kernel
         start = time.perf_counter()
         reranker.rerank(sets, shortlist)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -254,9 +254,7 @@ def rescore(
     """Scores ``(K,)`` of one query set ``(m, d)`` against ``K`` candidate sets ``(K, n, d)``
     (every candidate solved, in the candidates' order; no global scores: no fusion)."""
     if global_scores is None:
-        settings = RerankSettings(
-            settings.depth, settings.weights, settings.solver, 0.0, settings.center, settings.pyramid
-        )
+        settings = replace(settings, alpha=0.0)
     reranker = Reranker.from_settings(candidate_sets, settings, k=len(candidate_sets), prune=False)
     glob = np.zeros(len(candidate_sets)) if global_scores is None else np.asarray(global_scores, np.float64)
     with torch.no_grad():
