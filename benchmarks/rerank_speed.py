@@ -8,10 +8,15 @@ brief asks about: top-100 shortlist, 25-node sets, 640-d features (ResNet-12, 5x
     python benchmarks/rerank_speed.py [--queries 20] [--k 100] [--nodes 25] [--dim 640] [--threads 2]
     python benchmarks/rerank_speed.py --density-sweep [--nodes 49] [--dim 1280]
     python benchmarks/rerank_speed.py --solve-batches
+    python benchmarks/rerank_speed.py --gallery [--queries 40]
 
 ``--solve-batches`` times the exact solve of a real rerank row's 63 x 63 problems (EfficientNet
 FCN + pyramid sets of demo images at 224 px) in batches of the sizes a pruned rerank solves,
 per LP against the whole row of 100 in one batch: small batches should cost no more per LP.
+
+``--gallery`` times a gallery search's rerank (top-100 of a memory-mapped store read by id, real
+224 px FCN sets) as ``retrieval search`` runs it (the store's rows as stored, their scales and
+its pyramid) beside a fetch of whole float32 sets (``store.get``, every node multiplied).
 
 ``--density-sweep`` times the rerank's node dots alone (``CandidateSets.dots``, one query
 against 100 stored sets) dense and over the store's CSR copy, at ReLU features of several
@@ -45,21 +50,77 @@ def opencv_rescore(query: torch.Tensor, cands: torch.Tensor) -> np.ndarray:
     return out
 
 
-def solve_batches(args) -> None:
-    """Per-LP time of the exact solve by batch size, best of 7 interleaved rounds."""
-    from deepemd.emd import solve
+def real_fcn_sets(count: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """EfficientNet-Lite0 FCN + pyramid sets (63 x 1280, float16) of ``count`` demo images at
+    224 px, as ``retrieval eval`` stores them, and their pyramid."""
     from deepemd.retrieval.build import dataset_images, local_specs, make_embedder, make_loader
     from deepemd.retrieval.config import EvalConfig
     from deepemd.retrieval.model import embed_loader
-    from deepemd.retrieval.rerank import Reranker
 
     cfg = EvalConfig(data_root="demo", methods=("fcn",), image_size=224)
     images = dataset_images(cfg)
-    images = images.subset(np.linspace(0, len(images) - 1, 101).astype(int))
+    images = images.subset(np.linspace(0, len(images) - 1, count).astype(int))
     model = make_embedder(cfg, local_specs(cfg, ["fcn"]))
     _, sets, _ = embed_loader(model, make_loader(images, model, 32, 0), torch.device("cpu"), progress=False)
-    sets = sets["fcn"]
-    reranker = Reranker(sets, k=100, pyramid=tuple(cfg.pyramid), prune=False)
+    return sets["fcn"], tuple(cfg.pyramid)
+
+
+def gallery_rerank(args) -> None:
+    """ms per query of a gallery search's rerank (a memory-mapped LocalFeatureStore read by id)
+    as ``retrieval search`` runs it and through ``store.get`` (float32 sets, every node),
+    interleaved, best of 3 rounds, on real 224 px sets of demo images."""
+    import tempfile
+
+    import pandas as pd
+
+    from deepemd.eval.shortlist import Shortlist
+    from deepemd.retrieval.candidates import stored_pyramid
+    from deepemd.retrieval.rerank import Reranker
+    from deepemd.retrieval.store import LocalFeatureStore, build_store
+
+    count = max(args.k + 1, 301)
+    sets, pyramid = real_fcn_sets(count)
+    rng = np.random.default_rng(args.seed)
+    shortlists = np.stack([rng.choice(count, args.k, replace=False) for _ in range(args.queries)])
+    queries = torch.from_numpy(sets[: args.queries]).float()
+    with tempfile.TemporaryDirectory() as tmp:
+        fingerprint = {"local": {"kind": "fcn", "pyramid": list(pyramid)}}
+        build_store(tmp, count, lambda lo, hi: sets[lo:hi], sets.shape[1], sets.shape[2], fingerprint, progress=False)
+        store = LocalFeatureStore.open(tmp, expected_fingerprint=fingerprint)
+        variants = {
+            "store.get: float32 sets, every node": (store.get, ()),
+            f"the store: stored rows + scales, pyramid {stored_pyramid(store.fingerprint)}": (store, pyramid),
+        }
+        best = dict.fromkeys(variants, np.inf)
+        tops = {}
+        shortlist = Shortlist(shortlists, np.tile(-np.arange(args.k, dtype=np.float32), (args.queries, 1)))
+        for _ in range(3):
+            for name, (source, pyr) in variants.items():
+                reranker = Reranker(source, k=10, depth=args.k, pyramid=pyr)
+                reranker.rerank(queries[:1], Shortlist(shortlist.ids[:1], shortlist.scores[:1]))
+                start = time.perf_counter()
+                tops[name] = reranker.rerank(queries, shortlist)
+                best[name] = min(best[name], (time.perf_counter() - start) / args.queries)
+    before, after = (tops[name] for name in variants)
+    gap = float(np.abs(np.asarray(before.scores) - np.asarray(after.scores)).max())
+    differ = int((np.asarray(before.ids) != np.asarray(after.ids)).any(axis=1).sum())
+    first = next(iter(variants))
+    rows = [{"store read": name, "ms / query": 1e3 * t, "x before": best[first] / t} for name, t in best.items()]
+    print(
+        f"gallery rerank: {args.queries} queries, top-{args.k} of {count} stored FCN sets "
+        f"({sets.shape[1]} x {sets.shape[2]}, float16, memory-mapped), exact top 10, {args.threads} threads; "
+        f"queries whose top-10 ids differ: {differ}, max |score difference| {gap:.1e}"
+    )
+    print(to_markdown(pd.DataFrame(rows)))
+
+
+def solve_batches(args) -> None:
+    """Per-LP time of the exact solve by batch size, best of 7 interleaved rounds."""
+    from deepemd.emd import solve
+    from deepemd.retrieval.rerank import Reranker
+
+    sets, pyramid = real_fcn_sets(101)
+    reranker = Reranker(sets, k=100, pyramid=pyramid, prune=False)
     query = reranker.sets.expand(torch.from_numpy(sets[:1]))[0]
     cost, wu, wv = reranker._problem(query, *reranker.sets.dots(query, np.arange(1, 101)))
     sizes = (10, 15, 19, 25, 34, 100)
@@ -122,6 +183,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--solve-batches", action="store_true", help="per-LP solve time by batch size")
     ap.add_argument("--density-sweep", action="store_true", help="dense vs CSR node dots by feature density")
+    ap.add_argument("--gallery", action="store_true", help="a gallery store's rerank with and without its pyramid")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.solve_batches:
@@ -129,6 +191,9 @@ def main() -> None:
         return
     if args.density_sweep:
         density_sweep(args)
+        return
+    if args.gallery:
+        gallery_rerank(args)
         return
     gen = torch.Generator().manual_seed(args.seed)
     # post-ReLU-like features (non-negative, sparse), as a CNN's local features are

@@ -1,7 +1,8 @@
 """The rerank's view of a store of local sets: node dots of a query against candidates by id.
 
-A store is an in-memory ``(N, n, d)`` array or tensor (row = id), an object with ``get(ids)``
-(a :class:`~deepemd.retrieval.store.LocalFeatureStore`) or a ``fetch(ids)`` function. Two facts
+A store is an in-memory ``(N, n, d)`` array or tensor (row = id), an object with
+``get_stored(ids)`` (a :class:`~deepemd.retrieval.store.LocalFeatureStore`: rows as stored and
+their scales), an object with ``get(ids)`` or a ``fetch(ids)`` function. Two facts
 about CNN sets make the dots cheaper than one dense matmul over the gathered candidates:
 
 * they are mostly zeros (ReLU), so an in-memory store can keep a CSR copy
@@ -37,14 +38,34 @@ PYRAMID_TOLERANCE = 4e-3
 PYRAMID_CHECKED_SETS = 8
 
 
-def node_stats(sets: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def stored_pyramid(fingerprint: dict[str, Any] | None) -> tuple[int, ...]:
+    """The FCN feature pyramid a store's fingerprint says its sets carry (``()`` for other sets
+    or no fingerprint): what a gallery search hands the rerank, since the store, not the
+    search's options, knows how its sets were cut.
+
+    >>> stored_pyramid({"local": {"kind": "fcn", "pyramid": [3, 2, 1]}})
+    (3, 2, 1)
+    >>> stored_pyramid({"local": {"kind": "grid", "grid_levels": [3, 2]}}), stored_pyramid(None)
+    ((), ())
+    """
+    local = (fingerprint or {}).get("local") or {}
+    return tuple(int(s) for s in local.get("pyramid", ())) if local.get("kind") == "fcn" else ()
+
+
+def node_stats(
+    sets: torch.Tensor, center: bool, scales: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Norms ``(k, n)`` of each node (centred over channels when ``center``), floored as the
-    EMD head floors them, and each node's channel mean, float32."""
+    EMD head floors them, and each node's channel mean, float32; of ``sets * scales[:, None,
+    None]`` when ``scales`` (a store's per-row scales) are given, without that product."""
     x = sets.float()
     means = x.mean(dim=-1)
     if center:
         x = x - means[..., None]
-    return torch.linalg.vector_norm(x, dim=-1).clamp_min(NORM_EPS), means
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    if scales is not None:
+        norms, means = norms * scales[:, None], means * scales[:, None]
+    return norms.clamp_min(NORM_EPS), means
 
 
 class CandidateSets:
@@ -57,6 +78,7 @@ class CandidateSets:
         self.center = center
         self.array: torch.Tensor | None = None
         self.fetch: FetchSets | None = None
+        self.stored: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
         self.sparse: SparseSets | None = None
         self.pyramid = tuple(pyramid)
         self._pooling: torch.Tensor | None = None
@@ -67,6 +89,8 @@ class CandidateSets:
             if self.array.ndim != 3:
                 raise DeepEMDError(f"the set store must be (items, nodes, channels), got {tuple(self.array.shape)}")
             self._check_pyramid(self.array)
+        elif hasattr(store, "get_stored"):
+            self.stored = store.get_stored
         elif hasattr(store, "get"):
             self.fetch = store.get
         elif callable(store):
@@ -108,12 +132,9 @@ class CandidateSets:
         (pyramid nodes already :meth:`expand`-ed) against the sets ``ids``; norms are those the
         cost uses (centred nodes when centring)."""
         if self.array is None:
-            sets = torch.as_tensor(np.asarray(self.fetch(ids)))
-            self._check_pyramid(sets)
-            norms, means = node_stats(self.expand(sets), self.center)
-        else:
-            sets = self.array
-            norms, means = (stat[torch.from_numpy(ids)] for stat in self._array_stats())
+            return self._fetched_dots(query, ids)
+        sets = self.array
+        norms, means = (stat[torch.from_numpy(ids)] for stat in self._array_stats())
         self._check_channels(query, sets.shape[-1])
         if self.sparse is not None:
             cell_dots = self.sparse.dots(query, ids)
@@ -121,11 +142,38 @@ class CandidateSets:
             # index_select gathers on torch's threads; ``array[rows]`` copies on one (2.6-3.0
             # vs 4.2-4.8 ms for 100 node-major sets of 63 x 1280 float16; a channel-major store
             # is slower both ways: 8.4-9.7 ms, which is why eval stores node-major rows)
-            cells = self._cells(sets)
-            if self.array is not None:
-                cells = cells.index_select(0, torch.from_numpy(ids))
+            cells = self._cells(sets).index_select(0, torch.from_numpy(ids))
             cell_dots = pair_dots(query[None], cells.float())
         return self._with_pooled_columns(cell_dots, sets.shape[1]), norms, means
+
+    def _fetched_dots(self, query: torch.Tensor, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`dots` of sets read by id. Only the cells are converted to float32 (one pass,
+        straight to a contiguous block the matmul reads: a strided view would be copied again
+        inside it); the pooled nodes, needed only for their norms and means, are averaged from
+        those cells, and a store's per-row scales multiply the small dot and norm blocks, not
+        every stored value. For a gallery's 100 float16 sets of 63 x 1280 that is about half
+        the memory traffic of decoding the whole sets to float32 first
+        (``benchmarks/rerank_speed.py --gallery``)."""
+        stored, scales = self._read(ids)
+        self._check_pyramid(stored)
+        self._check_channels(query, stored.shape[-1])
+        cells = self._cells(stored).float().contiguous()
+        pooling = self.pooling(stored.shape[1])
+        norms, means = node_stats(cells, self.center, scales)
+        if pooling is not None:
+            pooled_norms, pooled_means = node_stats(pooling @ cells, self.center, scales)
+            norms, means = torch.cat([pooled_norms, norms], dim=1), torch.cat([pooled_means, means], dim=1)
+        cell_dots = pair_dots(query[None], cells)
+        if scales is not None:
+            cell_dots *= scales[:, None, None]
+        return self._with_pooled_columns(cell_dots, stored.shape[1]), norms, means
+
+    def _read(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sets ``ids`` as the store keeps them and their per-row scales (None: already scaled)."""
+        if self.stored is not None:
+            rows, scales = self.stored(ids)
+            return torch.from_numpy(rows), torch.from_numpy(scales)
+        return torch.as_tensor(np.asarray(self.fetch(ids))), None
 
     def _cells(self, sets: torch.Tensor) -> torch.Tensor:
         pooling = self.pooling(sets.shape[1])
@@ -168,4 +216,4 @@ class CandidateSets:
             raise DeepEMDError(f"query set {tuple(query.shape)} and candidate sets of {channels} channels differ")
 
 
-__all__ = ["CandidateSets", "FetchSets", "SetStore", "node_stats"]
+__all__ = ["CandidateSets", "FetchSets", "SetStore", "node_stats", "stored_pyramid"]

@@ -35,7 +35,7 @@ import json
 import os
 import shutil
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from deepemd.eval.shortlist import Shortlist
 from deepemd.io import atomic_path
 from deepemd.manifest import REPAIR_FIX, check_file, crc32, fingerprint_diffs, read_checked
 from deepemd.retrieval import index as faiss_index
+from deepemd.retrieval.candidates import stored_pyramid
 from deepemd.retrieval.model import Embedder
 from deepemd.retrieval.rerank import Reranker, RerankSettings
 from deepemd.retrieval.store import MANIFEST as STORE_MANIFEST
@@ -597,6 +598,20 @@ def _verify_staging(staging: Path, model: Embedder, kind: str, store_only: bool)
         ) from None
 
 
+@dataclass
+class _StoreByFaissId:
+    """The gallery's store read by FAISS id (the ids a shortlist holds) rather than by row."""
+
+    gallery: Gallery
+
+    def get_stored(self, faiss_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows as stored and their scales (a store with only ``get``: float32 sets, scale 1)."""
+        store, rows = self.gallery.store, self.gallery.rows(faiss_ids)
+        if hasattr(store, "get_stored"):
+            return store.get_stored(rows)
+        return np.asarray(store.get(rows), np.float32), np.ones(len(rows), np.float32)
+
+
 def search_gallery(
     gallery: Gallery,
     query_vectors: np.ndarray,
@@ -605,7 +620,9 @@ def search_gallery(
     settings: RerankSettings,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """FAISS top-``max(k, depth)`` then the DeepEMD rerank; returns (scores, FAISS ids, raw ids)."""
+    """FAISS top-``max(k, depth)`` then the DeepEMD rerank; returns (scores, FAISS ids, raw ids).
+    The rerank takes the FCN pyramid from the store's fingerprint (its pooled nodes' dots then
+    come from the cells', see :mod:`~deepemd.retrieval.candidates`), whatever ``settings`` say."""
     if len(query_vectors) == 0:
         raise DeepEMDError("no queries to search", fix="give at least one query image")
     if query_vectors.shape[1] != gallery.index.d:
@@ -616,8 +633,7 @@ def search_gallery(
     scores, ids = faiss_index.search(gallery.index, query_vectors, max(k, settings.depth))
     shortlist = Shortlist(ids, scores)
 
-    def fetch(faiss_ids: np.ndarray) -> np.ndarray:
-        return gallery.store.get(gallery.rows(faiss_ids))
-
-    top = Reranker.from_settings(fetch, settings, k=k, progress=progress).rerank(lambda i: query_sets[i], shortlist)
+    settings = replace(settings, pyramid=stored_pyramid(gallery.store.fingerprint))
+    reranker = Reranker.from_settings(_StoreByFaissId(gallery), settings, k=k, progress=progress)
+    top = reranker.rerank(lambda i: query_sets[i], shortlist)
     return np.array(top.scores), np.array(top.ids), ids[:, :k]

@@ -43,6 +43,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import queue
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,10 @@ def _npy_nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, header)
     return len(buf.getvalue()) + int(np.prod(shape)) * dtype.itemsize
+
+
+#: Rows per positioned read: each row is one iovec of it (Linux allows 1,024 per call).
+READ_ROWS = 64
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
@@ -458,33 +463,52 @@ class LocalFeatureStore:
             self._row_info[index] = rows
         return self._row_info[index]
 
-    def _read_rows(self, index: int, rows: np.ndarray, vectors: bool, out: np.ndarray) -> None:
-        """Read ``rows`` (sorted, chunk-local) of chunk ``index`` into ``out`` with positioned reads,
-        one read per run of consecutive rows, and check each row's CRC.
+    def _read_rows(self, index: int, rows: np.ndarray, vectors: bool, out: np.ndarray, slots: np.ndarray) -> None:
+        """Read ``rows`` (sorted, chunk-local) of chunk ``index`` into ``out[slots]`` with
+        positioned scatter reads, one read per run of consecutive rows, and check each row's CRC.
 
         Not through the mmap: the kernel maps whole page-cache folios (up to MBs, grown by
         readahead) on each fault, so touching 2,000 random 32 KB rows of a 1.3 GB store through
-        the mmap put 1.2 GB into this process's RSS; ``os.preadv`` reads exactly the bytes asked for.
+        the mmap put 1.2 GB into this process's RSS; ``os.preadv`` reads exactly the bytes asked
+        for, straight into the caller's order (no gathered copy to reorder afterwards).
         """
         name, shape, dtype, _ = self._chunk_shapes(index, self._chunks[index]["rows"])[2 if vectors else 0]
         row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
         offset = _npy_nbytes(shape, dtype) - shape[0] * row_bytes  # the .npy header length
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        # a read per run of consecutive rows, at most READ_ROWS rows (iovecs) each
+        breaks = np.flatnonzero((np.diff(rows) != 1) | (np.arange(1, len(rows)) % READ_ROWS == 0)) + 1
+        runs: queue.SimpleQueue = queue.SimpleQueue()
+        for run, run_slots in zip(np.split(rows, breaks), np.split(np.arange(len(rows)), breaks)):
+            runs.put((run, run_slots))
+        got_crcs = np.empty(len(rows), np.uint32)
         fd = os.open(self.path / name, os.O_RDONLY)
-        try:
-            for run_start, run in zip(np.r_[0, breaks], np.split(rows, breaks)):
-                target = out[run_start : run_start + len(run)]
-                got = os.preadv(fd, [memoryview(target).cast("B")], offset + int(run[0]) * row_bytes)
-                if got != target.nbytes:
+
+        def read_runs() -> None:
+            while True:
+                try:
+                    run, run_slots = runs.get_nowait()
+                except queue.Empty:
+                    return
+                buffers = [memoryview(out[slots[k]]).cast("B") for k in run_slots]
+                if os.preadv(fd, buffers, offset + int(run[0]) * row_bytes) != len(run) * row_bytes:
                     raise DeepEMDError(
                         "chunk file is shorter than its manifest entry (truncated after opening)",
                         self.path / name,
                         REPAIR_FIX,
                     )
+                for k in run_slots:
+                    got_crcs[k] = crc32(out[slots[k]])
+
+        import torch  # here, as in _encode_block: importing the index module stays free of torch
+
+        from deepemd.emd.threads import run_on_threads
+
+        try:  # preadv and zlib's crc32 release the GIL: the rows of a shortlist read in parallel
+            run_on_threads(read_runs, min(torch.get_num_threads(), len(breaks) + 1))
         finally:
             os.close(fd)
         want = self._rows(index)["vec_crc" if vectors else "crc"][rows]
-        bad = np.flatnonzero(_row_crcs(out) != want)
+        bad = np.flatnonzero(got_crcs != want)
         if len(bad):
             raise self._corrupt(
                 self.path / name,
@@ -492,7 +516,9 @@ class LocalFeatureStore:
                 + (f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""),
             )
 
-    def _gather(self, ids: np.ndarray, vectors: bool) -> np.ndarray:
+    def _gather(self, ids: np.ndarray, vectors: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows in the stored dtype, per-row scales)`` of ``ids``, in ``ids`` order: each
+        distinct row read once (in file order, into its first slot), repeats copied."""
         if vectors and self.vector_dim is None:
             raise DeepEMDError(
                 "this store keeps no global vectors", self.path, "create it with vector_dim=... to keep them"
@@ -508,41 +534,48 @@ class LocalFeatureStore:
             )
         shape = (self.vector_dim,) if vectors else (self.m, self.d)
         committed = self.committed
-        unique, inverse = np.unique(ids.astype(np.int64), return_inverse=True)  # sorted: file order
-        rows = np.empty((len(unique), *shape), dtype=VECTOR_DTYPE if vectors else self.dtype)
+        unique, first, inverse = np.unique(ids.astype(np.int64), return_index=True, return_inverse=True)
+        out = np.empty((len(ids), *shape), dtype=VECTOR_DTYPE if vectors else self.dtype)
         scales = np.ones(len(unique), np.float32)
         chunk_of = unique // self.chunk_size
         bounds = np.flatnonzero(np.diff(chunk_of)) + 1
-        for start, group in zip(np.r_[0, bounds], np.split(unique, bounds)):
+        for start, group, slots in zip(np.r_[0, bounds], np.split(unique, bounds), np.split(first, bounds)):
             if len(group) == 0:
                 continue
-            target = rows[start : start + len(group)]
             if group[0] >= committed:  # still in the write buffer
-                target[:] = np.concatenate(self._vec_buffer if vectors else self._buffer)[group - committed]
+                out[slots] = np.concatenate(self._vec_buffer if vectors else self._buffer)[group - committed]
                 scales[start : start + len(group)] = np.concatenate(self._scale_buffer)[group - committed]
                 continue
             chunk = int(chunk_of[start])
             local_rows = group - chunk * self.chunk_size
-            self._read_rows(chunk, local_rows, vectors, target)
+            self._read_rows(chunk, local_rows, vectors, out, slots)
             scales[start : start + len(group)] = self._rows(chunk)["scale"][local_rows]
-        import torch
+        inverse = inverse.reshape(-1)
+        repeats = np.flatnonzero(first[inverse] != np.arange(len(ids)))
+        out[repeats] = out[first[inverse[repeats]]]
+        return out, scales[inverse]
 
-        order = inverse.reshape(-1)
-        if vectors:
-            return rows[order]
-        values = torch.from_numpy(rows[order]).float()
-        if self.dtype != np.float32:
-            values *= torch.from_numpy(scales[order])[:, None, None]
-        return values.numpy()
+    def get_stored(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Local sets of ``ids`` as stored, ``(len(ids), m, d)`` in the store's dtype, and each
+        row's scale ``(len(ids),)`` (the sets are ``rows * scale``; 1 for a float32 store), each
+        row CRC-checked. What the rerank reads: it converts only what it multiplies and applies
+        the scales to the small dot blocks instead of to every value."""
+        return self._gather(ids, vectors=False)
 
     def get(self, ids: np.ndarray) -> np.ndarray:
         """Local sets of gallery positions ``ids`` -> ``(len(ids), m, d)`` float32, in ``ids`` order.
         Only the requested rows are read from disk (each distinct row once), each checked by CRC."""
-        return self._gather(ids, vectors=False)
+        import torch
+
+        rows, scales = self._gather(ids, vectors=False)
+        values = torch.from_numpy(rows).float()
+        if self.dtype != np.float32:
+            values *= torch.from_numpy(scales)[:, None, None]
+        return values.numpy()
 
     def get_vectors(self, ids: np.ndarray) -> np.ndarray:
         """Global vectors of gallery positions ``ids`` -> ``(len(ids), D)`` float32 (CRC-checked)."""
-        return self._gather(ids, vectors=True)
+        return self._gather(ids, vectors=True)[0]
 
     def iter_chunks(self, vectors: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, array)`` per committed chunk, each CRC-checked, and then the unflushed

@@ -175,6 +175,52 @@ def test_sparse_and_pyramid_dots_give_the_plain_dense_scores(real_sets):
     assert one_query.sets.sparse is None
 
 
+def test_a_gallery_store_reranks_as_the_in_memory_sets_do(real_sets, tmp_path):
+    """A memory-mapped float16 store read by id (rows as stored, their scales applied to the
+    dot blocks, pooled nodes averaged from the cells) gives the scores of the same decoded sets
+    in memory; and search_gallery hands the rerank the pyramid of the store's fingerprint."""
+    import faiss
+
+    from deepemd.retrieval.gallery import Gallery, search_gallery
+    from deepemd.retrieval.rerank import RerankSettings
+    from deepemd.retrieval.store import LocalFeatureStore, build_store
+
+    glob, sets, _ = real_sets
+    sets = sets.astype(np.float32) * np.geomspace(1e-2, 1e2, len(sets)).astype(np.float32)[:, None, None]
+    fingerprint = {"local": {"kind": "fcn", "pyramid": [3, 2, 1]}}
+    build_store(tmp_path / "s", len(sets), lambda lo, hi: sets[lo:hi], *sets.shape[1:], fingerprint, 16, progress=False)
+    store = LocalFeatureStore.open(tmp_path / "s", expected_fingerprint=fingerprint)
+    decoded = store.get(np.arange(len(sets)))
+    shortlist = shortlist_of(glob, 30)
+    scores = {}
+    for center in (False, True):
+        want = scores_by_id(
+            Reranker(decoded, k=30, prune=False, pyramid=(3, 2, 1), center=center).rerank(decoded, shortlist)
+        )
+        reranker = Reranker(store, k=30, prune=False, pyramid=(3, 2, 1), center=center)
+        got = scores_by_id(reranker.rerank(decoded, shortlist))
+        assert reranker.sets.stored is not None  # the stored-rows route, not store.get
+        gaps = [abs(row[i] - ref[i]) for row, ref in zip(got, want) for i in ref]
+        assert max(gaps) < 1e-5, (center, max(gaps))  # float32 rounding: scales applied late
+        scores[center] = want
+    assert scores[False] != scores[True]  # centring changed the scores: both routes were checked
+    # search_gallery: a store whose fingerprint names a pyramid its sets do not carry is refused
+    build_store(
+        tmp_path / "t",
+        len(sets),
+        lambda lo, hi: sets[lo:hi, ::-1].copy(),
+        *sets.shape[1:],
+        fingerprint,
+        16,
+        progress=False,
+    )
+    index = faiss.IndexFlatIP(glob.shape[1])
+    index.add(glob)
+    gallery = Gallery(index, LocalFeatureStore.open(tmp_path / "t"), np.arange(len(sets)), [])
+    with pytest.raises(DeepEMDError, match=r"not the feature pyramid \(3, 2, 1\)"):
+        search_gallery(gallery, glob[:2], decoded[:2], 5, RerankSettings(depth=10))
+
+
 def test_a_pyramid_the_sets_do_not_carry_is_one_clear_error(real_sets):
     _, sets, _ = real_sets
     with pytest.raises(DeepEMDError, match="not an FCN set with the feature pyramid"):

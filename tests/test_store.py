@@ -57,6 +57,23 @@ def test_round_trip_random_ids(tmp_path):
     store.verify()
 
 
+def test_stored_rows_times_their_scales_are_the_sets_in_ids_order(tmp_path):
+    """get_stored reads each row straight into its slot (scatter reads, at most READ_ROWS rows
+    a read): any order, repeats, runs longer than one read, rows still in the write buffer."""
+    from deepemd.retrieval import store as store_module
+
+    n = 3 * store_module.READ_ROWS + 5
+    local, _ = data(n)
+    local = (local.astype(np.float32) * np.geomspace(1e-3, 1e3, n)[:, None, None]).astype(np.float32)
+    store = LocalFeatureStore.create(tmp_path / "s", M, DIM, FP, chunk_size=2 * store_module.READ_ROWS + 3)
+    store.append(local)  # one full chunk on disk, the rest unflushed
+    for ids in (np.arange(n), np.random.default_rng(2).integers(0, n, 500), np.array([n - 1, 0, n - 1, 3])):
+        rows, scales = store.get_stored(ids)
+        assert rows.dtype == np.float16 and scales.dtype == np.float32 and scales.shape == ids.shape
+        close(rows.astype(np.float32) * scales[:, None, None], local[ids])
+        np.testing.assert_array_equal(rows.astype(np.float32) * scales[:, None, None], store.get(ids))
+
+
 def test_chunk_files_and_manifest(tmp_path):
     make(tmp_path / "s")
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
