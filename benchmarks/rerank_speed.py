@@ -9,6 +9,7 @@ brief asks about: top-100 shortlist, 25-node sets, 640-d features (ResNet-12, 5x
     python benchmarks/rerank_speed.py --density-sweep [--nodes 49] [--dim 1280]
     python benchmarks/rerank_speed.py --solve-batches
     python benchmarks/rerank_speed.py --gallery [--queries 40]
+    python benchmarks/rerank_speed.py --pricing
 
 ``--solve-batches`` times the exact solve of a real rerank row's 63 x 63 problems (EfficientNet
 FCN + pyramid sets of demo images at 224 px) in batches of the sizes a pruned rerank solves,
@@ -17,6 +18,10 @@ per LP against the whole row of 100 in one batch: small batches should cost no m
 ``--gallery`` times a gallery search's rerank (top-100 of a memory-mapped store read by id, real
 224 px FCN sets) as ``retrieval search`` runs it (the store's rows as stored, their scales and
 its pyramid) beside a fetch of whole float32 sets (``store.get``, every node multiplied).
+
+``--pricing`` times the exact solve with its default block pricing (an eighth of the rows per
+pivot above 32x32) against Dantzig's rule (every cell) on real 63 x 63 rerank problems and on
+25 x 25 ones, where the full scan stays the default.
 
 ``--density-sweep`` times the rerank's node dots alone (``CandidateSets.dots``, one query
 against 100 stored sets) dense and over the store's CSR copy, at ReLU features of several
@@ -114,6 +119,59 @@ def gallery_rerank(args) -> None:
     print(to_markdown(pd.DataFrame(rows)))
 
 
+def pricing(args) -> None:
+    """us per LP of the exact solve with the default block pricing against Dantzig's full
+    pricing (``block=m``), interleaved, best of 5 rounds: real 63 x 63 rerank problems (FCN +
+    pyramid sets of demo images at 224 px) and 25 x 25 ones (random ReLU 640-d)."""
+    import pandas as pd
+
+    from deepemd.emd.exact import pricing_block, solve_batch
+    from deepemd.retrieval.rerank import Reranker
+
+    sets, pyramid = real_fcn_sets(101)
+    reranker = Reranker(sets, k=100, pyramid=pyramid, prune=False)
+    problems = {}
+    rows63 = []
+    for q in range(3):
+        query = reranker.sets.expand(torch.from_numpy(sets[q : q + 1]))[0]
+        ids = np.setdiff1d(np.arange(101), [q])[:100]
+        rows63.append([t.double().numpy() for t in reranker._problem(query, *reranker.sets.dots(query, ids))])
+    problems["63x63 rerank (EfficientNet FCN + pyramid, 224 px)"] = [np.concatenate(x) for x in zip(*rows63)]
+    gen = torch.Generator().manual_seed(args.seed)
+    u, v = (torch.relu(torch.randn(300, 25, 640, generator=gen)) for _ in range(2))
+    wu, wv = cross_reference_weights(u, v)
+    problems["25x25 (random ReLU 640-d)"] = [
+        cost_matrix(u, v).double().numpy(),
+        wu.double().numpy(),
+        wv.double().numpy(),
+    ]
+    rows = []
+    for name, (cost, a, b) in problems.items():
+        m, n = cost.shape[1:]
+        blocks = {"block (default)": pricing_block(m, n), "Dantzig (every cell)": m}
+        best = dict.fromkeys(blocks, np.inf)
+        for _ in range(5):
+            for label, block in blocks.items():
+                start = time.perf_counter()
+                solve_batch(cost, a, b, block=block)
+                best[label] = min(best[label], time.perf_counter() - start)
+        gap = float(np.abs(solve_batch(cost, a, b).distance - solve_batch(cost, a, b, block=m).distance).max())
+        for label, block in blocks.items():
+            pivots = solve_batch(cost, a, b, block=block).pivots
+            rows.append(
+                {
+                    "problems": name,
+                    "pricing": f"{label}: {block} of {m} rows",
+                    "us / LP": 1e6 * best[label] / len(cost),
+                    "x Dantzig": best["Dantzig (every cell)"] / best[label],
+                    "pivots": float(pivots.mean()),
+                    "max |distance gap|": f"{gap:.1e}",
+                }
+            )
+    print(f"exact solve by pricing rule, {args.threads} threads, best of 5 interleaved rounds")
+    print(to_markdown(pd.DataFrame(rows)))
+
+
 def solve_batches(args) -> None:
     """Per-LP time of the exact solve by batch size, best of 7 interleaved rounds."""
     from deepemd.emd import solve
@@ -183,7 +241,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--solve-batches", action="store_true", help="per-LP solve time by batch size")
     ap.add_argument("--density-sweep", action="store_true", help="dense vs CSR node dots by feature density")
-    ap.add_argument("--gallery", action="store_true", help="a gallery store's rerank with and without its pyramid")
+    ap.add_argument("--gallery", action="store_true", help="a gallery store's rerank, as search runs it and via get")
+    ap.add_argument("--pricing", action="store_true", help="block pricing vs Dantzig's on 63x63 and 25x25 solves")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.solve_batches:
@@ -194,6 +253,9 @@ def main() -> None:
         return
     if args.gallery:
         gallery_rerank(args)
+        return
+    if args.pricing:
+        pricing(args)
         return
     gen = torch.Generator().manual_seed(args.seed)
     # post-ReLU-like features (non-negative, sparse), as a CNN's local features are

@@ -179,10 +179,6 @@ def rerank_floor(glob: np.ndarray, sets: np.ndarray, depth: int, weights: str, q
     return matmul / len(picks), solving / len(picks)
 
 
-def crops_per_image(model, kind: str) -> int:
-    return model.num_nodes(kind)
-
-
 def eval_section(args) -> tuple[float, dict, list[dict]]:
     """The whole eval stage by stage beside its floors; returns (wall s, options, rows)."""
     out = tempfile.mkdtemp(prefix="pipeline-eval-")
@@ -203,7 +199,7 @@ def eval_section(args) -> tuple[float, dict, list[dict]]:
     floors = {"fcn": backbone_floor(args.backbone, size, n)}
     for kind in ("grid", "sampling"):
         if any(m.split(":")[0] == kind for m in args.methods):
-            floors[kind] = backbone_floor(args.backbone, patch, n * crops_per_image(model, kind))
+            floors[kind] = backbone_floor(args.backbone, patch, n * model.num_nodes(kind))
     print("\n| features | ours s | floor s (best batch) | ours / floor | images/s |\n|---|---|---|---|---|")
     decode = stages.get("decode + transform", 0.0)
     ours_kind = {"fcn": stages.get("backbone: image maps", 0.0) + stages.get("fcn: pyramid", 0.0)}

@@ -260,3 +260,22 @@ def test_solver_threads_are_torch_pool_and_errors_reach_the_caller():
     with pytest.raises(ValueError, match="from a pool thread"):
         threads.run_on_threads(work, 2)
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_block_pricing_reaches_dantzigs_optimum_on_63x63_feature_problems(uniform):
+    """Above 32x32 the kernel prices blocks of rows (an eighth per pivot); its optimum is
+    Dantzig's (every cell priced) and HiGHS's, degenerate uniform-weight problems included."""
+    from deepemd.emd.exact import pricing_block
+
+    m = 63
+    assert pricing_block(m, m) == 8 and pricing_block(25, 25) == 25
+    u, v = (torch.relu(x) for x in features(12, m, m, d=64, seed=3))
+    cost = cost_matrix(u, v).numpy()
+    a, b = (np.ones((12, m)), np.ones((12, m))) if uniform else (w.numpy() for w in cross_reference_weights(u, v))
+    blocked, dantzig = solve_batch(cost, a, b), solve_batch(cost, a, b, block=m)
+    assert (blocked.pivots > 0).all() and (dantzig.pivots > 0).all()  # none capped, none left to POT
+    assert not np.array_equal(blocked.pivots, dantzig.pivots)  # the two rules really differ
+    np.testing.assert_allclose(blocked.distance, dantzig.distance, rtol=1e-12, atol=1e-12)
+    for k in range(0, 12, 4):
+        assert blocked.distance[k] == pytest.approx(highs_emd(cost[k], a[k], b[k] * a[k].sum() / b[k].sum()), rel=1e-9)
