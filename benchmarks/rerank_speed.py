@@ -110,7 +110,7 @@ def gallery_rerank(args) -> None:
     gap = float(np.abs(np.asarray(before.scores) - np.asarray(after.scores)).max())
     differ = int((np.asarray(before.ids) != np.asarray(after.ids)).any(axis=1).sum())
     first = next(iter(variants))
-    rows = [{"store read": name, "ms / query": 1e3 * t, "x before": best[first] / t} for name, t in best.items()]
+    rows = [{"store read": name, "ms / query": 1e3 * t, "x store.get": best[first] / t} for name, t in best.items()]
     print(
         f"gallery rerank: {args.queries} queries, top-{args.k} of {count} stored FCN sets "
         f"({sets.shape[1]} x {sets.shape[2]}, float16, memory-mapped), exact top 10, {args.threads} threads; "
