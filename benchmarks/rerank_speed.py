@@ -70,6 +70,20 @@ def real_fcn_sets(count: int) -> tuple[np.ndarray, tuple[int, ...]]:
     return sets["fcn"], tuple(cfg.pyramid)
 
 
+def real_rerank_rows(queries: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(cost, weights, weights)`` of the 100 63 x 63 problems of each of the first ``queries``
+    rerank rows over 101 real sets (:func:`real_fcn_sets`): each query against the other 100."""
+    from deepemd.retrieval.rerank import Reranker
+
+    sets, pyramid = real_fcn_sets(101)
+    reranker = Reranker(sets, k=100, pyramid=pyramid, prune=False)
+    rows = []
+    for q in range(queries):
+        query = reranker.sets.expand(torch.from_numpy(sets[q : q + 1]))[0]
+        rows.append(reranker._problem(query, *reranker.sets.dots(query, np.setdiff1d(np.arange(101), [q]))))
+    return rows
+
+
 def gallery_rerank(args) -> None:
     """ms per query of a gallery search's rerank (a memory-mapped LocalFeatureStore read by id)
     as ``retrieval search`` runs it and through ``store.get`` (float32 sets, every node),
@@ -126,17 +140,9 @@ def pricing(args) -> None:
     import pandas as pd
 
     from deepemd.emd.exact import pricing_block, solve_batch
-    from deepemd.retrieval.rerank import Reranker
 
-    sets, pyramid = real_fcn_sets(101)
-    reranker = Reranker(sets, k=100, pyramid=pyramid, prune=False)
-    problems = {}
-    rows63 = []
-    for q in range(3):
-        query = reranker.sets.expand(torch.from_numpy(sets[q : q + 1]))[0]
-        ids = np.setdiff1d(np.arange(101), [q])[:100]
-        rows63.append([t.double().numpy() for t in reranker._problem(query, *reranker.sets.dots(query, ids))])
-    problems["63x63 rerank (EfficientNet FCN + pyramid, 224 px)"] = [np.concatenate(x) for x in zip(*rows63)]
+    rows63 = [[t.double().numpy() for t in row] for row in real_rerank_rows(3)]
+    problems = {"63x63 rerank (EfficientNet FCN + pyramid, 224 px)": [np.concatenate(x) for x in zip(*rows63)]}
     gen = torch.Generator().manual_seed(args.seed)
     u, v = (torch.relu(torch.randn(300, 25, 640, generator=gen)) for _ in range(2))
     wu, wv = cross_reference_weights(u, v)
@@ -150,14 +156,16 @@ def pricing(args) -> None:
         m, n = cost.shape[1:]
         blocks = {"block (default)": pricing_block(m, n), "Dantzig (every cell)": m}
         best = dict.fromkeys(blocks, np.inf)
+        solutions = {}
         for _ in range(5):
             for label, block in blocks.items():
                 start = time.perf_counter()
-                solve_batch(cost, a, b, block=block)
+                solutions[label] = solve_batch(cost, a, b, block=block)
                 best[label] = min(best[label], time.perf_counter() - start)
-        gap = float(np.abs(solve_batch(cost, a, b).distance - solve_batch(cost, a, b, block=m).distance).max())
+        blocked, dantzig = solutions.values()
+        gap = float(np.abs(blocked.distance - dantzig.distance).max())
         for label, block in blocks.items():
-            pivots = solve_batch(cost, a, b, block=block).pivots
+            pivots = solutions[label].pivots
             rows.append(
                 {
                     "problems": name,
@@ -175,12 +183,8 @@ def pricing(args) -> None:
 def solve_batches(args) -> None:
     """Per-LP time of the exact solve by batch size, best of 7 interleaved rounds."""
     from deepemd.emd import solve
-    from deepemd.retrieval.rerank import Reranker
 
-    sets, pyramid = real_fcn_sets(101)
-    reranker = Reranker(sets, k=100, pyramid=pyramid, prune=False)
-    query = reranker.sets.expand(torch.from_numpy(sets[:1]))[0]
-    cost, wu, wv = reranker._problem(query, *reranker.sets.dots(query, np.arange(1, 101)))
+    cost, wu, wv = real_rerank_rows(1)[0]
     sizes = (10, 15, 19, 25, 34, 100)
     best = dict.fromkeys(sizes, np.inf)
     for _ in range(7):

@@ -43,7 +43,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import queue
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -477,34 +476,28 @@ class LocalFeatureStore:
         offset = _npy_nbytes(shape, dtype) - shape[0] * row_bytes  # the .npy header length
         # a read per run of consecutive rows, at most READ_ROWS rows (iovecs) each
         breaks = np.flatnonzero((np.diff(rows) != 1) | (np.arange(1, len(rows)) % READ_ROWS == 0)) + 1
-        runs: queue.SimpleQueue = queue.SimpleQueue()
-        for run, run_slots in zip(np.split(rows, breaks), np.split(np.arange(len(rows)), breaks)):
-            runs.put((run, run_slots))
         got_crcs = np.empty(len(rows), np.uint32)
         fd = os.open(self.path / name, os.O_RDONLY)
 
-        def read_runs() -> None:
-            while True:
-                try:
-                    run, run_slots = runs.get_nowait()
-                except queue.Empty:
-                    return
-                buffers = [memoryview(out[slots[k]]).cast("B") for k in run_slots]
-                if os.preadv(fd, buffers, offset + int(run[0]) * row_bytes) != len(run) * row_bytes:
-                    raise DeepEMDError(
-                        "chunk file is shorter than its manifest entry (truncated after opening)",
-                        self.path / name,
-                        REPAIR_FIX,
-                    )
-                for k in run_slots:
-                    got_crcs[k] = crc32(out[slots[k]])
+        def read_run(run: tuple[np.ndarray, np.ndarray]) -> None:
+            run_rows, run_slots = run
+            buffers = [memoryview(out[slots[k]]).cast("B") for k in run_slots]
+            if os.preadv(fd, buffers, offset + int(run_rows[0]) * row_bytes) != len(run_rows) * row_bytes:
+                raise DeepEMDError(
+                    "chunk file is shorter than its manifest entry (truncated after opening)",
+                    self.path / name,
+                    REPAIR_FIX,
+                )
+            for k in run_slots:
+                got_crcs[k] = crc32(out[slots[k]])
 
         import torch  # here, as in _encode_block: importing the index module stays free of torch
 
-        from deepemd.emd.threads import run_on_threads
+        from deepemd.emd.threads import run_each_on_threads
 
+        runs = zip(np.split(rows, breaks), np.split(np.arange(len(rows)), breaks))
         try:  # preadv and zlib's crc32 release the GIL: the rows of a shortlist read in parallel
-            run_on_threads(read_runs, min(torch.get_num_threads(), len(breaks) + 1))
+            run_each_on_threads(read_run, runs, min(torch.get_num_threads(), len(breaks) + 1))
         finally:
             os.close(fd)
         want = self._rows(index)["vec_crc" if vectors else "crc"][rows]

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import queue
 from typing import NamedTuple
 
 import numpy as np
@@ -54,7 +53,7 @@ import torch
 from numba import njit, types
 from numba.extending import overload
 
-from deepemd.emd.threads import run_on_threads
+from deepemd.emd.threads import run_each_on_threads
 from deepemd.errors import DeepEMDError
 
 #: Pivot cap per problem: ``MAX_PIVOTS_PER_CELL * m * n + MIN_PIVOT_CAP`` (a guard against
@@ -132,7 +131,8 @@ def pricing_block(m: int, n: int) -> int:
 @njit(cache=True)
 def _price_all(ci, alpha, beta) -> tuple:
     """Dantzig: ``(most negative reduced cost, its row)`` over every cell; row -1 when none
-    is negative (the basis is optimal)."""
+    is negative (the basis is optimal). :func:`_price_block` with ``block = m`` gives the
+    same, but its cyclic loop cost 15% more at 25x25, where every problem prices this way."""
     best = 0
     ei = -1
     for i in range(ci.shape[0]):
@@ -639,19 +639,11 @@ def _solve_threaded(args: tuple, bsz: int, threads: int, cells: int) -> None:
     n_ranges = max(threads, min(bsz // per_range, 8 * threads))
     n_ranges = min(bsz, threads * math.ceil(n_ranges / threads))
     bounds = [k * bsz // n_ranges for k in range(n_ranges + 1)]
-    ranges: queue.SimpleQueue = queue.SimpleQueue()
-    for lo, hi in itertools.pairwise(bounds):
-        ranges.put((lo, hi))
 
-    def work() -> None:
-        while True:
-            try:
-                lo, hi = ranges.get_nowait()
-            except queue.Empty:
-                return
-            _solve_range(*args, lo, hi)  # type: ignore[call-arg]  # a numba dispatcher
+    def solve(bound: tuple[int, int]) -> None:
+        _solve_range(*args, *bound)  # type: ignore[call-arg]  # a numba dispatcher
 
-    run_on_threads(work, threads)
+    run_each_on_threads(solve, itertools.pairwise(bounds), threads)
 
 
 #: Cost dtypes the kernel reads directly; others are converted to float64.

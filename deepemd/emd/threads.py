@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable
+import queue
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -72,6 +74,25 @@ def run_on_threads(work: Callable[[], None], threads: int) -> None:
             helper.result()
     if errors:
         raise errors[0]
+
+
+def run_each_on_threads(work: Callable[[Any], None], items: Iterable[Any], threads: int) -> None:
+    """Call ``work(item)`` for every item, on ``threads`` threads (:func:`run_on_threads`) that
+    take the items from one queue as they finish the last: a thread the OS delays (the machine
+    may be shared) holds back only its own item, not a fixed share of them."""
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+    for item in items:
+        pending.put(item)
+
+    def drain() -> None:
+        while True:
+            try:
+                item = pending.get_nowait()
+            except queue.Empty:
+                return
+            work(item)
+
+    run_on_threads(drain, threads)
 
 
 def _thread_pool(threads: int) -> ThreadPoolExecutor:
