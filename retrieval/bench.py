@@ -208,12 +208,13 @@ def eval_section(args) -> tuple[float, dict, list[dict]]:
             ours_kind[kind] = stages.get(f"crops: {kind}", 0.0) + stages.get(f"backbone: {kind} crops", 0.0)
     for kind, (floor, bs) in floors.items():
         print(
-            f"| {kind} | {ours_kind[kind]:.1f} | {floor:.1f} (batch {bs}) | {ours_kind[kind] / floor:.2f} | "
+            # three significant digits: a small folder's floor on a fast minute is tens of ms
+            f"| {kind} | {ours_kind[kind]:.3g} | {floor:.3g} (batch {bs}) | {ours_kind[kind] / floor:.2f} | "
             f"{n / ours_kind[kind]:.1f} |"
         )
     feat_ours, feat_floor = sum(ours_kind.values()) + decode, sum(f for f, _ in floors.values())
     print(
-        f"| all + decode/transform {decode:.1f} s | {feat_ours:.1f} | {feat_floor:.1f} | "
+        f"| all + decode/transform {decode:.3g} s | {feat_ours:.3g} | {feat_floor:.3g} | "
         f"{feat_ours / feat_floor:.2f} | {n / feat_ours:.1f} |"
     )
     # the rerank floor on the same sets (re-extracted: run_eval keeps them inside)
