@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -28,10 +29,13 @@ def write_results(
 
 
 def to_markdown(frame: pd.DataFrame, float_format: str = "%.2f") -> str:
-    """A GitHub markdown table (no ``tabulate`` dependency)."""
+    """A GitHub markdown table (no ``tabulate`` dependency); a missing value (NaN) is an empty
+    cell, as it is in the CSV."""
 
     def cell(v: object) -> str:
-        return float_format % v if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return "" if math.isnan(v) else float_format % v
+        return str(v)
 
     header = "| " + " | ".join(map(str, frame.columns)) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"

@@ -45,6 +45,26 @@ def local_specs(cfg: EvalConfig | IndexConfig | SearchConfig, kinds: Iterable[st
 RECIPE_GROUPS = (RetrievalModelOptions, RetrievalLocalOptions, LocalKindOption)
 
 
+#: The options that decide the network and its local sets (what a gallery's fingerprint checks);
+#: the rest of a recipe (rerank depth, node weights, solver, fusion) is chosen per search.
+NETWORK_OPTIONS = (
+    "checkpoint",
+    "backbone",
+    "backbone_widths",
+    "weights",
+    "embed_dim",
+    "image_size",
+    "inference_dtype",
+    "seed",
+    "local",
+    "pyramid",
+    "grid_levels",
+    "grid_ratio",
+    "num_patches",
+    "patch_size",
+)
+
+
 def make_embedder(cfg: EvalConfig | IndexConfig | SearchConfig, specs: tuple[LocalSpec, ...]) -> Embedder:
     """The network named by ``--checkpoint`` (a trained model) or ``--backbone/--weights``.
 
@@ -81,4 +101,4 @@ def make_loader(
     return core.image_loader(images, model.backbone, model.info.image_size, batch_size, workers, train)
 
 
-__all__ = ["dataset_images", "local_specs", "make_embedder", "make_loader", "recipe"]
+__all__ = ["NETWORK_OPTIONS", "dataset_images", "local_specs", "make_embedder", "make_loader", "recipe"]

@@ -47,7 +47,7 @@ def cmd_search(cfg: SearchConfig) -> int:
 
     result = run_search(cfg)
     _print_table(result["frame"])
-    print(f"written: {cfg.out}/search.csv")
+    print(f"written: {cfg.out}/search.csv, search.md")
     return 0
 
 

@@ -47,7 +47,7 @@ from deepemd.data import ImageList
 from deepemd.errors import DeepEMDError
 from deepemd.eval.shortlist import Shortlist
 from deepemd.io import atomic_path
-from deepemd.manifest import REPAIR_FIX, check_file, crc32, fingerprint_diffs, read_checked
+from deepemd.manifest import REPAIR_FIX, crc32, fingerprint_diffs, read_checked
 from deepemd.retrieval import index as faiss_index
 from deepemd.retrieval.candidates import stored_pyramid
 from deepemd.retrieval.model import Embedder
@@ -107,16 +107,19 @@ class Gallery:
 
     def search(
         self,
-        queries: list[str | Path] | np.ndarray,
+        queries: str | Path | list[str | Path] | np.ndarray,
         k: int = 10,
         rerank: bool = True,
         settings: RerankSettings | None = None,
         batch_size: int = 32,
     ) -> Shortlist:
         """Top ``k`` gallery entries per query, best first (FAISS ids; :attr:`paths` via
-        :meth:`rows`). ``queries``: image paths, embedded by the gallery's network (the FAISS
-        shortlist is then reranked by DeepEMD unless ``rerank=False``), or global vectors
+        :meth:`rows`). ``queries``: image paths, or one image, folder or list file as
+        ``deepemd retrieval search --queries`` takes it, embedded by the gallery's network (the
+        FAISS shortlist is then reranked by DeepEMD unless ``rerank=False``), or global vectors
         ``(Q, D)`` (no local sets: no rerank)."""
+        from deepemd.retrieval.search import list_queries
+
         if isinstance(queries, np.ndarray):
             if rerank:
                 raise DeepEMDError(
@@ -127,7 +130,9 @@ class Gallery:
             return Shortlist(ids, scores)
         if self.model is None:
             raise DeepEMDError("this gallery was opened without its network", fix="open it with Gallery.open(path)")
-        paths = [Path(q) for q in queries]
+        paths = list_queries(queries) if isinstance(queries, (str, Path)) else [Path(q) for q in queries]
+        if not paths:
+            raise DeepEMDError("no queries given", fix="give query image paths, a folder of images or a list file")
         glob, sets = make_producer(
             self.model, self.kind, paths, batch_size, 0, next(self.model.parameters()).device, with_vectors=True
         )(np.arange(len(paths)))
@@ -325,12 +330,33 @@ def _read_pieces(out: Path, manifest: dict[str, Any]) -> tuple[bytes, np.ndarray
     return raw, ids, paths, sources
 
 
+def _index_fix(out: Path) -> str:
+    """A gallery's index is rebuilt from its store's vectors: no image goes through the network."""
+    return (
+        f"rebuild the index: run `deepemd retrieval index --out {out}` again with the --data-root and "
+        "options it was built with (the index is rebuilt from the stored vectors; no image is embedded again)"
+    )
+
+
+def _check_inference_dtype(out: Path, manifest: dict[str, Any], model: Embedder) -> None:
+    """A float32 fingerprint omits the dtype (older galleries keep theirs), so a bfloat16 gallery
+    would pass a float32 model's fingerprint check: compare the dtypes themselves."""
+    built = manifest["fingerprint"].get("inference_dtype", "float32")
+    if built != model.inference_dtype:
+        raise DeepEMDError(
+            f"the gallery's features were extracted in {built}, this model runs in {model.inference_dtype}",
+            out,
+            f"search with --inference-dtype {built} (or leave it out: search takes the gallery's options)",
+        )
+
+
 def open_gallery(out: Path, model: Embedder, kind: str, index_path: Path | None = None) -> Gallery:
     """Open a built gallery; every piece is checked against its checksum, and the index and store
     must match the model (fingerprint) and each other."""
     out = Path(out)
     manifest = read_manifest(out)
     raw, ids, paths, _ = _read_pieces(out, manifest)
+    _check_inference_dtype(out, manifest, model)
     fp = store_fingerprint(model, kind, raw)
     if index_path is None:
         if not manifest["index"]:
@@ -339,7 +365,7 @@ def open_gallery(out: Path, model: Embedder, kind: str, index_path: Path | None 
                 out,
                 "give --index (your FAISS file) and --id-map with it",
             )
-        index = faiss_index.load_index(out / INDEX_FILE, expected_fingerprint=fp)
+        index = faiss_index.load_index(out / INDEX_FILE, expected_fingerprint=fp, fix=_index_fix(out))
     else:
         index = faiss_index.load_foreign_index(index_path)
     store = LocalFeatureStore.open(out / STORE_DIR, expected_fingerprint=fp)
@@ -372,7 +398,9 @@ def _previous(
     out: Path, model: Embedder, kind: str, store_dtype: str, with_index: bool, repair: bool
 ) -> _Previous | None:
     """The previous gallery's reusable rows, None when there is none (or, with ``repair``, when
-    it is too damaged to tell which rows are whose). Damage without ``repair`` is an error."""
+    it is too damaged to tell which rows are whose). Damage without ``repair`` is an error. Its
+    FAISS index is not read: the new index is always built from the store's vectors, so a
+    missing or damaged ``index.faiss`` is simply rebuilt by running ``index`` again."""
     if not (out / GALLERY_MANIFEST).exists():
         if (out / STORE_DIR / STORE_MANIFEST).exists() and not repair:
             raise DeepEMDError(
@@ -396,10 +424,6 @@ def _previous(
             raise DeepEMDError(
                 f"feature store holds {len(store)} sets, the id map {len(ids)}", out / STORE_DIR, REPAIR_FIX
             )
-        if manifest["index"]:
-            sidecar = faiss_index.read_sidecar(out / INDEX_FILE)
-            for entry in sidecar["files"]:
-                check_file((out / INDEX_FILE).with_name(entry["name"]), entry, "index file")
     except DeepEMDError:
         if repair:
             return None
@@ -412,6 +436,35 @@ def _previous(
     if with_index and store.vector_dim != model.dim:
         return None  # a store for a user's own index keeps no global vectors to build ours from
     return _Previous(store, keys)
+
+
+def _reuse_rows(
+    store: LocalFeatureStore, rows: np.ndarray, with_vectors: bool, repair: bool
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(sets, vectors or None, intact mask) of the previous store's ``rows``. Every row carries
+    its own CRC, so with ``repair`` a batch that fails is read again row by row and only the rows
+    that fail their own check are left to be embedded again; without it the damage is raised."""
+    try:
+        return (
+            store.get(rows),
+            store.get_vectors(rows) if with_vectors else None,
+            np.ones(len(rows), bool),
+        )
+    except DeepEMDError:
+        if not repair:
+            raise
+    sets = np.zeros((len(rows), store.m, store.d), np.float32)
+    vecs = np.zeros((len(rows), store.vector_dim or 0), np.float32) if with_vectors else None
+    intact = np.zeros(len(rows), bool)
+    for i, row in enumerate(rows):
+        try:
+            sets[i] = store.get(row[None])[0]
+            if vecs is not None:
+                vecs[i] = store.get_vectors(row[None])[0]
+        except DeepEMDError:
+            continue
+        intact[i] = True
+    return sets, vecs, intact
 
 
 def _staging_matches(staging: Path, id_map: bytes, fp: dict, store_dtype: str) -> bool:
@@ -480,17 +533,13 @@ def write_gallery(
             old = reuse[start:stop]
             take = old >= 0
             if take.any():
-                try:
-                    sets = previous.store.get(old[take])
-                    if spec is not None:
-                        vectors[take] = previous.store.get_vectors(old[take])
-                except DeepEMDError:
-                    if not repair:
-                        raise
-                    take[:] = False  # rows of a damaged chunk: embed them again
-                else:
+                sets, vecs, intact = _reuse_rows(previous.store, old[take], spec is not None, repair)
+                take[take] = intact  # rows that fail their checksum (repair only): embed them again
+                if take.any():
                     local = np.empty((stop - start, *sets.shape[1:]), np.float32)
-                    local[take] = sets
+                    local[take] = sets[intact]
+                    if vecs is not None:
+                        vectors[take] = vecs[intact]
             if (~take).any():
                 vecs, sets = embed(rows[~take])
                 local = np.empty((stop - start, *sets.shape[1:]), np.float32) if local is None else local
@@ -619,8 +668,10 @@ def search_gallery(
     k: int,
     settings: RerankSettings,
     progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """FAISS top-``max(k, depth)`` then the DeepEMD rerank; returns (scores, FAISS ids, raw ids).
+) -> tuple[np.ndarray, np.ndarray, Shortlist]:
+    """FAISS top-``max(k, depth)`` then the DeepEMD rerank; returns (scores, FAISS ids) of the top
+    ``k`` and the FAISS shortlist itself (global scores, width ``max(k, depth)``): entries past
+    the rerank depth keep their global order, and their scores are global, not DeepEMD, ones.
     The rerank takes the FCN pyramid from the store's fingerprint (its pooled nodes' dots then
     come from the cells', see :mod:`~deepemd.retrieval.candidates`), whatever ``settings`` say."""
     if len(query_vectors) == 0:
@@ -636,4 +687,4 @@ def search_gallery(
     settings = replace(settings, pyramid=stored_pyramid(gallery.store.fingerprint))
     reranker = Reranker.from_settings(_StoreByFaissId(gallery), settings, k=k, progress=progress)
     top = reranker.rerank(lambda i: query_sets[i], shortlist)
-    return np.array(top.scores), np.array(top.ids), ids[:, :k]
+    return np.array(top.scores), np.array(top.ids), shortlist

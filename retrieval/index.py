@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from deepemd.errors import DeepEMDError
 from deepemd.io import atomic_path
-from deepemd.manifest import REPAIR_FIX, check_file, check_fingerprint, file_crc32, normalise_fingerprint
+from deepemd.manifest import check_file, check_fingerprint, file_crc32, normalise_fingerprint
 from deepemd.retrieval.store import LocalFeatureStore
 
 log = logging.getLogger(__name__)
@@ -371,8 +371,9 @@ def save_index(index: faiss.Index, path: str | Path, fingerprint: dict[str, Any]
     return sidecar_path(path)
 
 
-def read_sidecar(path: str | Path) -> dict[str, Any]:
-    """The sidecar of a saved index (fingerprint, size, metric, files), validated."""
+def read_sidecar(path: str | Path, fix: str | None = None) -> dict[str, Any]:
+    """The sidecar of a saved index (fingerprint, size, metric, files), validated. ``fix``: what
+    an error tells the user to do instead of the stand-alone advice (a gallery knows better)."""
     path = Path(path)
     side = sidecar_path(path)
     if not side.is_file():
@@ -380,10 +381,11 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
             raise DeepEMDError(
                 f"index has no deepemd sidecar ({side.name} missing), so it is not known what built it",
                 path,
-                "rebuild it with deepemd, or load it as your own FAISS index "
+                fix
+                or "rebuild it with deepemd, or load it as your own FAISS index "
                 "(load_foreign_index / the foreign-index option)",
             )
-        raise DeepEMDError("index not found", path, "build the gallery index first, or check the path")
+        raise DeepEMDError("index not found", path, fix or "build the gallery index first, or check the path")
     try:
         sidecar = json.loads(side.read_text())
         if sidecar.get("format") != SIDECAR_FORMAT or sidecar.get("version") != SIDECAR_VERSION:
@@ -391,7 +393,9 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
         for key in ("fingerprint", "files", "ntotal", "d", "metric", "sharded"):
             sidecar[key]  # noqa: B018 - presence check
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DeepEMDError(f"unreadable index sidecar ({exc})", side, "delete the index and rebuild it") from None
+        raise DeepEMDError(
+            f"unreadable index sidecar ({exc})", side, fix or "delete the index and rebuild it"
+        ) from None
     return sidecar
 
 
@@ -406,19 +410,23 @@ def _read_faiss(path: Path) -> faiss.Index:
         ) from None
 
 
-def load_index(path: str | Path, expected_fingerprint: dict[str, Any] | None = None, gpu: bool = True) -> faiss.Index:
+def load_index(
+    path: str | Path, expected_fingerprint: dict[str, Any] | None = None, gpu: bool = True, fix: str | None = None
+) -> faiss.Index:
     """Load an index written by :func:`save_index` (on the GPU when there is one and ``gpu``).
 
     A missing file, a file its sidecar does not describe (truncated, replaced, half-saved) or a
     fingerprint that differs from ``expected_fingerprint`` is one DeepEMDError saying what and how
-    to fix it."""
+    to fix it; ``fix`` replaces the advice for a missing or damaged index (a gallery rebuilds
+    its index from the stored vectors)."""
     path = Path(path)
-    sidecar = read_sidecar(path)
+    rebuild = fix or "delete the index and rebuild it"
+    sidecar = read_sidecar(path, fix)
     check_fingerprint(sidecar["fingerprint"], expected_fingerprint, "index", path)
     parts = []
     for entry in sidecar["files"]:
         file = path.with_name(entry["name"])
-        check_file(file, entry, "index file", "delete the index and rebuild it (in a gallery: " + REPAIR_FIX + ")")
+        check_file(file, entry, "index file", rebuild)
         parts.append(_read_faiss(file))
     if sidecar["sharded"]:
         gpus = max(gpu_count(), 1)
@@ -430,7 +438,7 @@ def load_index(path: str | Path, expected_fingerprint: dict[str, Any] | None = N
         raise DeepEMDError(
             f"index holds {index.ntotal} x {index.d}, sidecar says {sidecar['ntotal']} x {sidecar['d']}",
             path,
-            "delete the index and rebuild it",
+            rebuild,
         )
     return index
 

@@ -264,7 +264,7 @@ def _index_from_other_model(tmp: Path):
             "--out",
             str(tmp / "out"),
         ],
-        str(gallery / "index.faiss"),
+        str(gallery / "gallery.json"),  # where the gallery records its network options
     )
 
 
@@ -525,7 +525,11 @@ CASES = [
     Case("missing checkpoint", _missing_checkpoint, "not found"),
     Case("truncated checkpoint", _truncated_checkpoint, "not a readable"),
     Case("checkpoint of another model", _mismatched_checkpoint, "does not match"),
-    Case("index built by another backbone", _index_from_other_model, "backbone: index has 'efficientnet_lite0'"),
+    Case(
+        "index built by another backbone",
+        _index_from_other_model,
+        "built with --backbone efficientnet_lite0 (this search: --backbone resnet12)",
+    ),
     Case("feature store out of step with the index", _store_out_of_step, "id_map"),
     Case("empty query set", _empty_queries, "no query images"),
     Case("--out names an existing file", _out_is_a_file, "existing file"),
