@@ -12,9 +12,11 @@ YAML) is checked when its options are read (``deepemd.config.add_command``), bef
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 from importlib.metadata import entry_points
-from typing import Sequence
+from typing import Any, NoReturn, Sequence
 
 from deepemd.errors import DeepEMDError
 from deepemd.io import USER_ERRNOS, os_error
@@ -23,14 +25,64 @@ from deepemd.memory import keep_freed_memory
 ENTRY_POINT_GROUP = "deepemd.commands"
 
 
+_UNKNOWN_OWNER = "_deepemd_unknown_owner"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one ``deepemd: error:`` line, like every other error.
+
+    No prefix matching (``--rerank`` is not ``--rerank-k``: a renamed option must not silently
+    change meaning), and an unknown option gets a did-you-mean from the parser it was given to.
+    Subparsers are of this class too: ``add_subparsers`` makes its parsers with the class of the parser it is called on.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(  # type: ignore[override]  # same contract, narrower types
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        namespace = parsed if parsed is not None else argparse.Namespace()
+        if extras and not hasattr(namespace, _UNKNOWN_OWNER):
+            # a subcommand's leftovers reach the top parser mixed in with its own: remember which
+            # (innermost) parser could not use them, so the suggestion comes from its options
+            setattr(namespace, _UNKNOWN_OWNER, self)
+        return namespace, extras
+
+    def parse_args(  # type: ignore[override]  # same contract, narrower types
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        namespace, extras = self.parse_known_args(args, namespace)
+        owner = vars(namespace).pop(_UNKNOWN_OWNER, self)
+        if extras:
+            owner.error(owner.unknown_argument(extras[0]))
+        return namespace
+
+    def unknown_argument(self, arg: str) -> str:
+        """What is wrong with ``arg``, an argument this parser has no place for."""
+        if not re.match(r"-\D", arg):
+            return f"unexpected argument '{arg}' to {self.prog}"
+        flag = arg.partition("=")[0]
+        options = [o for a in self._actions for o in a.option_strings]
+        close = difflib.get_close_matches(flag, options, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"see '{self.prog} --help' for its options"
+        return f"unknown option '{flag}' ({hint})"
+
+    def error(self, message: str) -> NoReturn:
+        """One line, no usage block: the error is the news, ``--help`` has the usage."""
+        self.exit(2, f"deepemd: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="deepemd",
         description="DeepEMD: Earth Mover's Distance over local CNN features, for retrieval "
         "reranking and few-shot classification.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         ep.load()(subparsers)
     return parser

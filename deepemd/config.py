@@ -178,12 +178,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """A SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice: its own fix, unlike a syntax error."""
+
+
 def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise yaml.constructor.ConstructorError(
+            raise _DuplicateKeyError(
                 None, None, f"key '{key}' is given twice (line {key_node.start_mark.line + 1})", key_node.start_mark
             )
         seen.add(key)
@@ -193,16 +197,31 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+def _yaml_syntax_error(exc: yaml.YAMLError) -> tuple[str, str]:
+    """Message and fix for a YAML syntax error, at the line and column where the parser stopped."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    fix = "write one 'key: value' per line; close every [ and {, and quote a value holding ': ' or ' #'"
+    return f"not valid YAML{where} ({problem})", fix
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping or raise one clear error (also for a key given twice)."""
     path = Path(path)
     if not path.is_file():
         raise DeepEMDError("config file not found", path, "check the --config path (see configs/ for examples)")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as exc:
+        raise DeepEMDError(
+            f"not valid YAML (not UTF-8 text: byte {exc.start})", path, "save the config as UTF-8 text"
+        ) from None
+    except _DuplicateKeyError as exc:
+        raise DeepEMDError(f"not valid YAML ({exc.problem})", path, "write each option once, as 'key: value'") from None
     except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise DeepEMDError(f"not valid YAML ({problem})", path, "write each option once, as 'key: value'") from None
+        message, fix = _yaml_syntax_error(exc)
+        raise DeepEMDError(message, path, fix) from None
     if not isinstance(data, dict):
         raise DeepEMDError("a config must be a mapping of option: value", path)
     return data

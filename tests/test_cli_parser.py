@@ -1,0 +1,96 @@
+"""The ``deepemd`` parsers: one clear line for a bad flag, honest ``--help``, YAML fixes that fit.
+
+Every test runs the real parser (``deepemd.cli.main`` or ``build_parser``) and checks what a user
+sees: the exit code and the text on stderr / stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+
+import pytest
+
+from deepemd.cli import Parser, build_parser, main
+from deepemd.config import read_yaml
+from deepemd.errors import DeepEMDError
+
+
+def _run(argv: list[str]) -> tuple[int, str, str]:
+    """Exit code, stderr and stdout of ``deepemd argv``, argparse's exits included."""
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, err.getvalue(), out.getvalue()
+
+
+def _help(*command: str) -> str:
+    """``deepemd COMMAND --help`` with its lines joined, so wrapping does not split a phrase."""
+    code, _, out = _run([*command, "--help"])
+    assert code == 0
+    return " ".join(out.split())
+
+
+@pytest.mark.parametrize(
+    "argv,flag,suggestion",
+    [
+        (["retrieval", "eval", "--rerank", "5"], "--rerank", "--rerank-k"),  # no prefix expansion
+        (["retrieval", "search", "--top=5", "--topp", "3"], "--topp", "--top"),
+        (["fewshot", "test", "--episdoes=3"], "--episdoes", "--episodes"),
+        (["bench", "pipeline", "--thread", "2"], "--thread", "--threads"),
+        (["--debg", "demo"], "--debg", "--debug"),
+    ],
+)
+def test_unknown_flag_is_one_line_with_a_suggestion(argv, flag, suggestion):
+    code, err, _ = _run(argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "usage:" not in err
+    assert err.startswith(f"deepemd: error: unknown option '{flag}'")
+    if suggestion:
+        assert f"did you mean '{suggestion}'?" in err
+    else:
+        assert "did you mean" not in err and "--help" in err
+
+
+def test_a_stray_value_is_named():
+    code, err, _ = _run(["retrieval", "search", "--top", "5", "6"])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "unexpected argument '6'" in err and "deepemd retrieval search" in err
+
+
+def test_append_options_still_take_several_values():
+    parser = Parser(prog="deepemd x")
+    parser.add_argument("--tag", action="append")
+    parser.add_argument("-v", action="count", default=0)
+    args = parser.parse_args(["--tag", "a", "--tag", "b", "-v", "-v"])
+    assert args.tag == ["a", "b"] and args.v == 2
+
+
+def test_every_parser_refuses_prefixes():
+    def walk(parser: argparse.ArgumentParser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from walk(sub)
+
+    parsers = list(walk(build_parser()))
+    assert len(parsers) > 10 and all(not p.allow_abbrev for p in parsers)
+
+
+def test_yaml_duplicate_key_keeps_its_own_fix(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("way: 5\nway: 10\n")
+    with pytest.raises(DeepEMDError, match="(?s)key 'way' is given twice.*fix: write each option once"):
+        read_yaml(path)
+
+
+def test_yaml_that_is_not_text_is_one_clear_error(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_bytes(b"way: \xff\xfe\n")
+    code, err, _ = _run(["fewshot", "test", "--config", str(path)])
+    assert code == 2 and "Traceback" not in err and "not valid YAML" in err and str(path) in err
