@@ -39,6 +39,7 @@ def episodes_section(data_root: str, episodes: int, image_size: int | None) -> N
         query=15,
         episodes=episodes,
         image_size=image_size,
+        weights="none",  # a timing: a random network's episodes cost what a trained one's do
         out=out,
         feature_cache=str(Path(out) / "cache"),
         flow_picture=False,

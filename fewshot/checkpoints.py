@@ -134,6 +134,16 @@ def sgd_with_steps(model: nn.Module, cfg: Any) -> tuple[torch.optim.SGD, torch.o
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
 
 
+def say_if_complete(job: str, start_epoch: int, config: Any) -> None:
+    """One line when a resumed run has nothing left to do, so re-running a finished command is
+    not a silent exit 0 that looks like a failure to train."""
+    if start_epoch >= config.epochs:
+        print(
+            f"{job}: already complete: {start_epoch} of {config.epochs} epochs done "
+            f"({Path(config.out) / LAST}); raise --epochs above {config.epochs} to train further"
+        )
+
+
 def resume_or_start(
     config: Any, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> tuple[int, dict[str, Any]]:

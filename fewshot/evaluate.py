@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from deepemd.backbones import pretrained_from_option
 from deepemd.device import default_device
 from deepemd.emd.sfc import SFCFit
+from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
 from deepemd.eval.flows import node_boxes
 from deepemd.fewshot import build
@@ -116,6 +118,23 @@ def draw_episode(
     )
 
 
+def refuse_untrained(cfg: EvalConfig) -> None:
+    """A random backbone's accuracies look like results but measure nothing, so the default
+    (``weights: auto`` on a backbone without packaged weights, no checkpoint) is refused, after
+    the data checks so that a bad folder is reported first; ``weights: none`` is the explicit
+    request for a random network (a floor, a timing)."""
+    untrained = not cfg.checkpoint and pretrained_from_option(cfg.backbone, cfg.weights) is False
+    if untrained and str(cfg.weights).strip().lower() == "auto":
+        raise DeepEMDError(
+            f"backbone '{cfg.backbone}' has no pretrained weights and no --checkpoint was given: "
+            "the accuracies would be those of a randomly initialised network",
+            None,
+            "pass --checkpoint OUT/best.pt from `deepemd fewshot pretrain` or `fewshot train` (checkpoint: in "
+            "YAML), or pick a backbone with bundled ImageNet weights (--backbone efficientnet_lite0 or "
+            "mobilenetv2); --weights none evaluates the random network on purpose",
+        )
+
+
 def run_test(cfg: EvalConfig, progress: bool = True) -> pd.DataFrame:
     """The whole ``test`` command; returns the results table it wrote."""
     start = time.perf_counter()
@@ -123,6 +142,7 @@ def run_test(cfg: EvalConfig, progress: bool = True) -> pd.DataFrame:
     seed_everything(cfg.seed)
     images = build.read_split(cfg, cfg.split)
     check_episode_size(images.labels, cfg.way, cfg.shot, cfg.query, f"{cfg.data_root} ({cfg.split} split)")
+    refuse_untrained(cfg)
     net = build.create_backbone(cfg, cfg.checkpoint).to(device)
     extractor = build.create_extractor(cfg, net).to(device)
     size = build.input_size(cfg, net)

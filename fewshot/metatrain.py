@@ -35,6 +35,7 @@ from deepemd.fewshot.checkpoints import (
     run_keeping_best,
     save_epoch,
     save_training_state,
+    say_if_complete,
     sgd_with_steps,
     val_note,
 )
@@ -123,6 +124,8 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
     optimizer, scheduler = sgd_with_steps(model, cfg)
     out = Path(cfg.out)
     start_epoch, best = resume_or_start(cfg, {"backbone": backbone}, optimizer, scheduler)
+    if rank.main:
+        say_if_complete("meta-train", start_epoch, cfg)
     if start_epoch == 0 and rank.main and val_set is not None:  # epoch -1 = the start, a candidate for best.pt
         start_acc = validate(cfg, backbone, extractor, val_set, device, progress)
         best = {"accuracy": start_acc, "epoch": -1}

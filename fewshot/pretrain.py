@@ -28,6 +28,7 @@ from deepemd.fewshot.checkpoints import (
     resume_or_start,
     run_keeping_best,
     save_epoch,
+    say_if_complete,
     sgd_with_steps,
     val_note,
 )
@@ -144,6 +145,8 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
     optimizer, scheduler = sgd_with_steps(model, cfg)
     out = Path(cfg.out)
     start_epoch, best = resume_or_start(cfg, {"backbone": backbone, "heads": heads}, optimizer, scheduler)
+    if rank.main:
+        say_if_complete("pretrain", start_epoch, cfg)
     ddp_model = distributed.wrap(model, rank, device)
     if rank.distributed:
         sampler = DistributedSampler(train_set, rank.world, rank.rank, shuffle=True, seed=cfg.seed, drop_last=True)
