@@ -97,6 +97,12 @@ def list_backbones() -> list[str]:
     return sorted(BACKBONES)
 
 
+def with_packaged_weights() -> list[str]:
+    """The backbones whose ImageNet weights ship in an installed package (what an error about
+    missing weights offers instead)."""
+    return [name for name in list_backbones() if BACKBONES.get(name).packaged_weights]
+
+
 def default_cfg(net: nn.Module) -> dict[str, Any]:
     """A backbone's ``default_cfg`` (``input_size``, ``mean``, ``std``), typed for callers."""
     return cast(dict[str, Any], net.default_cfg)
@@ -134,9 +140,11 @@ def create(name: str, pretrained: bool | str | Path = False, embed_dim: int | No
     model = body if embed_dim is None else ProjectedBackbone(body, int(embed_dim))
     if pretrained is True:
         if not entry.packaged_weights:
+            others = " or ".join(with_packaged_weights())
             raise DeepEMDError(
                 f"no packaged ImageNet weights for '{name}' (nothing is downloaded)",
-                fix="pass pretrained=<path to a local checkpoint>, or use efficientnet_lite0 / mobilenetv2",
+                fix=f"--backbone {others} has them; --weights FILE loads a local checkpoint, --weights none "
+                "starts from random weights (config keys backbone, weights; Python: pretrained=FILE or False)",
             )
         cast(Callable[[], None], body.load_imagenet)()
     elif pretrained:
@@ -205,6 +213,7 @@ __all__ = [
     "evaluating",
     "out_channels",
     "list_backbones",
+    "with_packaged_weights",
     "feature_map_size",
     "ProjectedBackbone",
 ]
