@@ -15,6 +15,7 @@ import argparse
 import difflib
 import re
 import sys
+import warnings
 from importlib.metadata import entry_points
 from typing import Any, NoReturn, Sequence
 
@@ -88,10 +89,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """A warning as the command's user reads it: ``deepemd: warning: ...`` on one line, not
+    Python's ``file.py:123: UserWarning:`` with the source line of the ``warn`` call."""
+    return "deepemd: warning: " + " ".join(str(message).split()) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     keep_freed_memory()  # batch after batch of the same large tensors: no page-fault churn
+    # formatwarning, not showwarning: pytest.warns and warnings.catch_warnings(record=True)
+    # still record the warnings of a command run inside them.
+    python_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        return _run(argv, debug)
+    finally:
+        warnings.formatwarning = python_format
+
+
+def _run(argv: list[str], debug: bool) -> int:
+    """The command itself, its user errors one line each (``--debug`` re-raises them)."""
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

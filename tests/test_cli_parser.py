@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import subprocess
+import sys
+import warnings
 
 import pytest
 
@@ -94,3 +97,60 @@ def test_yaml_that_is_not_text_is_one_clear_error(tmp_path):
     path.write_bytes(b"way: \xff\xfe\n")
     code, err, _ = _run(["fewshot", "test", "--config", str(path)])
     assert code == 2 and "Traceback" not in err and "not valid YAML" in err and str(path) in err
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("way: 5\nshot: [1\n")
+    with pytest.raises(DeepEMDError) as err:
+        read_yaml(path)
+    message = str(err.value)
+    assert "not valid YAML at line 3, column 1" in message and str(path) in message
+    assert "given twice" not in message and "write each option once" not in message
+
+
+WARNING_COMMAND = """
+import sys, warnings
+import deepemd.cli as cli
+
+def warning_command(args):
+    warnings.warn("skipped unreadable image a.png:\\n  truncated", UserWarning, stacklevel=1)
+    return 0
+
+def parser():
+    top = cli.Parser(prog="deepemd")
+    top.set_defaults(func=warning_command)
+    return top
+
+cli.build_parser = parser
+before = warnings.formatwarning
+code = cli.main([])
+assert warnings.formatwarning is before  # Python's format is back after the command
+warnings.warn("after the command", UserWarning, stacklevel=1)
+sys.exit(code)
+"""
+
+
+def test_a_warning_during_a_command_is_one_line():
+    """What ``--skip-bad`` and the other warnings look like on the command line (a fresh process:
+    pytest records warnings itself); after the command, Python's own format is back."""
+    done = subprocess.run([sys.executable, "-c", WARNING_COMMAND], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0] == "deepemd: warning: skipped unreadable image a.png: truncated"
+    assert "UserWarning: after the command" in lines[1]
+
+
+def test_a_command_run_inside_pytest_warns_still_records_its_warning(monkeypatch):
+    def warning_command(args: argparse.Namespace) -> int:
+        warnings.warn("skipped unreadable image b.png", UserWarning, stacklevel=1)
+        return 0
+
+    def parser() -> Parser:
+        top = Parser(prog="deepemd")
+        top.set_defaults(func=warning_command)
+        return top
+
+    monkeypatch.setattr("deepemd.cli.build_parser", parser)
+    with pytest.warns(UserWarning, match="b.png"):
+        assert main([]) == 0
