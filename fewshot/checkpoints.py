@@ -136,12 +136,18 @@ def sgd_with_steps(model: nn.Module, cfg: Any) -> tuple[torch.optim.SGD, torch.o
 
 def say_if_complete(job: str, start_epoch: int, config: Any) -> None:
     """One line when a resumed run has nothing left to do, so re-running a finished command is
-    not a silent exit 0 that looks like a failure to train."""
-    if start_epoch >= config.epochs:
-        print(
-            f"{job}: already complete: {start_epoch} of {config.epochs} epochs done "
-            f"({Path(config.out) / LAST}); raise --epochs above {config.epochs} to train further"
-        )
+    not a silent exit 0 that looks like a failure to train. ``start_epoch`` 0 is a fresh start
+    (``--epochs 0`` trains nothing on purpose), and a run resumed at ``--epochs`` lowered below
+    what ``last.pt`` holds needs more than that many epochs to train on."""
+    if start_epoch == 0 or start_epoch < config.epochs:
+        return
+    done = f"{start_epoch} of {config.epochs} epochs done"
+    if start_epoch > config.epochs:
+        done = f"{start_epoch} epochs done, more than --epochs {config.epochs}"
+    print(
+        f"{job}: already complete: {done} ({Path(config.out) / LAST}); "
+        f"raise --epochs above {start_epoch} to train further"
+    )
 
 
 def resume_or_start(

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from deepemd.backbones import pretrained_from_option
+from deepemd.backbones import pretrained_from_option, with_packaged_weights
 from deepemd.device import default_device
 from deepemd.emd.sfc import SFCFit
 from deepemd.errors import DeepEMDError
@@ -130,8 +130,8 @@ def refuse_untrained(cfg: EvalConfig) -> None:
             "the accuracies would be those of a randomly initialised network",
             None,
             "pass --checkpoint OUT/best.pt from `deepemd fewshot pretrain` or `fewshot train` (checkpoint: in "
-            "YAML), or pick a backbone with bundled ImageNet weights (--backbone efficientnet_lite0 or "
-            "mobilenetv2); --weights none evaluates the random network on purpose",
+            "YAML), or pick a backbone with packaged ImageNet weights (--backbone "
+            f"{' or '.join(with_packaged_weights())}); --weights none evaluates the random network on purpose",
         )
 
 

@@ -60,3 +60,17 @@ def test_rerunning_a_finished_run_says_it_is_complete(folder, tmp_path, capsys, 
     assert len(lines) == 1
     assert lines[0].startswith(f"{name}: already complete: 1 of 1 epochs done")
     assert str(out / "last.pt") in lines[0] and "raise --epochs above 1" in lines[0]
+
+
+def test_complete_line_only_for_a_resumed_run_and_names_the_epochs_to_pass(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from deepemd.fewshot.checkpoints import say_if_complete
+
+    say_if_complete("pretrain", 0, SimpleNamespace(epochs=0, out=str(tmp_path)))  # fresh --epochs 0: no last.pt
+    say_if_complete("pretrain", 2, SimpleNamespace(epochs=5, out=str(tmp_path)))  # epochs left to train
+    assert capsys.readouterr().out == ""
+    say_if_complete("pretrain", 5, SimpleNamespace(epochs=3, out=str(tmp_path)))  # --epochs lowered after 5
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("pretrain: already complete: 5 epochs done, more than --epochs 3")
+    assert "raise --epochs above 5" in line
