@@ -19,6 +19,7 @@ import warnings
 from importlib.metadata import entry_points
 from typing import Any, NoReturn, Sequence
 
+from deepemd.config import HelpFormatter
 from deepemd.errors import DeepEMDError
 from deepemd.io import USER_ERRNOS, os_error
 from deepemd.memory import keep_freed_memory
@@ -39,6 +40,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def parse_known_args(  # type: ignore[override]  # same contract, narrower types
@@ -66,9 +68,10 @@ class Parser(argparse.ArgumentParser):
         if not re.match(r"-\D", arg):
             return f"unexpected argument '{arg}' to {self.prog}"
         flag = arg.partition("=")[0]
-        options = [o for a in self._actions for o in a.option_strings]
-        close = difflib.get_close_matches(flag, options, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"see '{self.prog} --help' for its options"
+        # compared without the dashes every option shares, or '--bogus' would be close to '--out'
+        names = {o.lstrip("-"): o for a in self._actions for o in a.option_strings}
+        close = difflib.get_close_matches(flag.lstrip("-"), names, n=1)
+        hint = f"did you mean '{names[close[0]]}'?" if close else f"see '{self.prog} --help' for its options"
         return f"unknown option '{flag}' ({hint})"
 
     def error(self, message: str) -> NoReturn:

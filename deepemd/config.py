@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import importlib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -269,14 +270,46 @@ class _ChoicesAction(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+#: Docstring markup a terminal would show raw: ``x``, `x`, :class:`x` / :func:`~x` and **x**.
+_MARKUP = re.compile(r":[a-z]+:`~?([^`]+)`|``([^`]+)``|`([^`]+)`|\*\*(.+?)\*\*")
+
+
+def plain_text(text: str) -> str:
+    """``text`` without its RST/markdown markup: ``--help`` shows dataclass docstrings.
+
+    >>> plain_text("`deepemd demo`: with ``index`` and :class:`~deepemd.Registry`, **once**")
+    'deepemd demo: with index and deepemd.Registry, once'
+    """
+    return _MARKUP.sub(lambda match: next(group for group in match.groups() if group), text)
+
+
+def shown_default(default: Any) -> str | None:
+    """A default as it is typed on the command line, or None where there is nothing to show
+    (None and an empty tuple mean "not given": the help says what happens then)."""
+    if default is None or default == () or default is argparse.SUPPRESS:
+        return None
+    if isinstance(default, bool):
+        return str(default).lower()
+    return " ".join(map(str, default)) if isinstance(default, (tuple, list)) else str(default)
+
+
 class HelpFormatter(argparse.HelpFormatter):
-    """Appends each option's valid choices (read from its registry) to its help line."""
+    """Plain-text help: markup stripped, each option's valid choices (read from its registry)
+    appended, and the default of an option added without one (a bench flag's argparse default;
+    a dataclass option's help carries its own, see :func:`add_dataclass_arguments`)."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain_text(text))
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
+        text = plain_text(action.help or "")
         names = _choice_names(getattr(action, "lazy_choices", None))
         if names:
             text = f"{text} [choices: {', '.join(names)}]"
+        # a flag taking no value (store_true, --help) has no default worth a word
+        shown = None if action.nargs == 0 or "default" in text else shown_default(action.default)
+        if action.option_strings and shown is not None:
+            text = f"{text} (default: {shown})".strip()
         return text.replace("%", "%%")
 
 
@@ -291,8 +324,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
         help_ = str(f.metadata.get("help", ""))
-        shown = (" ".join(map(str, default)) or "none") if isinstance(default, tuple) else default
-        text = f"{help_} (default: {shown})".strip()
+        shown = None if "default" in help_ else shown_default(default)  # the help may say it already
+        text = help_ if shown is None else f"{help_} (default: {shown})".strip()
         hint = types_[f.name]
         lazy = f.metadata.get("choices")
         if hint is bool:  # `--flag` alone means true; `--flag false` still works

@@ -79,9 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--data-root", default="demo", help="demo (bundled Omniglot) or a <root>/<class>/<image> folder"
     )
-    parser.add_argument("--episodes", type=int, default=50)
-    parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--episodes", type=int, default=50, help="5-way 1-shot episodes timed")
+    parser.add_argument("--image-size", type=int, default=None, help="backbone input size in px (default: the test's)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.set_defaults(func=run)
 
 

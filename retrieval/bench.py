@@ -46,15 +46,15 @@ from deepemd.timing import recording
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data-root", default="demo", help="demo (bundled Omniglot) or a <root>/<class>/<image> folder")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--max-classes", type=int, default=None)
-    ap.add_argument("--per-class", type=int, default=None)
-    ap.add_argument("--image-size", type=int, default=None)
-    ap.add_argument("--patch-size", type=int, default=96)
-    ap.add_argument("--methods", nargs="+", default=["fcn", "grid", "sampling"])
-    ap.add_argument("--rerank-k", type=int, default=100)
+    ap.add_argument("--split", default="test", help="dataset split the eval runs on")
+    ap.add_argument("--max-classes", type=int, default=None, help="use at most this many classes (default: all)")
+    ap.add_argument("--per-class", type=int, default=None, help="use at most this many images per class (default: all)")
+    ap.add_argument("--image-size", type=int, default=None, help="backbone input size in px (default: the eval's)")
+    ap.add_argument("--patch-size", type=int, default=96, help="Grid / Sampling crop size in px")
+    ap.add_argument("--methods", nargs="+", default=["fcn", "grid", "sampling"], help="local kinds timed")
+    ap.add_argument("--rerank-k", type=int, default=100, help="shortlist length each query reranks")
     ap.add_argument("--rerank-queries", type=int, default=40, help="queries the rerank floors are timed on")
-    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--backbone", default="efficientnet_lite0", help="backbone registry name")
     ap.add_argument(
         "--compare-inference-dtypes",
         type=int,
@@ -63,9 +63,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         help="only alternate whole evals in float32 and bfloat16 (--inference-dtype) this many times",
     )
     ap.add_argument("--fcn224", action="store_true", help="FCN + pyramid at 224 px top-100 rerank section")
-    ap.add_argument("--fcn224-images", type=int, default=300)
+    ap.add_argument("--fcn224-images", type=int, default=300, help="--fcn224: images of the folder used")
     ap.add_argument("--no-eval", action="store_true", help="skip the retrieval eval section")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -141,9 +141,7 @@ class SearchConfig(RetrievalModelOptions, RetrievalLocalOptions, LocalKindOption
         None, ".npy of query vectors from the model that built --index (one row per query)"
     )
     top: int = option(10, "results written per query", minimum=1)
-    skip_bad: bool = option(
-        False, "skip unreadable, truncated or oversized query images (counted in a warning) instead of stopping"
-    )
+    skip_bad: bool = same_option(DataOptions, "skip_bad", False)  # here it applies to the query images
     out: str = out_option("runs/retrieval-search")
 
 

@@ -46,6 +46,7 @@ def _help(*command: str) -> str:
         (["fewshot", "test", "--episdoes=3"], "--episdoes", "--episodes"),
         (["bench", "pipeline", "--thread", "2"], "--thread", "--threads"),
         (["--debg", "demo"], "--debg", "--debug"),
+        (["retrieval", "search", "--bogus"], "--bogus", None),  # not "close" to --out by its dashes
     ],
 )
 def test_unknown_flag_is_one_line_with_a_suggestion(argv, flag, suggestion):
@@ -83,6 +84,38 @@ def test_every_parser_refuses_prefixes():
 
     parsers = list(walk(build_parser()))
     assert len(parsers) > 10 and all(not p.allow_abbrev for p in parsers)
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
+    """Every command path below ``parser`` (``("retrieval", "eval")``, ...), the parser's own first."""
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*prefix, name))
+
+
+def test_help_is_plain_text_with_each_default_once():
+    for command in _commands(build_parser()):
+        text = _help(*command)
+        assert "(default: None)" not in text and "``" not in text and ":class:" not in text, command
+        for option in text.split("  --")[1:]:  # one option's help: its default shown at most once
+            assert option.count("(default:") <= 1, (command, option)
+
+
+def test_every_option_has_help():
+    for command in _commands(build_parser()):
+        parser = build_parser()
+        for name in command:
+            parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+        bare = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+        assert not bare, (command, bare)
+
+
+def test_an_option_without_a_default_in_its_help_gets_one():
+    text = _help("bench", "pipeline")
+    assert "--rerank-k RERANK_K shortlist length each query reranks (default: 100)" in text
+    assert "--fcn224 FCN + pyramid at 224 px top-100 rerank section --fcn224-images" in text  # a flag: no default
 
 
 def test_yaml_duplicate_key_keeps_its_own_fix(tmp_path):

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sinkhorn-iters", type=int, default=500, help="Sinkhorn iteration cap")
     parser.add_argument("--dim", type=int, default=64, help="feature channels of the problems")
     parser.add_argument("--threads", type=int, default=None, help="torch threads, also used by the exact solver")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random problems")
     parser.add_argument(
         "--quick", action="store_true", help="sizes 5x5,25x25; batches 1,100; 1 repeat; 2 qpth problems"
     )
