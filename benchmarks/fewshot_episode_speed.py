@@ -82,28 +82,13 @@ def test_cache(cfg):
     extracted once into ``cfg.feature_cache``, loaded from there afterwards."""
     from deepemd.device import default_device
     from deepemd.fewshot import build
-    from deepemd.fewshot.evaluate import feature_key
-    from deepemd.fewshot.features import cached, extract
+    from deepemd.fewshot.evaluate import test_features
 
     device = default_device(cfg.device)
     images = build.read_split(cfg, cfg.split)
     net = build.create_backbone(cfg, cfg.checkpoint).to(device)
     extractor = build.create_extractor(cfg, net).to(device)
-    return cached(
-        cfg.feature_cache,
-        feature_key(cfg, images),
-        lambda: extract(
-            build.dataset(images, cfg, net, train=False),
-            net,
-            extractor,
-            cfg.local,
-            batch_size=cfg.batch_size,
-            workers=cfg.workers,
-            device=device,
-            seed=cfg.seed,
-            progress=False,
-        ),
-    )
+    return test_features(cfg, images, net, extractor, device, progress=False)
 
 
 def test_path_timing(cfg, cache) -> tuple[float, dict[str, float], dict[str, np.ndarray]]:

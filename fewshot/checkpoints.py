@@ -84,6 +84,52 @@ def save_epoch(out: Path, history: list[dict], improved: bool, **state: Any) -> 
     write_results(merge_history(out, history), out, name="history", float_format="%.6g")
 
 
+def end_epoch(
+    out: Path,
+    rank: distributed.Rank,
+    history: list[dict],
+    best: dict,
+    *,
+    epoch: int,
+    loss: float,
+    train_accuracy: float,
+    val_acc: float,
+    has_val: bool,
+    job: str,
+    accuracy_name: str,
+    **state: Any,
+) -> dict:
+    """The end of a pre-training or meta-training epoch on every rank; returns the new ``best``.
+
+    The main rank's ``val_acc`` (NaN elsewhere) is shared, the epoch is kept as best when it
+    improved on validation (without validation, the last epoch is kept), its row goes into
+    ``history``, the main rank writes the checkpoints and the table (:func:`save_epoch`) and
+    prints ``"{job} epoch 3: loss ... {accuracy_name} ..."``, and all ranks wait for it."""
+    val_acc = distributed.broadcast_float(val_acc, rank)
+    if not has_val or val_acc > best["accuracy"]:
+        best, improved = {"accuracy": val_acc, "epoch": epoch}, True
+    else:
+        improved = False
+    scheduler = state["scheduler"]
+    history.append(
+        {
+            "epoch": epoch,
+            "loss": loss,
+            "train_accuracy": train_accuracy,
+            "val_accuracy": val_acc,
+            "lr": scheduler.get_last_lr()[0],
+        }
+    )
+    if rank.main:
+        save_epoch(out, history, improved, epoch=epoch, best=best, **state)
+        print(
+            f"{job} epoch {epoch}: loss {loss:.3f} {accuracy_name} {train_accuracy:.1f}% " + val_note(val_acc, best),
+            flush=True,
+        )
+    distributed.barrier(rank)
+    return best
+
+
 def load_training_state(path: Path) -> dict[str, Any]:
     state = load_checkpoint(path)
     missing = [k for k in ("backbone", "optimizer", "scheduler", "epoch", "best") if k not in state]

@@ -14,8 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from torch import nn
 
 from deepemd.backbones import pretrained_from_option, with_packaged_weights
+from deepemd.data import ImageList
 from deepemd.device import default_device
 from deepemd.emd.sfc import SFCFit
 from deepemd.errors import DeepEMDError
@@ -135,18 +138,12 @@ def refuse_untrained(cfg: EvalConfig) -> None:
         )
 
 
-def run_test(cfg: EvalConfig, progress: bool = True) -> pd.DataFrame:
-    """The whole ``test`` command; returns the results table it wrote."""
-    start = time.perf_counter()
-    device = default_device(cfg.device)
-    seed_everything(cfg.seed)
-    images = build.read_split(cfg, cfg.split)
-    check_episode_size(images.labels, cfg.way, cfg.shot, cfg.query, f"{cfg.data_root} ({cfg.split} split)")
-    refuse_untrained(cfg)
-    net = build.create_backbone(cfg, cfg.checkpoint).to(device)
-    extractor = build.create_extractor(cfg, net).to(device)
-    size = build.input_size(cfg, net)
-    cache = cached(
+def test_features(
+    cfg: EvalConfig, images: ImageList, net: nn.Module, extractor: nn.Module, device: torch.device, progress: bool
+) -> FeatureCache:
+    """The features ``test`` runs its episodes on: read from ``cfg.feature_cache`` when its key
+    (:func:`feature_key`) matches, else extracted with ``cfg``'s options and stored there."""
+    return cached(
         cfg.feature_cache,
         feature_key(cfg, images),
         lambda: extract(
@@ -162,6 +159,20 @@ def run_test(cfg: EvalConfig, progress: bool = True) -> pd.DataFrame:
             inference_dtype=cfg.inference_dtype,
         ),
     )
+
+
+def run_test(cfg: EvalConfig, progress: bool = True) -> pd.DataFrame:
+    """The whole ``test`` command; returns the results table it wrote."""
+    start = time.perf_counter()
+    device = default_device(cfg.device)
+    seed_everything(cfg.seed)
+    images = build.read_split(cfg, cfg.split)
+    check_episode_size(images.labels, cfg.way, cfg.shot, cfg.query, f"{cfg.data_root} ({cfg.split} split)")
+    refuse_untrained(cfg)
+    net = build.create_backbone(cfg, cfg.checkpoint).to(device)
+    extractor = build.create_extractor(cfg, net).to(device)
+    size = build.input_size(cfg, net)
+    cache = test_features(cfg, images, net, extractor, device, progress)
     extract_seconds = time.perf_counter() - start
     rows, accs = run_methods(cfg, cache, progress)
     for row in rows:

@@ -31,13 +31,12 @@ from deepemd.eval import write_results
 from deepemd.fewshot import build
 from deepemd.fewshot.checkpoints import (
     BEST,
+    end_epoch,
     resume_or_start,
     run_keeping_best,
-    save_epoch,
     save_training_state,
     say_if_complete,
     sgd_with_steps,
-    val_note,
 )
 from deepemd.fewshot.config import TrainConfig
 from deepemd.fewshot.episodes import check_episode_size, episode_indices, episode_labels, evaluate
@@ -178,35 +177,21 @@ def _meta_train(cfg: TrainConfig, rank: distributed.Rank, device: torch.device, 
         distributed.sync_buffers(model, rank)
         has_val = rank.main and val_set is not None
         val_acc = validate(cfg, backbone, extractor, val_set, device, progress) if has_val else float("nan")
-        val_acc = distributed.broadcast_float(val_acc, rank)
-        improved = val_set is None or val_acc > best["accuracy"]  # no validation: the last epoch is kept
-        if improved:
-            best = {"accuracy": val_acc, "epoch": epoch}
-        history.append(
-            {
-                "epoch": epoch,
-                "loss": float(np.mean(losses)),
-                "train_accuracy": 100.0 * float(np.mean(accs)),
-                "val_accuracy": val_acc,
-                "lr": scheduler.get_last_lr()[0],
-            }
+        best = end_epoch(
+            out,
+            rank,
+            history,
+            best,
+            epoch=epoch,
+            loss=float(np.mean(losses)),
+            train_accuracy=100.0 * float(np.mean(accs)),
+            val_acc=val_acc,
+            has_val=val_set is not None,
+            job="meta-train",
+            accuracy_name="episode acc",
+            backbone=backbone,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            config=cfg,
         )
-        if rank.main:
-            save_epoch(
-                out,
-                history,
-                improved,
-                backbone=backbone,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                epoch=epoch,
-                best=best,
-                config=cfg,
-            )
-            print(
-                f"meta-train epoch {epoch}: loss {history[-1]['loss']:.3f} episode acc "
-                f"{history[-1]['train_accuracy']:.1f}% " + val_note(val_acc, best),
-                flush=True,
-            )
-        distributed.barrier(rank)
     return backbone

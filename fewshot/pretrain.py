@@ -25,12 +25,11 @@ from deepemd.build import resolve_data
 from deepemd.errors import DeepEMDError
 from deepemd.fewshot import build
 from deepemd.fewshot.checkpoints import (
+    end_epoch,
     resume_or_start,
     run_keeping_best,
-    save_epoch,
     say_if_complete,
     sgd_with_steps,
-    val_note,
 )
 from deepemd.fewshot.config import PretrainConfig
 from deepemd.fewshot.episodes import check_episode_size, evaluate
@@ -181,36 +180,22 @@ def _pretrain(cfg: PretrainConfig, rank: distributed.Rank, device: torch.device,
         distributed.sync_buffers(model, rank)
         has_val = rank.main and val_set is not None
         val_acc = validate(cfg, backbone, val_set, device, progress) if has_val else float("nan")
-        val_acc = distributed.broadcast_float(val_acc, rank)
-        improved = val_set is None or val_acc > best["accuracy"]  # no validation: the last epoch is kept
-        if improved:
-            best = {"accuracy": val_acc, "epoch": epoch}
-        history.append(
-            {
-                "epoch": epoch,
-                "loss": float(np.mean(losses)),
-                "val_accuracy": val_acc,
-                "train_accuracy": 100.0 * correct / max(seen, 1),
-                "lr": scheduler.get_last_lr()[0],
-            }
+        best = end_epoch(
+            out,
+            rank,
+            history,
+            best,
+            epoch=epoch,
+            loss=float(np.mean(losses)),
+            train_accuracy=100.0 * correct / max(seen, 1),
+            val_acc=val_acc,
+            has_val=val_set is not None,
+            job="pretrain",
+            accuracy_name="train acc",
+            backbone=backbone,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            config=cfg,
+            heads=heads,
         )
-        if rank.main:
-            save_epoch(
-                out,
-                history,
-                improved,
-                backbone=backbone,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                epoch=epoch,
-                best=best,
-                config=cfg,
-                heads=heads,
-            )
-            print(
-                f"pretrain epoch {epoch}: loss {history[-1]['loss']:.3f} "
-                f"train acc {history[-1]['train_accuracy']:.1f}% " + val_note(val_acc, best),
-                flush=True,
-            )
-        distributed.barrier(rank)
     return backbone
