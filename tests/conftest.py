@@ -42,6 +42,11 @@ def write_image(path: Path, size: tuple[int, int] = (24, 20), seed: int = 0, mod
     return path
 
 
+#: CLI flags of a random 8-channel ResNet-12 at 32 px: a retrieval job in seconds, for tests of
+#: behaviour (not accuracy).
+TINY = "--backbone resnet12 --backbone-widths 8 8 8 8 --weights none --image-size 32 --pyramid 2 1".split()
+
+
 def make_class_folders(root: Path, classes: list[str], per_class: int, suffix: str = ".png") -> Path:
     """``<root>/<class>/<i>.png`` for every class; image content differs per file."""
     for c, name in enumerate(classes):

@@ -7,28 +7,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_class_folders
+from conftest import TINY, make_class_folders
 
 from deepemd.cli import main
 from deepemd.errors import DeepEMDError
 from deepemd.retrieval import Gallery
-
-TINY = [
-    "--backbone",
-    "resnet12",
-    "--backbone-widths",
-    "8",
-    "8",
-    "8",
-    "8",
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--pyramid",
-    "2",
-    "1",
-]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_class_folders
+from conftest import TINY, make_class_folders
 
 from deepemd.cli import main
 from deepemd.errors import DeepEMDError
@@ -17,23 +17,6 @@ from deepemd.retrieval import Gallery
 from deepemd.retrieval.build import local_specs, make_embedder
 from deepemd.retrieval.config import SearchConfig
 from deepemd.retrieval.gallery import open_gallery
-
-TINY = [
-    "--backbone",
-    "resnet12",
-    "--backbone-widths",
-    "8",
-    "8",
-    "8",
-    "8",
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--pyramid",
-    "2",
-    "1",
-]
 
 
 @pytest.fixture(scope="module")
