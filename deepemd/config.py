@@ -294,27 +294,30 @@ def shown_default(default: Any) -> str | None:
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Plain-text help: markup stripped, each option's valid choices (read from its registry)
-    appended, and the default of an option added without one (a bench flag's argparse default;
-    a dataclass option's help carries its own, see :func:`add_dataclass_arguments`)."""
+    """Plain-text help: markup stripped, then each option's default (``field_default`` of a
+    dataclass option, see :func:`add_dataclass_arguments`, else argparse's) unless its help
+    already says it, then its valid choices (read from its registry)."""
 
     def _format_text(self, text: str) -> str:
         return super()._format_text(plain_text(text))
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = plain_text(action.help or "")
+        # a flag taking no value (store_true, --help) has no default worth a word
+        if action.option_strings and action.nargs != 0 and "default" not in text:
+            shown = shown_default(getattr(action, "field_default", action.default))
+            if shown is not None:
+                text = f"{text} (default: {shown})".strip()
         names = _choice_names(getattr(action, "lazy_choices", None))
         if names:
             text = f"{text} [choices: {', '.join(names)}]"
-        # a flag taking no value (store_true, --help) has no default worth a word
-        shown = None if action.nargs == 0 or "default" in text else shown_default(action.default)
-        if action.option_strings and shown is not None:
-            text = f"{text} (default: {shown})".strip()
         return text.replace("%", "%%")
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Expose every dataclass field as ``--field-name`` (default None = "not given")."""
+    """Expose every dataclass field as ``--field-name``. Argparse's default is None ("not
+    given", so YAML values stand); the field's own default is kept as the action's
+    ``field_default`` for :class:`HelpFormatter` to show."""
     types_ = _field_types(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -323,20 +326,19 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             if f.default is not dataclasses.MISSING
             else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
-        help_ = str(f.metadata.get("help", ""))
-        shown = None if "default" in help_ else shown_default(default)  # the help may say it already
-        text = help_ if shown is None else f"{help_} (default: {shown})".strip()
+        text = str(f.metadata.get("help", ""))
         hint = types_[f.name]
-        lazy = f.metadata.get("choices")
         if hint is bool:  # `--flag` alone means true; `--flag false` still works
-            parser.add_argument(
+            action = parser.add_argument(
                 flag, dest=f.name, default=None, nargs="?", const="true", metavar="true|false", help=text
             )
-            continue
-        nargs = "+" if typing.get_origin(hint) in (tuple, list) else None
-        parser.add_argument(
-            flag, dest=f.name, default=None, nargs=nargs, help=text, action=_ChoicesAction, lazy_choices=lazy
-        )
+        else:
+            nargs = "+" if typing.get_origin(hint) in (tuple, list) else None
+            lazy = f.metadata.get("choices")
+            action = parser.add_argument(
+                flag, dest=f.name, default=None, nargs=nargs, help=text, action=_ChoicesAction, lazy_choices=lazy
+            )
+        action.field_default = default  # type: ignore[attr-defined]  # read by HelpFormatter
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:

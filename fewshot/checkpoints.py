@@ -10,6 +10,7 @@ killed mid-write resumes from the previous epoch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,19 +95,19 @@ def end_epoch(
     loss: float,
     train_accuracy: float,
     val_acc: float,
-    has_val: bool,
     job: str,
     accuracy_name: str,
     **state: Any,
 ) -> dict:
     """The end of a pre-training or meta-training epoch on every rank; returns the new ``best``.
 
-    The main rank's ``val_acc`` (NaN elsewhere) is shared, the epoch is kept as best when it
-    improved on validation (without validation, the last epoch is kept), its row goes into
+    The main rank's ``val_acc`` (NaN elsewhere, and on every rank without validation) is shared,
+    the epoch is kept as best when it improved on validation (without, the last epoch is kept,
+    as :func:`val_note` says), its row goes into
     ``history``, the main rank writes the checkpoints and the table (:func:`save_epoch`) and
     prints ``"{job} epoch 3: loss ... {accuracy_name} ..."``, and all ranks wait for it."""
     val_acc = distributed.broadcast_float(val_acc, rank)
-    if not has_val or val_acc > best["accuracy"]:
+    if math.isnan(val_acc) or val_acc > best["accuracy"]:
         best, improved = {"accuracy": val_acc, "epoch": epoch}, True
     else:
         improved = False
@@ -152,7 +153,7 @@ def merge_history(out: Path, new_rows: list[dict]) -> list[dict]:
 
 def val_note(val_acc: float, best: dict) -> str:
     """The progress line's validation part (no validation: the last epoch is what is kept)."""
-    if val_acc != val_acc:  # NaN: val_episodes 0
+    if math.isnan(val_acc):  # val_episodes 0
         return "no validation (last epoch kept)"
     return f"val acc {val_acc:.2f}% (best {best['accuracy']:.2f}% @ {best['epoch']})"
 
