@@ -39,9 +39,9 @@ from deepemd.fewshot.checkpoints import (
     sgd_with_steps,
 )
 from deepemd.fewshot.config import TrainConfig
-from deepemd.fewshot.episodes import check_episode_size, episode_indices, episode_labels, evaluate
-from deepemd.fewshot.features import extract
-from deepemd.fewshot.methods import MethodOptions, emd_fusion, emd_nn
+from deepemd.fewshot.episodes import check_episode_size, episode_indices, episode_labels
+from deepemd.fewshot.evaluate import emd_options, validation_accuracy
+from deepemd.fewshot.methods import emd_fusion, emd_nn
 from deepemd.seeding import derive_seed, seed_everything
 
 
@@ -69,26 +69,14 @@ class EpisodeNet(nn.Module):
         )
 
 
-@torch.no_grad()
 def validate(
     cfg: TrainConfig, backbone: nn.Module, extractor: nn.Module, val_set, device: torch.device, progress: bool
 ) -> float:
     """Mean accuracy (percent) of seeded val episodes with the variant being trained."""
-    cache = extract(
-        val_set,
-        backbone,
-        extractor,
-        cfg.local,
-        batch_size=cfg.batch_size,
-        workers=cfg.workers,
-        device=device,
-        seed=cfg.seed,
-        progress=progress,
-    )
-    opts = MethodOptions(weights=cfg.node_weights, solver=cfg.solver, temperature=cfg.temperature, center=cfg.center)
+    opts = emd_options(cfg)
     method = emd_nn(opts) if cfg.shot == 1 else emd_fusion(opts)
-    accs = evaluate(cache, {"val": method}, cfg.way, cfg.shot, cfg.query, cfg.val_episodes, cfg.seed, progress=progress)
-    return 100.0 * float(accs["val"].mean())
+    episode = (cfg.way, cfg.shot, cfg.query)
+    return validation_accuracy(cfg, val_set, backbone, extractor, cfg.local, method, episode, device, progress)
 
 
 def meta_train(cfg: TrainConfig, progress: bool = True, load_best: bool = True) -> nn.Module:

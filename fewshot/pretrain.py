@@ -32,9 +32,9 @@ from deepemd.fewshot.checkpoints import (
     sgd_with_steps,
 )
 from deepemd.fewshot.config import PretrainConfig
-from deepemd.fewshot.episodes import check_episode_size, evaluate
-from deepemd.fewshot.features import extract
-from deepemd.fewshot.methods import MethodOptions, emd_nn, protonet
+from deepemd.fewshot.episodes import check_episode_size
+from deepemd.fewshot.evaluate import emd_options, validation_accuracy
+from deepemd.fewshot.methods import emd_nn, protonet
 from deepemd.labels import build_label_loss
 from deepemd.seeding import derive_seed, seed_everything
 
@@ -94,24 +94,11 @@ def pretrain_loss(
 @torch.no_grad()
 def validate(cfg: PretrainConfig, backbone: nn.Module, val_set, device: torch.device, progress: bool) -> float:
     """Mean accuracy (percent) of val episodes: DeepEMD-FCN (``val_method='fcn'``) or prototype."""
-    fcn = local.create("fcn", backbone)
-    cache = extract(
-        val_set,
-        backbone,
-        fcn,
-        "fcn",
-        batch_size=cfg.batch_size,
-        workers=cfg.workers,
-        device=device,
-        seed=cfg.seed,
-        progress=progress,
-    )
-    opts = MethodOptions(weights=cfg.node_weights, solver=cfg.solver, temperature=cfg.temperature, center=cfg.center)
+    opts = emd_options(cfg)
     method = emd_nn(opts) if cfg.val_method == "fcn" else protonet(opts)
-    accs = evaluate(
-        cache, {"val": method}, cfg.val_way, cfg.val_shot, cfg.val_query, cfg.val_episodes, cfg.seed, progress=progress
-    )
-    return 100.0 * float(accs["val"].mean())
+    episode = (cfg.val_way, cfg.val_shot, cfg.val_query)
+    fcn = local.create("fcn", backbone)
+    return validation_accuracy(cfg, val_set, backbone, fcn, "fcn", method, episode, device, progress)
 
 
 def pretrain(cfg: PretrainConfig, progress: bool = True, load_best: bool = True) -> nn.Module:
