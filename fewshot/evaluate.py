@@ -18,18 +18,19 @@ import torch
 from torch import nn
 
 from deepemd.backbones import pretrained_from_option, with_packaged_weights
-from deepemd.data import ImageDataset, ImageList
+from deepemd.data import ImageList
 from deepemd.device import default_device
 from deepemd.emd.sfc import SFCFit
 from deepemd.errors import DeepEMDError
 from deepemd.eval import write_results
 from deepemd.eval.flows import node_boxes
 from deepemd.fewshot import build
-from deepemd.fewshot.config import EvalConfig, FewShotOptions, PretrainConfig, TrainConfig
+from deepemd.fewshot.config import EvalConfig
 from deepemd.fewshot.episodes import check_episode_size, episode_indices, evaluate, summarise
-from deepemd.fewshot.features import FeatureCache, cached, extract
+from deepemd.fewshot.features import FeatureCache, cached
 from deepemd.fewshot.figures import episode_flow_figure
-from deepemd.fewshot.methods import METHODS, Method, MethodOptions, select
+from deepemd.fewshot.methods import METHODS, MethodOptions, select
+from deepemd.fewshot.validation import emd_options, extract_with
 from deepemd.io import atomic_path
 from deepemd.seeding import seed_everything
 
@@ -135,32 +136,6 @@ def refuse_untrained(cfg: EvalConfig) -> None:
         )
 
 
-def extract_with(
-    cfg: FewShotOptions,
-    dataset: ImageDataset,
-    net: nn.Module,
-    extractor: nn.Module,
-    kind: str,
-    device: torch.device,
-    progress: bool,
-    inference_dtype: str = "float32",
-) -> FeatureCache:
-    """:func:`extract` with ``cfg``'s batch size, workers and seed: the one call that the test
-    command and both trainers' validation make."""
-    return extract(
-        dataset,
-        net,
-        extractor,
-        kind,
-        batch_size=cfg.batch_size,
-        workers=cfg.workers,
-        device=device,
-        seed=cfg.seed,
-        progress=progress,
-        inference_dtype=inference_dtype,
-    )
-
-
 def test_features(
     cfg: EvalConfig, images: ImageList, net: nn.Module, extractor: nn.Module, device: torch.device, progress: bool
 ) -> FeatureCache:
@@ -172,32 +147,6 @@ def test_features(
         feature_key(cfg, images),
         lambda: extract_with(cfg, dataset, net, extractor, cfg.local, device, progress, cfg.inference_dtype),
     )
-
-
-@torch.no_grad()
-def validation_accuracy(
-    cfg: PretrainConfig | TrainConfig,
-    val_set: ImageDataset,
-    net: nn.Module,
-    extractor: nn.Module,
-    kind: str,
-    method: Method,
-    episode: tuple[int, int, int],
-    device: torch.device,
-    progress: bool,
-) -> float:
-    """Mean accuracy (percent) of ``method`` over ``cfg.val_episodes`` seeded ``(way, shot,
-    query)`` episodes of ``val_set``, on features extracted afresh in float32 (the network
-    changes every epoch, so there is no cache; validation keeps the precision of training)."""
-    cache = extract_with(cfg, val_set, net, extractor, kind, device, progress)
-    accs = evaluate(cache, {"val": method}, *episode, cfg.val_episodes, cfg.seed, progress=progress)
-    return 100.0 * float(accs["val"].mean())
-
-
-def emd_options(cfg: FewShotOptions) -> MethodOptions:
-    """The EMD head's options of ``cfg`` (node weights, solver, temperature, centring): the
-    part of :func:`method_options` that validation shares with the test command."""
-    return MethodOptions(weights=cfg.node_weights, solver=cfg.solver, temperature=cfg.temperature, center=cfg.center)
 
 
 def run_test(cfg: EvalConfig, progress: bool = True) -> pd.DataFrame:

@@ -40,8 +40,8 @@ from deepemd.fewshot.checkpoints import (
 )
 from deepemd.fewshot.config import TrainConfig
 from deepemd.fewshot.episodes import check_episode_size, episode_indices, episode_labels
-from deepemd.fewshot.evaluate import emd_options, validation_accuracy
 from deepemd.fewshot.methods import emd_fusion, emd_nn
+from deepemd.fewshot.validation import emd_options, validation_accuracy
 from deepemd.seeding import derive_seed, seed_everything
 
 

@@ -33,8 +33,8 @@ from deepemd.fewshot.checkpoints import (
 )
 from deepemd.fewshot.config import PretrainConfig
 from deepemd.fewshot.episodes import check_episode_size
-from deepemd.fewshot.evaluate import emd_options, validation_accuracy
 from deepemd.fewshot.methods import emd_nn, protonet
+from deepemd.fewshot.validation import emd_options, validation_accuracy
 from deepemd.labels import build_label_loss
 from deepemd.seeding import derive_seed, seed_everything
 
