@@ -53,7 +53,8 @@ from numba.extending import overload
 INT_INF = 1 << 62
 #: Added to the packed value of the one column a second-minimum search skips.
 EXCLUDED = 1 << 61
-#: Grid cost of a padding column: above any real reduced cost, and no dual overflows it.
+#: Minus the dual of a padding column: its reduced cost is above any real one, and no dual
+#: overflows it (its grid costs are 0).
 PAD_COST = 1 << 61
 #: 1.5 * 2**52: an integer-valued float64 ``y`` with ``|y| < 2**51`` plus this has the bits of
 #: ``MAGIC_BITS + y`` (a float64 -> int64 conversion in two vectorised passes).
@@ -99,7 +100,7 @@ def cost_bits(m: int, n: int) -> int:
     problems so that duals (sums of up to ``m + n`` costs below ``2**(bits+1)``) and reduced
     costs stay far inside int64, and so that a packed start value (a cost plus the closed
     offset ``4 << bits``, shifted by an index's bits) stays below :data:`EXCLUDED`."""
-    return min(50, 58 - math.ceil(math.log2(2 * (m + n) + 1)), 58 - index_bits(max(m, n)))
+    return min(50, 58 - math.ceil(math.log2(2 * (m + n) + 1)), 58 - index_bits(max(m, padded_width(n))))
 
 
 @njit(cache=True)
@@ -160,7 +161,7 @@ def _abs_max_typed(c, word):
 @njit(cache=True)
 def _grid_costs(c, cf, ci, bits: int, word, offset) -> float:
     """``ci[:, :n] = floor(c * 2**bits / max|c|)`` less each row's minimum and then each
-    column's (kept in ``offset``: rows, then columns), ``ci[:, n:] = PAD_COST``; ``cf`` is
+    column's (kept in ``offset``: rows, then columns), ``ci[:, n:] = 0``; ``cf`` is
     ``ci``'s float64 view. Returns ``max |c|`` (an integer step costs ``max|c| * 2**-bits``),
     or -1.0 when a cost is NaN or inf.
 
@@ -200,17 +201,18 @@ def _grid_costs(c, cf, ci, bits: int, word, offset) -> float:
         for j in range(n):
             ci[i, j] -= col[j]
         for j in range(n, ci.shape[1]):
-            ci[i, j] = PAD_COST
+            ci[i, j] = 0
     return cmax
 
 
 @njit(cache=True)
-def _packed_min(ci, i: int, shift, n: int, ib: int, skip: int) -> int:
+def _packed_min(ci, i: int, shift, ib: int, skip: int) -> int:
     """``min_j ((ci[i, j] + shift[j]) << ib) + j`` over ``j != skip``: the minimum and (in the
     low ``ib`` bits) its first index from one vectorised pass (an argmin loop is not
-    vectorised). ``shift`` is 0 for open columns, ``4 << bits`` for closed ones."""
+    vectorised). ``shift`` is 0 for open columns, ``4 << bits`` for closed and padding ones:
+    the padded row has no remainder loop (1.6x faster than 25 columns)."""
     best = INT_INF
-    for j in range(n):
+    for j in range(ci.shape[1]):
         best = min(best, ((ci[i, j] + shift[j]) << ib) + j + (EXCLUDED if j == skip else 0))
     return best
 
@@ -229,22 +231,23 @@ def _regret_start(ci, n: int, a, b, bits: int, start_ws, parent, tflow, closed) 
     first or second is ``j``, so a closed column re-prices only those rows (3.3 of 25)."""
     shift, ra, rb, key, first, second, watch = start_ws
     m = ci.shape[0]
-    ib = index_bits(n)
+    ib = index_bits(ci.shape[1])
     low = (1 << ib) - 1
     ibm = index_bits(m)
     lone = (2 << bits) << ibm  # a row with one open column left goes first
     for j in range(n):
-        shift[j] = 0
         rb[j] = b[j]
+    for j in range(ci.shape[1]):
+        shift[j] = 0 if j < n else 4 << bits
     watch[:, :] = 0
     key[:] = -1  # the padding after row m - 1 too
     for i in range(m):
         ra[i] = a[i]
-        f = _packed_min(ci, i, shift, n, ib, -1)
+        f = _packed_min(ci, i, shift, ib, -1)
         first[i] = f
         watch[f & low, i >> 6] |= 1 << (i & 63)
         if n > 1:
-            s = _packed_min(ci, i, shift, n, ib, f & low)
+            s = _packed_min(ci, i, shift, ib, f & low)
             second[i] = s
             watch[s & low, i >> 6] |= 1 << (i & 63)
             key[i] = (((s >> ib) - (f >> ib)) << ibm) | (m - 1 - i)
@@ -284,7 +287,7 @@ def _regret_start(ci, n: int, a, b, bits: int, start_ws, parent, tflow, closed) 
                     if first[r] & low == j:
                         first[r] = second[r]
                     if open_cols > 1:
-                        s = _packed_min(ci, r, shift, n, ib, first[r] & low)
+                        s = _packed_min(ci, r, shift, ib, first[r] & low)
                         second[r] = s
                         watch[s & low, w] |= 1 << (r & 63)
                         key[r] = (((s >> ib) - (first[r] >> ib)) << ibm) | (m - 1 - r)
@@ -346,9 +349,8 @@ def _price(ci, alpha, beta, start: int, block: int) -> tuple:
     if block >= m:
         for i in range(m):
             r = _row_min(ci, i, beta) - alpha[i]
-            if r < best:
-                best = r
-                ei = i
+            ei = i if r < best else ei  # selects, not a branch that mispredicts
+            best = min(best, r)
         return best, ei, 0
     i = start
     in_block = 0
@@ -382,7 +384,7 @@ def _simplex(ci, pot, parent, tflow, desc, path, moved, max_pivots: int, block: 
     """Pivot from the start's basis to an optimal one; returns the pivot count, or
     :data:`CAPPED` at ``max_pivots``. Node ids: rows ``0..m-1``, columns ``m..m+n-1``;
     ``tflow[v]`` is the flow on the cell joining ``v`` to ``parent[v]``; ``pot`` holds the
-    duals (``alpha = pot[:m]``, ``beta = pot[m:]``, zero on the padding columns)."""
+    duals (``alpha = pot[:m]``, ``beta = pot[m:]``, ``-PAD_COST`` on the padding columns)."""
     m = ci.shape[0]
     alpha = pot[:m]
     beta = pot[m:]
@@ -541,7 +543,7 @@ def _solve_one(c, a, b, x, alpha_out, beta_out, ws, bits: int, max_pivots: int, 
         return np.nan, NON_FINITE, np.nan
     root = _regret_start(ci, n, a, b, bits, start_ws, parent, tflow, closed)
     _tree_masks_and_duals(ci, root, parent, closed, desc, pot)
-    pot[m + n :] = 0  # the padding columns' duals
+    pot[m + n :] = -PAD_COST  # the padding columns' duals: they never price negative
     pivots = _simplex(ci, pot, parent, tflow, desc, path, moved, max_pivots, block)
     distance, error, size = _write_solution(c, ci, root, parent, tflow, offset, bits, cmax, x)
     if pivots != CAPPED and error > PRECISION_RTOL * size:
@@ -564,7 +566,7 @@ def solve_range(c, a, b, x, alpha, beta, distance, pivots, error, max_pivots, bl
     words = (nodes + 63) // 64
     cf = np.empty((m, width), np.float64)
     start_ws = (
-        np.empty(n, np.int64),  # shift: 0 for an open column, 4 << bits for a closed one
+        np.empty(width, np.int64),  # shift: 0 for an open column, 4 << bits for a closed one
         np.empty(m, np.float64),  # ra: supply left per row
         np.empty(n, np.float64),  # rb: demand left per column
         np.empty(-(-m // 4) * 4, np.int64),  # key: padded for the vectorised maximum
