@@ -139,8 +139,9 @@ def test_sinkhorn_tends_to_exact_as_eps_shrinks():
 
 
 def test_integer_costs_keep_differences_far_below_float32_precision():
-    """The kernel scales costs to 52-bit integers: a choice that hinges on a 1e-11 relative
-    difference, next to a cost 1,000x larger, must still come out right (and exactly so)."""
+    """The kernel scales costs to 50-bit integers (49 at 25x25): a choice that hinges on a 1e-11
+    relative difference, next to a cost 1,000x larger, must still come out right (and exactly
+    so)."""
     eps = 1e-11
     cost = np.array([[1.0, 1.0 + eps, 1e3], [1.0 + eps, 1.0, 1e3], [1e3, 1e3, 0.0]])
     for flip in (False, True):

@@ -4,15 +4,18 @@
 Python per problem; :mod:`deepemd.emd.exact` hands ranges of a batch to threads and handles the
 rare problem the kernel marks. Per problem:
 
-1. grid costs: ``c`` is scaled so that ``max |c|`` is ``2**bits`` (50 for DeepEMD's sizes) and
-   rounded down to integers, then each row's minimum and each column's are subtracted (same
-   optimal flow; the start sees each column's competition). The simplex runs on exact int64:
-   duals, reduced costs and the optimality test (every reduced cost ``>= 0``) need no
+1. grid costs: ``c`` is scaled so that ``max |c|`` is ``2**bits`` (49 at 25x25, 47 at 63x63)
+   and rounded down to integers, then each row's minimum and each column's are subtracted
+   (same optimal flow; the start sees each column's competition). The simplex runs on exact
+   int64: duals, reduced costs and the optimality test (every reduced cost ``>= 0``) need no
    tolerance, and LLVM vectorises integer minimum reductions, which it does not do for float
    ones under numba. The float -> int64 conversion adds 1.5 * 2**52 and reads the bits back
-   (AVX2 has no vector conversion to int64; that is why ``bits`` stops at 50). Rows are padded
-   to a multiple of 16 columns with a cost no dual can make negative: the pricing scan then has
-   no remainder loop (25 -> 32 columns priced 1.4x faster than 25).
+   (AVX2 has no vector conversion to int64; ``bits`` stays at most 50 for it). Each cost is
+   stored packed with its column in the low bits (``g << ib | j``) and the column duals
+   shifted alike, so one minimum over a row gives its cheapest cell and the column (no second
+   pass for the entering column), which is what bounds ``bits``. Rows are padded to a multiple
+   of 16 columns with a cost no dual reaches: the scans then have no remainder loop (25 -> 32
+   columns priced 1.4x faster than 25).
 2. start (Vogel's rule over the rows): the open row whose two cheapest open columns differ most
    ships to its cheapest; each allocation closes one row or column and the closed node hangs
    under the other end of the cell, which builds the basis tree (``m + n - 1`` cells, zero-flow
@@ -21,8 +24,9 @@ rare problem the kernel marks. Per problem:
    ReLU features). Each row keeps its two cheapest open columns; a closed column re-prices only
    the rows that watch it (a bitmask per column).
 3. price: the cell with the most negative reduced cost enters (a vectorised integer minimum per
-   row), over every cell up to 32x32 (Dantzig) and over the first block of an eighth of the
-   rows (taken cyclically) that holds a negative one above that.
+   row of the packed ``c_ij - beta_j``, less ``alpha_i``), over every cell up to 32x32
+   (Dantzig) and over the first block of an eighth of the rows (taken cyclically) that holds
+   a negative one above that.
 4. pivot: the cycle is the tree path between the entering row and column, found by walking up
    from the row until a node whose descendant bitmask holds the column (the apex), the leaving
    cell's candidates compared on the way; the leaving cell is the smallest flow against the
@@ -53,8 +57,8 @@ from numba.extending import overload
 INT_INF = 1 << 62
 #: Added to the packed value of the one column a second-minimum search skips.
 EXCLUDED = 1 << 61
-#: Minus the dual of a padding column: its reduced cost is above any real one, and no dual
-#: overflows it (its grid costs are 0).
+#: Packed grid cost of a padding column: above any real packed ``c_ij - beta_j`` (see
+#: cost_bits) and any start value, so a padding column never enters or ships.
 PAD_COST = 1 << 61
 #: 1.5 * 2**52: an integer-valued float64 ``y`` with ``|y| < 2**51`` plus this has the bits of
 #: ``MAGIC_BITS + y`` (a float64 -> int64 conversion in two vectorised passes).
@@ -96,11 +100,13 @@ def _lowest_bit(z: int) -> int:
 
 @njit(cache=True)
 def cost_bits(m: int, n: int) -> int:
-    """Bits of the grid costs: 50 (the float -> int conversion's limit), fewer for huge
-    problems so that duals (sums of up to ``m + n`` costs below ``2**(bits+1)``) and reduced
-    costs stay far inside int64, and so that a packed start value (a cost plus the closed
-    offset ``4 << bits``, shifted by an index's bits) stays below :data:`EXCLUDED`."""
-    return min(50, 58 - math.ceil(math.log2(2 * (m + n) + 1)), 58 - index_bits(max(m, padded_width(n))))
+    """Bits of the grid costs: at most 50 (the float -> int conversion's limit), and few
+    enough that ``c_ij - beta_j`` packed with a column index stays below ``2**61`` (duals are
+    sums of up to ``m + n`` costs below ``2**(bits+1)``, so ``|c - beta| < (m + n + 1) *
+    2**(bits+1)``), and a packed start value (a cost plus the closed offset ``4 << bits``,
+    shifted by an index's bits) below :data:`EXCLUDED`: 49 bits at 25x25, 47 at 63x63."""
+    ib = index_bits(padded_width(n))
+    return min(50, 60 - ib - math.ceil(math.log2(m + n + 1)), 58 - index_bits(max(m, padded_width(n))))
 
 
 @njit(cache=True)
@@ -164,10 +170,12 @@ def _abs_max_typed(c, word):
 
 @njit(cache=True)
 def _grid_costs(c, cf, ci, bits: int, word, offset) -> float:
-    """``ci[:, :n] = floor(c * 2**bits / max|c|)`` less each row's minimum and then each
-    column's (kept in ``offset``: rows, then columns), ``ci[:, n:] = 0``; ``cf`` is
-    ``ci``'s float64 view. Returns ``max |c|`` (an integer step costs ``max|c| * 2**-bits``),
-    or -1.0 when a cost is NaN or inf.
+    """The packed grid costs ``ci[i, j] = g_ij << ib | j`` (``ib = index_bits(width)``), where
+    ``g = floor(c * 2**bits / max|c|)`` less each row's minimum and then each column's (kept in
+    ``offset``: rows, then columns), and ``ci[:, n:] = PAD_COST``; ``cf`` is ``ci``'s float64
+    view. Returns ``max |c|`` (an integer step costs ``max|c| * 2**-bits``), or -1.0 when a
+    cost is NaN or inf. Packed, one minimum over a row gives the cheapest cell and its column:
+    the start's scans and the pricing need no second pass for the index.
 
     ``c`` is float32 or float64 (read as it is: a float32 batch is never copied). Rounding down
     (not toward zero) makes every grid cost at most the real one whatever its sign, which is
@@ -201,28 +209,30 @@ def _grid_costs(c, cf, ci, bits: int, word, offset) -> float:
             v = ci[i, j] - low
             ci[i, j] = v
             col[j] = min(col[j], v)
+    ib = index_bits(ci.shape[1])
     for i in range(m):
         for j in range(n):
-            ci[i, j] -= col[j]
+            ci[i, j] = ((ci[i, j] - col[j]) << ib) + j
         for j in range(n, ci.shape[1]):
-            ci[i, j] = 0
+            ci[i, j] = PAD_COST
     return cmax
 
 
 @njit(cache=True)
-def _packed_min(ci, i: int, shift, ib: int, skip: int) -> int:
-    """``min_j ((ci[i, j] + shift[j]) << ib) + j`` over ``j != skip``: the minimum and (in the
-    low ``ib`` bits) its first index from one vectorised pass (an argmin loop is not
-    vectorised). ``shift`` is 0 for open columns, ``4 << bits`` for closed and padding ones:
-    the padded row has no remainder loop (1.6x faster than 25 columns)."""
+def _packed_min(cs, i: int, shift, ib: int, skip: int) -> int:
+    """``min_j cs[i, j] + shift[j]`` over ``j != skip``: the cheapest open cell of row ``i``
+    and (in the low ``ib`` bits) its first column from one vectorised pass (an argmin loop is
+    not vectorised). ``shift`` is 0 for open columns, ``(4 << bits) << ib`` for closed ones;
+    the padding columns' costs are above both. The padded row has no remainder loop (1.6x
+    faster than 25 columns)."""
     best = INT_INF
-    for j in range(ci.shape[1]):
-        best = min(best, ((ci[i, j] + shift[j]) << ib) + j + (EXCLUDED if j == skip else 0))
+    for j in range(cs.shape[1]):
+        best = min(best, cs[i, j] + shift[j] + (EXCLUDED if j == skip else 0))
     return best
 
 
 @njit(cache=True)
-def _regret_start(ci, n: int, a, b, bits: int, start_ws, parent, tflow, closed) -> int:
+def _regret_start(cs, n: int, a, b, bits: int, start_ws, parent, tflow, closed) -> int:
     """Vogel's rule over the rows: repeatedly, the open row whose two cheapest open columns
     differ most (its regret) ships to its cheapest; the cell's row or column closes (exactly
     one: the last open row or column never closes early, so the tree stays connected) and the
@@ -234,24 +244,24 @@ def _regret_start(ci, n: int, a, b, bits: int, start_ws, parent, tflow, closed) 
     open columns, packed as by :func:`_packed_min`; ``watch[j]`` is the bitmask of rows whose
     first or second is ``j``, so a closed column re-prices only those rows (3.3 of 25)."""
     shift, ra, rb, key, first, second, watch = start_ws
-    m = ci.shape[0]
-    ib = index_bits(ci.shape[1])
+    m = cs.shape[0]
+    ib = index_bits(cs.shape[1])
     low = (1 << ib) - 1
     ibm = index_bits(m)
     lone = (2 << bits) << ibm  # a row with one open column left goes first
     for j in range(n):
         rb[j] = b[j]
-    for j in range(ci.shape[1]):
-        shift[j] = 0 if j < n else 4 << bits
+    for j in range(cs.shape[1]):
+        shift[j] = 0
     watch[:, :] = 0
     key[:] = -1  # the padding after row m - 1 too
     for i in range(m):
         ra[i] = a[i]
-        f = _packed_min(ci, i, shift, ib, -1)
+        f = _packed_min(cs, i, shift, ib, -1)
         first[i] = f
         watch[f & low, i >> 6] |= 1 << (i & 63)
         if n > 1:
-            s = _packed_min(ci, i, shift, ib, f & low)
+            s = _packed_min(cs, i, shift, ib, f & low)
             second[i] = s
             watch[s & low, i >> 6] |= 1 << (i & 63)
             key[i] = (((s >> ib) - (f >> ib)) << ibm) | (m - 1 - i)
@@ -281,7 +291,7 @@ def _regret_start(ci, n: int, a, b, bits: int, start_ws, parent, tflow, closed) 
             tflow[m + j] = max(rb[j], 0.0)
             ra[i] -= rb[j]
             closed[count] = m + j
-            shift[j] = 4 << bits
+            shift[j] = (4 << bits) << ib
             open_cols -= 1
             for w in range(watch.shape[1]):
                 z = watch[j, w]
@@ -291,7 +301,7 @@ def _regret_start(ci, n: int, a, b, bits: int, start_ws, parent, tflow, closed) 
                     if first[r] & low == j:
                         first[r] = second[r]
                     if open_cols > 1:
-                        s = _packed_min(ci, r, shift, ib, first[r] & low)
+                        s = _packed_min(cs, r, shift, ib, first[r] & low)
                         second[r] = s
                         watch[s & low, w] |= 1 << (r & 63)
                         key[r] = (((s >> ib) - (first[r] >> ib)) << ibm) | (m - 1 - r)
@@ -310,10 +320,10 @@ def _regret_start(ci, n: int, a, b, bits: int, start_ws, parent, tflow, closed) 
 
 
 @njit(cache=True)
-def _tree_masks_and_duals(ci, root: int, parent, closed, desc, pot) -> None:
+def _tree_masks_and_duals(cs, root: int, parent, closed, desc, pot, ib) -> None:
     """Descendant bitmasks accumulated child to parent along the closing order, and duals
     (``alpha_i + beta_j = ci_ij`` on every tree cell, the root's 0) parent to child."""
-    m = ci.shape[0]
+    m = cs.shape[0]
     nodes = desc.shape[0]
     flat = desc.reshape(desc.size)  # one memset: per-node zeroing was a call per node
     for k in range(flat.shape[0]):
@@ -328,78 +338,77 @@ def _tree_masks_and_duals(ci, root: int, parent, closed, desc, pot) -> None:
     for t in range(nodes - 2, -1, -1):
         v = closed[t]
         p = parent[v]
-        pot[v] = ci[min(v, p), max(v, p) - m] - pot[p]  # rows are the lower ids: no branch
+        pot[v] = (cs[min(v, p), max(v, p) - m] >> ib) - pot[p]  # rows are the lower ids: no branch
 
 
 @njit(cache=True)
-def _row_min(ci, i: int, beta) -> int:
-    """``min_j ci[i, j] - beta_j`` over the padded row (a vectorised integer reduction)."""
+def _row_min(cs, i: int, bs) -> int:
+    """``min_j cs[i, j] - bs_j`` over the padded row (a vectorised integer reduction): with
+    packed costs and shifted column duals, the least ``c_ij - beta_j`` of row ``i`` and, in the
+    low bits, its first column."""
     best = INT_INF
-    for j in range(ci.shape[1]):
-        best = min(best, ci[i, j] - beta[j])
+    for j in range(cs.shape[1]):
+        best = min(best, cs[i, j] - bs[j])
     return best
 
 
 @njit(cache=True)
-def _price(ci, alpha, beta, start: int, block: int) -> tuple:
-    """``(most negative reduced cost, its row, where the next pivot's pricing starts)``; row
-    -1 when none is negative (the basis is optimal). ``block >= m``: every row (Dantzig's
-    rule). Else rows ``block`` at a time, cyclically from ``start``, stopping after the first
-    block that holds a negative reduced cost: more pivots than Dantzig's rule, each pricing a
-    fraction of the cells (63x63 rerank problems: 195 pivots instead of 150 in 0.6x the time)."""
-    m = ci.shape[0]
+def _price(cs, alpha, bs, ib: int, start: int, block: int) -> tuple:
+    """``(most negative reduced cost, its row, where the next pivot's pricing starts, its
+    column)``; row -1 when none is negative (the basis is optimal). ``block >= m``: every row
+    (Dantzig's rule). Else rows ``block`` at a time, cyclically from ``start``, stopping after
+    the first block that holds a negative reduced cost: more pivots than Dantzig's rule, each
+    pricing a fraction of the cells (63x63 rerank problems: 146 pivots instead of 111 in 0.74x
+    the time)."""
+    m = cs.shape[0]
     best = 0
     ei = -1
+    packed = 0
     if block >= m:
         for i in range(m):
-            r = _row_min(ci, i, beta) - alpha[i]
-            ei = i if r < best else ei  # selects, not a branch that mispredicts
+            p = _row_min(cs, i, bs)
+            r = (p >> ib) - alpha[i]
+            better = r < best  # selects, not a branch that mispredicts
+            ei = i if better else ei
+            packed = p if better else packed
             best = min(best, r)
-        return best, ei, 0
+        return best, ei, 0, packed & ((1 << ib) - 1)
     i = start
     in_block = 0
     for _ in range(m):
-        r = _row_min(ci, i, beta) - alpha[i]
+        p = _row_min(cs, i, bs)
+        r = (p >> ib) - alpha[i]
         if r < best:
             best = r
             ei = i
+            packed = p
         i = i + 1 if i + 1 < m else 0
         in_block += 1
         if in_block == block:
             if ei >= 0:
                 break
             in_block = 0
-    return best, ei, i
+    return best, ei, i, packed & ((1 << ib) - 1)
 
 
 @njit(cache=True)
-def _first_equal(ci, i: int, beta, value) -> int:
-    """First ``j`` with ``ci[i, j] - beta_j == value``: an integer minimum over a select, which
-    vectorises (an early-exit search mispredicts its exit on every call)."""
-    n = ci.shape[1]
-    k = n
-    for j in range(n):
-        k = min(k, j if ci[i, j] - beta[j] == value else n)
-    return k
-
-
-@njit(cache=True)
-def _simplex(ci, pot, parent, tflow, desc, path, moved, max_pivots: int, block: int) -> int:
+def _simplex(cs, pot, shifted, ib: int, parent, tflow, desc, path, moved, max_pivots: int, block: int) -> int:
     """Pivot from the start's basis to an optimal one; returns the pivot count, or
     :data:`CAPPED` at ``max_pivots``. Node ids: rows ``0..m-1``, columns ``m..m+n-1``;
     ``tflow[v]`` is the flow on the cell joining ``v`` to ``parent[v]``; ``pot`` holds the
-    duals (``alpha = pot[:m]``, ``beta = pot[m:]``, ``-PAD_COST`` on the padding columns)."""
-    m = ci.shape[0]
+    duals (``alpha = pot[:m]``, ``beta = pot[m:]``, 0 on the padding columns) and ``shifted``
+    the same shifted left by ``ib`` (the packed costs' alignment), both kept current."""
+    m = cs.shape[0]
     alpha = pot[:m]
-    beta = pot[m:]
+    bs = shifted[m:]
     words = desc.shape[1]
     top = path.shape[0] - 1
     start = 0
     for pivot in range(max_pivots):
-        best, ei, start = _price(ci, alpha, beta, start, block)
+        best, ei, start, pj = _price(cs, alpha, bs, ib, start, block)
         if ei < 0:
             return pivot
-        col = m + _first_equal(ci, ei, beta, best + alpha[ei])
+        col = m + pj
         cw, cb = col >> 6, col & 63
         # Row side: from the entering row up to the apex (the first node holding col), two
         # edges a step; theta is the least flow on an even edge (those carry flow against the
@@ -479,16 +488,19 @@ def _simplex(ci, pot, parent, tflow, desc, path, moved, max_pivots: int, block: 
             z = moved[w]
             while z != 0:
                 u = 64 * w + _lowest_bit(z)
-                pot[u] += d if u < m else -d
+                sd = d if u < m else -d
+                pot[u] += sd
+                shifted[u] += sd << ib
                 z &= z - 1
     return CAPPED
 
 
 @njit(cache=True)
-def _write_solution(c, ci, root: int, parent, tflow, offset, bits: int, cmax: float, x) -> tuple:
+def _write_solution(c, cs, root: int, parent, tflow, offset, bits: int, cmax: float, x) -> tuple:
     """The flow into ``x``; returns ``(distance from the real costs, certified error
     (c - g).x, |c|.x)``."""
     m, n = c.shape
+    ib = index_bits(cs.shape[1])
     for i in range(m):  # here rather than np.zeros: a 5 MB memset is a pass of its own
         for j in range(n):
             x[i, j] = 0.0
@@ -502,7 +514,7 @@ def _write_solution(c, ci, root: int, parent, tflow, offset, bits: int, cmax: fl
             f = tflow[v]
             x[i, j] = f
             distance += f * c[i, j]
-            grid = np.float64(ci[i, j] + offset[i] + offset[m + j]) * 2.0**-bits * cmax  # no underflow
+            grid = np.float64((cs[i, j] >> ib) + offset[i] + offset[m + j]) * 2.0**-bits * cmax  # no underflow
             error += f * (c[i, j] - grid)
             size += f * abs(c[i, j])
     return distance, error, size
@@ -540,16 +552,19 @@ def _solve_one(c, a, b, x, alpha_out, beta_out, ws, bits: int, max_pivots: int, 
     count, certified error)``, the count :data:`CAPPED` on the pivot cap, :data:`NON_FINITE`
     (distance NaN) for NaN or inf costs and :data:`IMPRECISE` when the certified error exceeds
     :data:`PRECISION_RTOL` of ``sum |c_ij| x_ij``."""
-    cf, ci, pot, parent, tflow, closed, desc, path, moved, word, offset, start_ws = ws
+    cf, cs, pot, parent, tflow, closed, desc, path, moved, word, offset, start_ws, shifted = ws
     m, n = c.shape
-    cmax = _grid_costs(c, cf, ci, bits, word, offset)
+    cmax = _grid_costs(c, cf, cs, bits, word, offset)
     if cmax < 0.0:
         return np.nan, NON_FINITE, np.nan
-    root = _regret_start(ci, n, a, b, bits, start_ws, parent, tflow, closed)
-    _tree_masks_and_duals(ci, root, parent, closed, desc, pot)
-    pot[m + n :] = -PAD_COST  # the padding columns' duals: they never price negative
-    pivots = _simplex(ci, pot, parent, tflow, desc, path, moved, max_pivots, block)
-    distance, error, size = _write_solution(c, ci, root, parent, tflow, offset, bits, cmax, x)
+    root = _regret_start(cs, n, a, b, bits, start_ws, parent, tflow, closed)
+    ib = index_bits(cs.shape[1])
+    _tree_masks_and_duals(cs, root, parent, closed, desc, pot, ib)
+    pot[m + n :] = 0  # the padding columns': their packed costs are above every real one
+    for v in range(shifted.shape[0]):  # duals aligned with the packed costs
+        shifted[v] = pot[v] << ib
+    pivots = _simplex(cs, pot, shifted, ib, parent, tflow, desc, path, moved, max_pivots, block)
+    distance, error, size = _write_solution(c, cs, root, parent, tflow, offset, bits, cmax, x)
     if pivots != CAPPED and error > PRECISION_RTOL * size:
         pivots = IMPRECISE
     for v in range(m + n):  # duals of the real costs
@@ -570,7 +585,7 @@ def solve_range(c, a, b, x, alpha, beta, distance, pivots, error, max_pivots, bl
     words = (nodes + 63) // 64
     cf = np.empty((m, width), np.float64)
     start_ws = (
-        np.empty(width, np.int64),  # shift: 0 for an open column, 4 << bits for a closed one
+        np.empty(width, np.int64),  # shift: 0 for an open column, (4 << bits) << ib for a closed one
         np.empty(m, np.float64),  # ra: supply left per row
         np.empty(n, np.float64),  # rb: demand left per column
         np.empty(-(-m // 4) * 4, np.int64),  # key: padded for the vectorised maximum
@@ -580,7 +595,7 @@ def solve_range(c, a, b, x, alpha, beta, distance, pivots, error, max_pivots, bl
     )
     ws = (
         cf,
-        cf.view(np.int64),  # ci: the grid costs, in place of their float conversion
+        cf.view(np.int64),  # cs: the packed grid costs, in place of their float conversion
         np.empty(m + width, np.int64),  # pot
         np.empty(nodes, np.int64),  # parent
         np.empty(nodes, np.float64),  # tflow
@@ -591,6 +606,7 @@ def solve_range(c, a, b, x, alpha, beta, distance, pivots, error, max_pivots, bl
         np.empty(1, np.int64),  # word
         np.empty(nodes, np.int64),  # offset
         start_ws,
+        np.empty(m + width, np.int64),
     )
     bits = cost_bits(m, n)
     for k in range(start, stop):
