@@ -320,9 +320,10 @@ def _regret_start(cs, n: int, a, b, bits: int, start_ws, parent, tflow, closed) 
 
 
 @njit(cache=True)
-def _tree_masks_and_duals(cs, root: int, parent, closed, desc, pot, ib) -> None:
+def _tree_masks_and_duals(cs, root: int, parent, closed, desc, pot, ib: int) -> None:
     """Descendant bitmasks accumulated child to parent along the closing order, and duals
-    (``alpha_i + beta_j = ci_ij`` on every tree cell, the root's 0) parent to child."""
+    (``alpha_i + beta_j = g_ij``, the grid cost ``cs[i, j] >> ib``, on every tree cell, the
+    root's 0) parent to child."""
     m = cs.shape[0]
     nodes = desc.shape[0]
     flat = desc.reshape(desc.size)  # one memset: per-node zeroing was a call per node
