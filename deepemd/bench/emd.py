@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "sets against Q sets (e.g. 1x100: one rerank of a shortlist)",
     )
     parser.add_argument("--nodes", type=int, default=25, help="--pairwise: nodes per set")
-    parser.add_argument("--channels", type=int, default=640, help="--pairwise: feature channels")
+    parser.add_argument("--channels", type=int, default=640, help="--pairwise and --user-path: feature channels")
     parser.add_argument("--no-qpth-probe", action="store_true", help="skip trying qpth with a CPU batch of 2 at 25x25")
     parser.add_argument(
         "--user-path",
@@ -79,6 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 SOLVER_ROWS = ("exact", "pot", "sinkhorn", "qpth")
+
+
+def _options_given() -> str:
+    """The options of this run as typed, after ``deepemd bench emd`` or the script's name."""
+    args = sys.argv[1:]
+    if args[:2] == ["bench", "emd"]:
+        args = args[2:]
+    return " ".join(args) or "(defaults)"
 
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -197,7 +205,7 @@ def run_pairwise(args: argparse.Namespace) -> int:
         ("pairwise_similarity", _best_time(_forward_pairwise(a, b), args.repeats)),
         ("  of which the exact solve (solve_batch)", _best_time(lambda: solve_batch(c64, wu, wv), args.repeats)),
     ]
-    print(f"# deepemd bench emd: {' '.join(sys.argv[1:])}")
+    print(f"# deepemd bench emd: {_options_given()}")
     print(
         f"{p} x {q} sets of {args.nodes} nodes x {args.channels} channels (float32, ReLU), "
         f"cross-reference weights, exact solver; best of {args.repeats} runs"
@@ -271,7 +279,7 @@ def run_user_path(args: argparse.Namespace) -> int:
         kinds["EfficientNet-Lite0 1280-d demo cells"] = paired_sets(
             real_cell_features(args.images, seed=args.seed), batch, args.seed
         )
-    print(f"# deepemd bench emd: {' '.join(sys.argv[1:])}")
+    print(f"# deepemd bench emd: {_options_given()}")
     print(
         f"{m}x{n}, batch {batch}, float32 features, cross-reference weights; best of "
         f"{args.repeats} interleaved runs; threads (torch and exact solver) "
@@ -369,14 +377,15 @@ def run(args: argparse.Namespace) -> int:
     _forward_backward("exact", *warm)()
     _pot_loop(*warm)()
 
-    print(f"# deepemd bench emd: {' '.join(sys.argv[1:]) or '(defaults)'}")
-    print(
-        f"sinkhorn: eps {args.sinkhorn_eps}, at most {args.sinkhorn_iters} iterations, "
-        f"tol 1e-6; qpth: l2 1e-6, {args.qpth_count} problems one at a time; every row: "
-        f"best of {args.repeats} runs (Sinkhorn, qpth: 1), problems of {args.dim}-d ReLU "
-        f"features",
-        flush=True,
-    )
+    print(f"# deepemd bench emd: {_options_given()}")
+    settings = [f"every row: best of {args.repeats} runs", f"problems of {args.dim}-d ReLU features"]
+    if "sinkhorn" in chosen:
+        settings.insert(
+            0, f"sinkhorn: eps {args.sinkhorn_eps}, at most {args.sinkhorn_iters} iterations, tol 1e-6, 1 run"
+        )
+    if "qpth" in chosen:
+        settings.insert(0, f"qpth: l2 1e-6, {args.qpth_count} problems one at a time, 1 run")
+    print("; ".join(settings), flush=True)
     print(
         f"loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}, cpus {os.cpu_count()}, "
         f"threads (torch and exact solver) {torch.get_num_threads()}, "
