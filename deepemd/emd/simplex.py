@@ -169,7 +169,7 @@ def _abs_max_typed(c, word):
 
 
 @njit(cache=True)
-def _grid_costs(c, cf, ci, bits: int, word, offset) -> float:
+def _grid_costs(c, cf, ci, bits: int, ib: int, word, offset) -> float:
     """The packed grid costs ``ci[i, j] = g_ij << ib | j`` (``ib = index_bits(width)``), where
     ``g = floor(c * 2**bits / max|c|)`` less each row's minimum and then each column's (kept in
     ``offset``: rows, then columns), and ``ci[:, n:] = PAD_COST``; ``cf`` is ``ci``'s float64
@@ -209,7 +209,6 @@ def _grid_costs(c, cf, ci, bits: int, word, offset) -> float:
             v = ci[i, j] - low
             ci[i, j] = v
             col[j] = min(col[j], v)
-    ib = index_bits(ci.shape[1])
     for i in range(m):
         for j in range(n):
             ci[i, j] = ((ci[i, j] - col[j]) << ib) + j
@@ -232,7 +231,7 @@ def _packed_min(cs, i: int, shift, ib: int, skip: int) -> int:
 
 
 @njit(cache=True)
-def _regret_start(cs, n: int, a, b, bits: int, start_ws, parent, tflow, closed) -> int:
+def _regret_start(cs, n: int, a, b, bits: int, ib: int, start_ws, parent, tflow, closed) -> int:
     """Vogel's rule over the rows: repeatedly, the open row whose two cheapest open columns
     differ most (its regret) ships to its cheapest; the cell's row or column closes (exactly
     one: the last open row or column never closes early, so the tree stays connected) and the
@@ -245,7 +244,6 @@ def _regret_start(cs, n: int, a, b, bits: int, start_ws, parent, tflow, closed) 
     first or second is ``j``, so a closed column re-prices only those rows (3.3 of 25)."""
     shift, ra, rb, key, first, second, watch = start_ws
     m = cs.shape[0]
-    ib = index_bits(cs.shape[1])
     low = (1 << ib) - 1
     ibm = index_bits(m)
     lone = (2 << bits) << ibm  # a row with one open column left goes first
@@ -497,11 +495,10 @@ def _simplex(cs, pot, shifted, ib: int, parent, tflow, desc, path, moved, max_pi
 
 
 @njit(cache=True)
-def _write_solution(c, cs, root: int, parent, tflow, offset, bits: int, cmax: float, x) -> tuple:
+def _write_solution(c, cs, root: int, parent, tflow, offset, bits: int, ib: int, cmax: float, x) -> tuple:
     """The flow into ``x``; returns ``(distance from the real costs, certified error
     (c - g).x, |c|.x)``."""
     m, n = c.shape
-    ib = index_bits(cs.shape[1])
     for i in range(m):  # here rather than np.zeros: a 5 MB memset is a pass of its own
         for j in range(n):
             x[i, j] = 0.0
@@ -548,24 +545,23 @@ def _float_duals(duals, step: float, cmax: float, mass, out) -> tuple:
 
 
 @njit(cache=True)
-def _solve_one(c, a, b, x, alpha_out, beta_out, ws, bits: int, max_pivots: int, block: int) -> tuple:
+def _solve_one(c, a, b, x, alpha_out, beta_out, ws, bits: int, ib: int, max_pivots: int, block: int) -> tuple:
     """Solve one problem in place: flow into ``x``, centred duals; returns ``(distance, pivot
     count, certified error)``, the count :data:`CAPPED` on the pivot cap, :data:`NON_FINITE`
     (distance NaN) for NaN or inf costs and :data:`IMPRECISE` when the certified error exceeds
     :data:`PRECISION_RTOL` of ``sum |c_ij| x_ij``."""
     cf, cs, pot, parent, tflow, closed, desc, path, moved, word, offset, start_ws, shifted = ws
     m, n = c.shape
-    cmax = _grid_costs(c, cf, cs, bits, word, offset)
+    cmax = _grid_costs(c, cf, cs, bits, ib, word, offset)
     if cmax < 0.0:
         return np.nan, NON_FINITE, np.nan
-    root = _regret_start(cs, n, a, b, bits, start_ws, parent, tflow, closed)
-    ib = index_bits(cs.shape[1])
+    root = _regret_start(cs, n, a, b, bits, ib, start_ws, parent, tflow, closed)
     _tree_masks_and_duals(cs, root, parent, closed, desc, pot, ib)
     pot[m + n :] = 0  # the padding columns': their packed costs are above every real one
     for v in range(shifted.shape[0]):  # duals aligned with the packed costs
         shifted[v] = pot[v] << ib
     pivots = _simplex(cs, pot, shifted, ib, parent, tflow, desc, path, moved, max_pivots, block)
-    distance, error, size = _write_solution(c, cs, root, parent, tflow, offset, bits, cmax, x)
+    distance, error, size = _write_solution(c, cs, root, parent, tflow, offset, bits, ib, cmax, x)
     if pivots != CAPPED and error > PRECISION_RTOL * size:
         pivots = IMPRECISE
     for v in range(m + n):  # duals of the real costs
@@ -610,7 +606,8 @@ def solve_range(c, a, b, x, alpha, beta, distance, pivots, error, max_pivots, bl
         np.empty(m + width, np.int64),
     )
     bits = cost_bits(m, n)
+    ib = index_bits(width)  # bits of a column index in a packed cost
     for k in range(start, stop):
         distance[k], pivots[k], error[k] = _solve_one(
-            c[k], a[k], b[k], x[k], alpha[k], beta[k], ws, bits, max_pivots, block
+            c[k], a[k], b[k], x[k], alpha[k], beta[k], ws, bits, ib, max_pivots, block
         )
