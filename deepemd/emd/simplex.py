@@ -240,7 +240,7 @@ def _grid_costs(c, cf, ci, cq, qshift: int, bits: int, ib: int, word, offset) ->
 
 
 @njit(cache=True)
-def _packed_min(cq, i: int, shift, ib: int, skip: int) -> np.int32:
+def _packed_min(cq, i: int, shift, ib: int, skip: int) -> int:
     """``min_j cq[i, j] + shift[j]`` over ``j != skip`` on the coarse costs: the cheapest open
     cell of row ``i`` and (in the low ``ib`` bits) its first column from one vectorised pass
     of eight int32 lanes (an argmin loop is not vectorised). ``shift`` is 0 for open columns,
@@ -249,7 +249,7 @@ def _packed_min(cq, i: int, shift, ib: int, skip: int) -> np.int32:
     best = np.int32(INT32_MAX)
     for j in range(cq.shape[1]):  # np.int32: sums kept in int32 lanes (numba widens to int64)
         best = min(best, np.int32(cq[i, j] + shift[j] + (EXCLUDED_32 if j == skip else 0)))
-    return best
+    return int(best)
 
 
 @njit(cache=True)
