@@ -103,22 +103,33 @@ def check_problem(cost: torch.Tensor, wu: torch.Tensor, wv: torch.Tensor, cost_v
         )
     if m == 0 or n == 0:
         raise DeepEMDError(f"cost {tuple(cost.shape)} has an empty side: every set needs a node")
-    for name, t in (("cost", cost), ("wu", wu), ("wv", wv)):
-        if name != "cost" or cost_values:
-            require_finite(name, t)
+    if cost_values:
+        require_finite("cost", cost)
     if b == 0:
         return
-    for name, w in (("wu", wu), ("wv", wv)):
-        values = _host_view(w)  # numpy on the CPU, for the reason given in _all_finite
-        if bool((values < 0).any()):
-            raise DeepEMDError(f"{name} has negative weights", fix="weights are masses: clamp at 0")
-        totals = values.sum(-1)
-        if isinstance(totals, torch.Tensor):
-            totals = totals.float().cpu().numpy()
-        empty = np.flatnonzero(totals <= 0)
-        if len(empty):
-            raise DeepEMDError(
-                f"{name} is all zero in problem {int(empty[0])}: that side has no mass to transport",
-                fix="give at least one node a positive weight (cross_reference_"
-                "weights adds 1e-3 to every node for this reason)",
-            )
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum: the full check decides
+        for name, w in (("wu", wu), ("wv", wv)):
+            _check_masses(name, w)
+
+
+def _check_masses(name: str, w: torch.Tensor) -> None:
+    """Weights ``(B, k)``, B >= 1: finite, >= 0, with mass in every problem. Each problem's
+    total decides all three on valid weights (a NaN or inf reaches it), so a valid batch costs
+    a sum and a minimum (numpy on the CPU, for the reason given in :func:`_all_finite`): one
+    call of ``solve`` on a single 25x25 problem spent 93 us in these checks, more than a
+    cv2.EMD solve, when each condition had its own pass."""
+    values = _host_view(w)
+    totals = values.sum(-1)
+    if isinstance(totals, torch.Tensor):
+        totals = totals.float().cpu().numpy()
+    if not np.isfinite(totals).all():
+        require_finite(name, w)  # raises on NaN or inf; finite weights whose sum overflows pass
+    if bool(values.min() < 0):
+        raise DeepEMDError(f"{name} has negative weights", fix="weights are masses: clamp at 0")
+    empty = totals <= 0
+    if empty.any():
+        raise DeepEMDError(
+            f"{name} is all zero in problem {int(np.flatnonzero(empty)[0])}: that side has no mass to transport",
+            fix="give at least one node a positive weight (cross_reference_"
+            "weights adds 1e-3 to every node for this reason)",
+        )

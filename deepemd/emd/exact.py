@@ -125,17 +125,25 @@ def solve_batch(
         _solve_threaded(args, bsz, threads, m * n)
     else:  # handing work to threads costs more than a few small problems
         solve_range(*args, 0, bsz)
+    if bsz and pivots.min() < 0:  # the rare marked problem (one test instead of three scans)
+        _finish_marked(cost, a, b, max_pivots, block, (distance, flow, alpha, beta, pivots))
+    return ExactSolution(distance, flow, alpha, beta, pivots)
+
+
+def _finish_marked(cost: np.ndarray, a: np.ndarray, b: np.ndarray, max_pivots: int, block: int, out: tuple) -> None:
+    """The problems the kernel marked: one error for NaN or inf costs, a refinement for an
+    imprecise grid, POT for a capped one (and for a refinement that could not certify)."""
+    distance, flow, alpha, beta, pivots = out
     bad = np.flatnonzero(pivots == NON_FINITE)
     if len(bad):
         raise DeepEMDError(
-            f"cost contains NaN or inf values (problem {bad[0]} of {bsz})",
+            f"cost contains NaN or inf values (problem {bad[0]} of {len(pivots)})",
             fix="check the network output (diverged training, bad input image)",
         )
     for k in np.flatnonzero(pivots == IMPRECISE):
         pivots[k] = _refine(cost[k], a[k], b[k], flow[k], max_pivots, block, (distance, flow, alpha, beta), int(k))
     for k in np.flatnonzero(pivots == CAPPED):
         distance[k], flow[k], alpha[k], beta[k] = _fallback(cost[k], a[k], b[k])
-    return ExactSolution(distance, flow, alpha, beta, pivots)
 
 
 def _refine(
