@@ -280,3 +280,22 @@ def test_block_pricing_reaches_dantzigs_optimum_on_63x63_feature_problems(unifor
     np.testing.assert_allclose(blocked.distance, dantzig.distance, rtol=1e-12, atol=1e-12)
     for k in range(0, 12, 4):
         assert blocked.distance[k] == pytest.approx(highs_emd(cost[k], a[k], b[k] * a[k].sum() / b[k].sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize("m,n", [(4, 3000), (60, 1500)])
+def test_wide_problems_beyond_the_coarse_int32_bound_are_still_exact(m, n):
+    """The start and most pricing read coarse int32 costs. Where the bound that keeps their
+    sums inside int32 leaves under 10 bits (here 3 and 5), the start gets 10 anyway and the sums may
+    wrap: each entering cell's exact reduced cost and the exact last scan keep the optimum."""
+    from deepemd.emd.simplex import coarse_bits, index_bits, padded_width
+
+    proven = 27 - index_bits(padded_width(n)) - int(np.ceil(np.log2(m + n + 1)))
+    assert proven < 10 and coarse_bits(m, n) == 10
+    rng = np.random.default_rng(7)
+    cost = rng.random((m, n)) * 3.0
+    a, b = rng.random(m) + 0.01, rng.random(n) + 0.01
+    b = b * a.sum() / b.sum()
+    sol = solve_batch(cost[None], a[None], b[None])
+    assert sol.pivots[0] >= 0  # the kernel finished it (no POT fallback)
+    assert sol.distance[0] == pytest.approx(highs_emd(cost, a, b), rel=1e-9)
+    assert sol.distance[0] == pytest.approx(ot.emd2(a, b, cost, numItermax=10**8), rel=1e-9)

@@ -118,13 +118,16 @@ def cost_bits(m: int, n: int) -> int:
 
 @njit(cache=True)
 def coarse_bits(m: int, n: int) -> int:
-    """Bits of the coarse int32 costs ``q = g >> (bits - qbits)``: the same bound as
+    """Bits of the coarse int32 costs ``q = g >> (bits - qbits)``: the bound of
     :func:`cost_bits` at 2**28 instead of 2**61, so a packed coarse ``q_ij - bq_j`` stays under
-    the padding's :data:`PAD_COST_32` with room for the start's offsets below 2**31: 16 bits at
-    25x25, 14 at 63x63 (at least 1: past ~30,000 nodes the bound fails, int32 sums may wrap,
-    and the coarse pricing is then only a poorer guide; see :func:`_simplex`)."""
+    the padding's :data:`PAD_COST_32` with room for the start's offsets below 2**31: 16 bits
+    at 25x25, 14 at 63x63. Where that bound leaves under 10 bits (wide problems: 6 at
+    1000x1000, none at 3x20000) the start still gets 10 (as far as its own packed values and
+    keys allow), and the pricing's int32 sums may then wrap, which only makes it a poorer
+    guide (see :func:`_simplex`): at 3x20000 a 1-bit start took 12,340 pivots against 5,816."""
     ib = index_bits(padded_width(n))
-    return max(1, 27 - ib - math.ceil(math.log2(m + n + 1)))
+    proven = 27 - ib - math.ceil(math.log2(m + n + 1))
+    return max(1, proven, min(10, 26 - ib, 29 - index_bits(m)))
 
 
 @njit(cache=True)
