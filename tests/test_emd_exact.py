@@ -283,14 +283,15 @@ def test_block_pricing_reaches_dantzigs_optimum_on_63x63_feature_problems(unifor
 
 
 @pytest.mark.parametrize("m,n", [(4, 3000), (60, 1500)])
-def test_wide_problems_beyond_the_coarse_int32_bound_are_still_exact(m, n):
-    """The start and most pricing read coarse int32 costs. Where the bound that keeps their
-    sums inside int32 leaves under 10 bits (here 3 and 5), the start gets 10 anyway and the sums may
-    wrap: each entering cell's exact reduced cost and the exact last scan keep the optimum."""
+def test_wide_problems_price_exactly_beyond_the_coarse_int32_bound(m, n):
+    """Where the bound that keeps the coarse pricing's sums inside int32 leaves under 10 bits
+    (here 3 and 5), only the start reads coarse costs (14 and 15 bits, its own bound) and the
+    pricing the exact ones; the optimum is HiGHS's and POT's."""
     from deepemd.emd.simplex import coarse_bits, index_bits, padded_width
 
     proven = 27 - index_bits(padded_width(n)) - int(np.ceil(np.log2(m + n + 1)))
-    assert proven < 10 and coarse_bits(m, n) == 10
+    assert proven < 10 and coarse_bits(m, n) == (26 - index_bits(padded_width(n)), False)
+    assert coarse_bits(25, 25) == (16, True) and coarse_bits(63, 63) == (14, True)
     rng = np.random.default_rng(7)
     cost = rng.random((m, n)) * 3.0
     a, b = rng.random(m) + 0.01, rng.random(n) + 0.01

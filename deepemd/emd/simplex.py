@@ -17,11 +17,12 @@ rare problem the kernel marks. Per problem:
    of 16 columns with a cost no dual reaches: the scans then have no remainder loop (25 -> 32
    columns priced 1.4x faster than 25). Beside them, coarse costs: the same packed grid costs
    shifted right to 16 bits (at 25x25; :func:`coarse_bits`) in int32, which AVX2 scans twice as
-   wide as int64 with a native minimum: the start and most of the pricing read those.
-2. start (Vogel's rule over the rows, coarse costs): the open row whose two cheapest open columns differ most
-   ships to its cheapest; each allocation closes one row or column and the closed node hangs
-   under the other end of the cell, which builds the basis tree (``m + n - 1`` cells, zero-flow
-   cells kept where the problem is degenerate). On DeepEMD's 25x25 problems it leaves 25.0
+   wide as int64 with a native minimum: the start and (up to 255x255) most of the pricing
+   read those.
+2. start (Vogel's rule over the rows, coarse costs): the open row whose two cheapest open
+   columns differ most ships to its cheapest; each allocation closes one row or column and the
+   closed node hangs under the other end of the cell, which builds the basis tree (``m + n -
+   1`` cells, zero-flow cells kept where the problem is degenerate). On DeepEMD's 25x25 problems it leaves 25.0
    pivots against 34.6 for a static row order (EfficientNet cells; 18.6 against 23.3 on random
    ReLU features). Each row keeps its two cheapest open columns; a closed column re-prices only
    the rows that watch it (a bitmask per column).
@@ -117,17 +118,20 @@ def cost_bits(m: int, n: int) -> int:
 
 
 @njit(cache=True)
-def coarse_bits(m: int, n: int) -> int:
-    """Bits of the coarse int32 costs ``q = g >> (bits - qbits)``: the bound of
-    :func:`cost_bits` at 2**28 instead of 2**61, so a packed coarse ``q_ij - bq_j`` stays under
-    the padding's :data:`PAD_COST_32` with room for the start's offsets below 2**31: 16 bits
-    at 25x25, 14 at 63x63. Where that bound leaves under 10 bits (wide problems: 6 at
-    1000x1000, none at 3x20000) the start still gets 10 (as far as its own packed values and
-    keys allow), and the pricing's int32 sums may then wrap, which only makes it a poorer
-    guide (see :func:`_simplex`): at 3x20000 a 1-bit start took 12,340 pivots against 5,816."""
+def coarse_bits(m: int, n: int) -> tuple:
+    """``(qbits, priced)``: bits of the coarse int32 costs ``q = g >> (bits - qbits)``, and
+    whether the pricing may read them. The pricing needs the bound of :func:`cost_bits` at
+    2**28 instead of 2**61, so that a packed coarse ``q_ij - bq_j`` stays under the padding's
+    :data:`PAD_COST_32` with room for the start's offsets below 2**31: 16 bits at 25x25, 14 at
+    63x63, 10 at 150x130. Where that leaves under 10 bits (wide problems: 6 at 1000x1000, none
+    at 3x20000) only the start reads coarse costs, with as many bits as its own packed values
+    and keys allow (16 at 1000x1000, 11 at 3x20000; a 1-bit start took 12,340 pivots there
+    against 5,816), and the pricing is exact throughout."""
     ib = index_bits(padded_width(n))
     proven = 27 - ib - math.ceil(math.log2(m + n + 1))
-    return max(1, proven, min(10, 26 - ib, 29 - index_bits(m)))
+    if proven >= 10:
+        return proven, True
+    return max(1, min(26 - ib, 29 - index_bits(m))), False
 
 
 @njit(cache=True)
@@ -438,21 +442,42 @@ def _price(cs, alpha, bs, ib: int, start: int, block: int) -> tuple:
 
 
 @njit(cache=True)
+def _shift_duals(pot, shifted, ib: int) -> None:
+    """``shifted = pot << ib``: the duals aligned with the packed exact costs."""
+    for v in range(shifted.shape[0]):
+        shifted[v] = pot[v] << ib
+
+
+@njit(cache=True)
 def _simplex(
-    cs, cq, qpot, qshift: int, pot, shifted, ib: int, parent, tflow, desc, path, moved, max_pivots: int, block: int
+    cs,
+    cq,
+    qpot,
+    qshift: int,
+    coarse: bool,
+    pot,
+    shifted,
+    ib: int,
+    parent,
+    tflow,
+    desc,
+    path,
+    moved,
+    max_pivots: int,
+    block: int,
 ) -> int:
     """Pivot from the start's basis to an optimal one; returns the pivot count, or
     :data:`CAPPED` at ``max_pivots``. Node ids: rows ``0..m-1``, columns ``m..m+n-1``;
     ``tflow[v]`` is the flow on the cell joining ``v`` to ``parent[v]``; ``pot`` holds the
     duals (``alpha = pot[:m]``, ``beta = pot[m:]``, 0 on the padding columns), always current.
 
-    Pricing runs on the coarse costs first (int32: twice the lanes of int64), against the
-    coarse duals ``qpot`` (``pot >> qshift``, the columns' shifted left by ``ib``, kept current
-    alongside ``pot``). With ``q = floor(g / 2**qshift)`` and the duals floored alike, ``2**qshift``
-    times a coarse reduced cost lies in ``(r - 2**qshift, r + 2**(qshift+1))`` for the exact ``r``, so a coarse
-    one ``<= -1`` is an exact negative one. The entering cell's exact ``r`` is computed anyway
-    (the duals shift by it), and where it is not negative (int32 sums wrapped: past ~30,000
-    nodes) or the coarse costs see none, pricing turns exact (int64, packed costs against
+    With ``coarse`` (see :func:`coarse_bits`), pricing runs on the coarse costs first (int32:
+    twice the lanes of int64), against the coarse duals ``qpot`` (``pot >> qshift``, the
+    columns' shifted left by ``ib``, kept current alongside ``pot``). With ``q = floor(g /
+    2**qshift)`` and the duals floored alike, ``2**qshift`` times a coarse reduced cost lies in
+    ``(r - 2**qshift, r + 2**(qshift+1))`` for the exact ``r``, so a coarse one ``<= -1`` is an
+    exact negative one, and the entering cell's exact ``r`` (the duals shift by it) is
+    negative. Once the coarse costs see none, pricing turns exact (int64, packed costs against
     ``shifted``, the duals shifted left by ``ib``) for the rest of the problem: that last scan
     is what proves the basis optimal. On EfficientNet 25x25 cells 24.9 of 25.0 pivots run
     coarse."""
@@ -464,16 +489,16 @@ def _simplex(
     qalpha = qpot[:m]
     qbs = qpot[m:]
     start = 0
-    coarse = True
+    if not coarse:
+        _shift_duals(pot, shifted, ib)
     for pivot in range(max_pivots):
         if coarse:
             best, ei, start, pj = _price(cq, qalpha, qbs, ib, start, block)
             if ei >= 0:
                 best = (cs[ei, pj] >> ib) - pot[ei] - pot[m + pj]
-            if best >= 0:
+            else:
                 coarse = False
-                for v in range(shifted.shape[0]):
-                    shifted[v] = pot[v] << ib
+                _shift_duals(pot, shifted, ib)
         if not coarse:
             best, ei, start, pj = _price(cs, alpha, bs, ib, start, block)
             if ei < 0:
@@ -620,14 +645,16 @@ def _float_duals(duals, step: float, cmax: float, mass, out) -> tuple:
 
 @njit(cache=True)
 def _solve_one(
-    c, a, b, x, alpha_out, beta_out, ws, bits: int, qbits: int, ib: int, max_pivots: int, block: int
+    c, a, b, x, alpha_out, beta_out, ws, bits: int, coarse: tuple, ib: int, max_pivots: int, block: int
 ) -> tuple:
-    """Solve one problem in place: flow into ``x``, centred duals; returns ``(distance, pivot
-    count, certified error)``, the count :data:`CAPPED` on the pivot cap, :data:`NON_FINITE`
-    (distance NaN) for NaN or inf costs and :data:`IMPRECISE` when the certified error exceeds
-    :data:`PRECISION_RTOL` of ``sum |c_ij| x_ij``."""
+    """Solve one problem in place (``coarse``: :func:`coarse_bits`): flow into ``x``, centred
+    duals; returns ``(distance, pivot count, certified error)``, the count :data:`CAPPED` on
+    the pivot cap, :data:`NON_FINITE` (distance NaN) for NaN or inf costs and
+    :data:`IMPRECISE` when the certified error exceeds :data:`PRECISION_RTOL` of
+    ``sum |c_ij| x_ij``."""
     cf, cs, pot, parent, tflow, closed, desc, path, moved, word, offset, start_ws, shifted, cq, qpot = ws
     m, n = c.shape
+    qbits, priced = coarse
     qshift = bits - qbits
     cmax = _grid_costs(c, cf, cs, cq, qshift, bits, ib, word, offset)
     if cmax < 0.0:
@@ -638,7 +665,9 @@ def _solve_one(
     for v in range(m + n):  # the coarse duals, columns aligned with the packed coarse costs
         qpot[v] = (pot[v] >> qshift) << (ib if v >= m else 0)
     qpot[m + n :] = 0
-    pivots = _simplex(cs, cq, qpot, qshift, pot, shifted, ib, parent, tflow, desc, path, moved, max_pivots, block)
+    pivots = _simplex(
+        cs, cq, qpot, qshift, priced, pot, shifted, ib, parent, tflow, desc, path, moved, max_pivots, block
+    )
     distance, error, size = _write_solution(c, cs, root, parent, tflow, offset, bits, ib, cmax, x)
     if pivots != CAPPED and error > PRECISION_RTOL * size:
         pivots = IMPRECISE
@@ -687,8 +716,8 @@ def solve_range(c, a, b, x, alpha, beta, distance, pivots, error, max_pivots, bl
     )
     bits = cost_bits(m, n)
     ib = index_bits(width)  # bits of a column index in a packed cost
-    qbits = coarse_bits(m, n)
+    coarse = coarse_bits(m, n)
     for k in range(start, stop):
         distance[k], pivots[k], error[k] = _solve_one(
-            c[k], a[k], b[k], x[k], alpha[k], beta[k], ws, bits, qbits, ib, max_pivots, block
+            c[k], a[k], b[k], x[k], alpha[k], beta[k], ws, bits, coarse, ib, max_pivots, block
         )
