@@ -107,9 +107,8 @@ def test_gallery_search_takes_a_folder_a_file_or_refuses_an_empty_list(gallery, 
         opened.search([], k=3)
 
 
-@pytest.mark.filterwarnings(
-    "ignore:.*bfloat16 is emulated:UserWarning"
-)  # CPUs without bf16 (tested in test_inference_dtype)
+# CPUs without bf16 warn that it is emulated (that warning is tested in test_inference_dtype)
+@pytest.mark.filterwarnings("ignore:.*bfloat16 is emulated:UserWarning")
 def test_a_model_in_another_dtype_is_refused_by_the_gallery(images, tmp_path):
     out = tmp_path / "bf16"
     flags = [*TINY, "--inference-dtype", "bfloat16", "--out", str(out)]
