@@ -22,10 +22,10 @@ rare problem the kernel marks. Per problem:
 2. start (Vogel's rule over the rows, coarse costs): the open row whose two cheapest open
    columns differ most ships to its cheapest; each allocation closes one row or column and the
    closed node hangs under the other end of the cell, which builds the basis tree (``m + n -
-   1`` cells, zero-flow cells kept where the problem is degenerate). On DeepEMD's 25x25 problems it leaves 25.0
-   pivots against 34.6 for a static row order (EfficientNet cells; 18.6 against 23.3 on random
-   ReLU features). Each row keeps its two cheapest open columns; a closed column re-prices only
-   the rows that watch it (a bitmask per column).
+   1`` cells, zero-flow cells kept where the problem is degenerate). On DeepEMD's 25x25
+   problems it leaves 25.0 pivots against 34.6 for a static row order (EfficientNet cells;
+   18.6 against 23.3 on random ReLU features). Each row keeps its two cheapest open columns;
+   a closed column re-prices only the rows that watch it (a bitmask per column).
 3. price: the cell with the most negative reduced cost enters (a vectorised integer minimum per
    row of the packed ``c_ij - beta_j``, less ``alpha_i``), over every cell up to 32x32
    (Dantzig) and over the first block of an eighth of the rows (taken cyclically) that holds
@@ -263,16 +263,18 @@ def _packed_min(cq, i: int, shift, ib: int, skip: int) -> int:
 def _regret_start(cq, n: int, a, b, qbits: int, ib: int, start_ws, parent, tflow, closed) -> int:
     """Vogel's rule over the rows, on the coarse costs (a start needs a good basis, not exact
     costs; the tree's duals come from the exact ones): repeatedly, the open row whose two
-    cheapest open columns differ most (its regret) ships to its cheapest; the cell's row or column closes (exactly
-    one: the last open row or column never closes early, so the tree stays connected) and the
-    closed node hangs under the other end. Returns the root, the one line left open;
-    ``closed`` lists the other nodes in closing order (children before their parents).
+    cheapest open columns differ most (its regret) ships to its cheapest; the cell's row or
+    column closes (exactly one: the last open row or column never closes early, so the tree
+    stays connected) and the closed node hangs under the other end. Returns the root, the one
+    line left open; ``closed`` lists the other nodes in closing order (children before their
+    parents).
 
-    ``key[r] = regret << index_bits(m) | (m - 1 - r)`` (-1 once closed; int32, as coarse
-    regrets keep it below 2**28): one integer maximum over eight lanes picks the row, lowest
-    index on ties (3-4% faster than int64 keys). ``first``/``second`` hold each open row's two cheapest
-    open columns, packed as by :func:`_packed_min`; ``watch[j]`` is the bitmask of rows whose
-    first or second is ``j``, so a closed column re-prices only those rows (3.3 of 25)."""
+    ``key[r] = regret << index_bits(m) | (m - 1 - r)`` (-1 once closed; int32, as
+    :func:`coarse_bits` keeps it below 2**31): one integer maximum over eight lanes picks the
+    row, lowest index on ties (3-4% faster than int64 keys). ``first``/``second`` hold each
+    open row's two cheapest open columns, packed as by :func:`_packed_min`; ``watch[j]`` is the
+    bitmask of rows whose first or second is ``j``, so a closed column re-prices only those
+    rows (3.3 of 25)."""
     shift, ra, rb, key, first, second, watch = start_ws
     m = cq.shape[0]
     low = (1 << ib) - 1
@@ -692,7 +694,7 @@ def solve_range(c, a, b, x, alpha, beta, distance, pivots, error, max_pivots, bl
         np.empty(width, np.int32),  # shift: 0 for an open column, (4 << qbits) << ib for a closed one
         np.empty(m, np.float64),  # ra: supply left per row
         np.empty(n, np.float64),  # rb: demand left per column
-        np.empty(-(-m // 8) * 8, np.int32),  # key: int32 (below 2**28), padded for the vectorised maximum
+        np.empty(-(-m // 8) * 8, np.int32),  # key: padded for the vectorised maximum
         np.empty(m, np.int64),  # first
         np.empty(m, np.int64),  # second
         np.empty((n, (m + 63) // 64), np.int64),  # watch
