@@ -61,7 +61,7 @@ from numba.extending import overload
 #: Larger than any packed reduced cost (see cost_bits).
 INT_INF = 1 << 62
 #: Packed grid cost of a padding column: above any real packed ``c_ij - beta_j`` (see
-#: cost_bits) and any start value, so a padding column never enters or ships.
+#: cost_bits), so a padding column never enters.
 PAD_COST = 1 << 61
 #: 1.5 * 2**52: an integer-valued float64 ``y`` with ``|y| < 2**51`` plus this has the bits of
 #: ``MAGIC_BITS + y`` (a float64 -> int64 conversion in two vectorised passes).
@@ -450,6 +450,13 @@ def _shift_duals(pot, shifted, ib: int) -> None:
         shifted[v] = pot[v] << ib
 
 
+@njit(cache=True, inline="always")
+def _coarse_dual(pot, u: int, m: int, qshift: int, ib: int) -> int:
+    """Node ``u``'s coarse dual ``pot[u] >> qshift``, a column's shifted left by ``ib`` (the
+    packed coarse costs' alignment); the padding columns' ``pot`` is 0, so theirs is too."""
+    return (pot[u] >> qshift) << (ib if u >= m else 0)
+
+
 @njit(cache=True)
 def _simplex(
     cs,
@@ -475,14 +482,14 @@ def _simplex(
 
     With ``coarse`` (see :func:`coarse_bits`), pricing runs on the coarse costs first (int32:
     twice the lanes of int64), against the coarse duals ``qpot`` (``pot >> qshift``, the
-    columns' shifted left by ``ib``, kept current alongside ``pot``). With ``q = floor(g /
-    2**qshift)`` and the duals floored alike, ``2**qshift`` times a coarse reduced cost lies in
-    ``(r - 2**qshift, r + 2**(qshift+1))`` for the exact ``r``, so a coarse one ``<= -1`` is an
-    exact negative one, and the entering cell's exact ``r`` (the duals shift by it) is
-    negative. Once the coarse costs see none, pricing turns exact (int64, packed costs against
-    ``shifted``, the duals shifted left by ``ib``) for the rest of the problem: that last scan
-    is what proves the basis optimal. On EfficientNet 25x25 cells 24.9 of 25.0 pivots run
-    coarse."""
+    columns' shifted left by ``ib``, kept current alongside ``pot`` in that phase). With ``q =
+    floor(g / 2**qshift)`` and the duals floored alike, ``2**qshift`` times a coarse reduced
+    cost lies in ``(r - 2**qshift, r + 2**(qshift+1))`` for the exact ``r``, so a coarse one
+    ``<= -1`` is an exact negative one, and the entering cell's exact ``r`` (the duals shift
+    by it) is negative. Once the coarse costs see none, pricing turns exact (int64, packed
+    costs against ``shifted``, the duals shifted left by ``ib``) for the rest of the problem:
+    that last scan is what proves the basis optimal. On EfficientNet 25x25 cells 24.9 of 25.0
+    pivots run coarse."""
     m = cs.shape[0]
     alpha = pot[:m]
     bs = shifted[m:]
@@ -491,7 +498,10 @@ def _simplex(
     qalpha = qpot[:m]
     qbs = qpot[m:]
     start = 0
-    if not coarse:
+    if coarse:
+        for v in range(qpot.shape[0]):
+            qpot[v] = _coarse_dual(pot, v, m, qshift, ib)
+    else:
         _shift_duals(pot, shifted, ib)
     for pivot in range(max_pivots):
         if coarse:
@@ -588,7 +598,7 @@ def _simplex(
                 sd = d if u < m else -d
                 pot[u] += sd
                 if coarse:
-                    qpot[u] = (pot[u] >> qshift) << (ib if u >= m else 0)
+                    qpot[u] = _coarse_dual(pot, u, m, qshift, ib)
                 else:
                     shifted[u] += sd << ib
                 z &= z - 1
@@ -664,9 +674,6 @@ def _solve_one(
     root = _regret_start(cq, n, a, b, qbits, ib, start_ws, parent, tflow, closed)
     _tree_masks_and_duals(cs, root, parent, closed, desc, pot, ib)
     pot[m + n :] = 0  # the padding columns': their packed costs are above every real one
-    for v in range(m + n):  # the coarse duals, columns aligned with the packed coarse costs
-        qpot[v] = (pot[v] >> qshift) << (ib if v >= m else 0)
-    qpot[m + n :] = 0
     pivots = _simplex(
         cs, cq, qpot, qshift, priced, pot, shifted, ib, parent, tflow, desc, path, moved, max_pivots, block
     )
